@@ -1,0 +1,79 @@
+"""The common shape of every pass (after ``torch.fx.passes.infra.pass_base``).
+
+A pass checks its preconditions (``requires``), rewrites the GraphModule (``call``), checks its
+postconditions (``ensures``: by default the graph lints and runs on the example input with every
+shape re-propagated) and returns a :class:`PassResult` that says whether anything changed, what was
+removed, and a JSON-able ``recipe`` from which the same rewrite can be replayed on a fresh trace of
+the original architecture (how compressed models reload without pickled code).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from vitprune.errors import VitpruneError
+from vitprune.trace import propagate_shapes
+
+
+class PassError(VitpruneError):
+    """A pass was asked for something its preconditions forbid (names the pass)."""
+
+
+@dataclass
+class PassResult:
+    graph_module: fx.GraphModule
+    modified: bool
+    removed: dict[str, Any] = field(default_factory=dict)
+    recipe: dict[str, Any] | None = None
+
+
+class Pass:
+    """Base class: subclasses implement :meth:`call` and may extend ``requires``/``ensures``.
+
+    ``preserves_computation`` declares whether outputs stay equal (to 1e-5); the shared test suite
+    holds every pass to its declaration.
+    """
+
+    name: str = "pass"
+    preserves_computation: bool = False
+
+    def requires(self, gm: fx.GraphModule) -> None:
+        if "example_input" not in gm.meta:
+            raise PassError(f"{self.name}: the GraphModule was not traced by vitprune.trace_model "
+                            "(no example input in gm.meta)")
+        first = next(iter(gm.graph.nodes), None)
+        if first is None or "tensor_meta" not in first.meta:
+            raise PassError(f"{self.name}: shapes were not propagated (run vitprune.trace_model)")
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        raise NotImplementedError
+
+    def ensures(self, gm: fx.GraphModule) -> None:
+        gm.graph.lint()
+        try:
+            propagate_shapes(gm, gm.meta["example_input"])
+        except VitpruneError as e:
+            raise RuntimeError(f"{self.name} produced a graph that does not run: {e}") from e
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        self.requires(gm)
+        result = self.call(gm)
+        if result.modified:
+            self.ensures(result.graph_module)
+        return result
+
+
+def set_tensor(gm: fx.GraphModule, qualified_name: str, value: torch.Tensor) -> None:
+    """Replace a parameter or buffer in place, keeping its kind (Parameter/buffer, requires_grad)."""
+    module_path, _, attr = qualified_name.rpartition(".")
+    owner = gm.get_submodule(module_path) if module_path else gm
+    old = getattr(owner, attr)
+    if isinstance(old, torch.nn.Parameter):
+        setattr(owner, attr, torch.nn.Parameter(value.detach().clone(), requires_grad=old.requires_grad))
+    elif attr in getattr(owner, "_buffers", {}):
+        owner._buffers[attr] = value.detach().clone()
+    else:
+        setattr(owner, attr, value.detach().clone())

@@ -1,0 +1,150 @@
+"""FLOPs and parameter counts.
+
+The truth is :class:`torch.utils.flop_counter.FlopCounterMode` (it counts SDPA and every attention
+matmul). Planning needs thousands of "what if" evaluations, so :class:`FlopModel` recomputes the same
+formulas (``torch.utils.flop_counter``'s own ``mm``/``bmm``/``conv``/``sdpa`` counters) from the shapes
+the dependency graph predicts for a candidate width per group; tests hold it equal to the counter.
+FLOPs are reported per image (batch 1), counting a multiply-add as 2 FLOPs as the counter does.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from math import prod
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.utils import flop_counter as fc
+from torch.utils.flop_counter import FlopCounterMode
+
+from .deps import DependencyGraph
+from .deps.rules import op_key
+
+
+def _register_cpu_sdpa() -> None:
+    """FlopCounterMode misses SDPA on CPU: it dispatches to ``_scaled_dot_product_flash_attention_for_cpu``,
+    which has no formula in torch's registry (the CUDA kernels do). Register the same formula the CUDA
+    kernels use, through the counter's own extension point."""
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is None or op in fc.flop_registry or op.default in fc.flop_registry:
+        return
+
+    @fc.register_flop_formula(op)
+    def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return fc.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+_register_cpu_sdpa()
+
+
+def count_flops(model: torch.nn.Module, example_input: torch.Tensor) -> int:
+    """FLOPs of one forward pass on one image (FlopCounterMode, batch 1)."""
+    x = example_input[:1]
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    return int(counter.get_total_flops())
+
+
+def count_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+class _NodeFlops(fx.Interpreter):
+    """Runs a GraphModule under FlopCounterMode and attributes FLOPs to each node."""
+
+    def __init__(self, gm: fx.GraphModule, counter: FlopCounterMode):
+        super().__init__(gm)
+        self.counter = counter
+        self.per_node: dict[fx.Node, int] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        before = self.counter.get_total_flops()
+        out = super().run_node(n)
+        spent = self.counter.get_total_flops() - before
+        if spent:
+            self.per_node[n] = int(spent)
+        return out
+
+
+def flops_by_block(gm: fx.GraphModule, example_input: torch.Tensor, depth: int = 2) -> dict[str, int]:
+    """FLOPs per module scope (``blocks.3``), from each node's ``nn_module_stack``; batch 1."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        interp = _NodeFlops(gm, counter)
+        interp.run(example_input[:1])
+    out: dict[str, int] = defaultdict(int)
+    for node, flops in interp.per_node.items():
+        out[_scope(node, depth)] += flops
+    return dict(out)
+
+
+def _scope(node: fx.Node, depth: int) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    paths = [v[0] if isinstance(v, tuple) else str(k) for k, v in stack.items()]
+    if not paths:
+        return "(top)"
+    path = paths[-1].split(".")
+    # keep "blocks.3" for containers (blocks.3.attn.qkv → blocks.3), plain "head" otherwise
+    keep = depth if len(path) > 1 and path[1].isdigit() else 1
+    return ".".join(path[:keep])
+
+
+class FlopModel:
+    """FLOPs and parameter counts as a function of the number of channels kept per leaf axis."""
+
+    _KINDS = {"linear", "conv2d", "matmul", "bmm", "__matmul__", "scaled_dot_product_attention"}
+
+    def __init__(self, dg: DependencyGraph):
+        self.dg = dg
+        t = dg.table
+        self.ops: list[tuple[str, list[list[int]], list[int]]] = []
+        for node in dg.gm.graph.nodes:
+            key = op_key(node, dg.gm) if node.op in ("call_function", "call_method", "call_module") else ""
+            if key in self._KINDS:
+                ins = [dg.node_dims[a] for a in node.args[:3] if isinstance(a, fx.Node) and dg.node_dims.get(a)]
+                self.ops.append((key, ins, dg.node_dims[node]))
+        placeholder = next(n for n in dg.gm.graph.nodes if n.op == "placeholder")
+        self.batch_leaf = t.leaves(dg.node_dims[placeholder][0])[0]
+        self.params = {name: axes for name, axes in dg.param_dims.items()
+                       if _is_parameter(dg.gm, name)}
+
+    def _shape(self, axes: list[int], counts: dict[int, int]) -> list[int]:
+        return [self.dg.table.kept_size(a, counts) for a in axes]
+
+    def flops(self, counts: dict[int, int] | None = None) -> int:
+        counts = dict(counts or {})
+        counts[self.batch_leaf] = 1
+        total = 0
+        for key, ins, out in self.ops:
+            shapes = [self._shape(d, counts) for d in ins]
+            out_shape = self._shape(out, counts)
+            total += _formula(key, shapes, out_shape)
+        return int(total)
+
+    def num_params(self, counts: dict[int, int] | None = None) -> int:
+        counts = counts or {}
+        return sum(prod(self._shape(axes, counts)) for axes in self.params.values())
+
+
+def _is_parameter(gm: fx.GraphModule, name: str) -> bool:
+    module_path, _, attr = name.rpartition(".")
+    owner = gm.get_submodule(module_path) if module_path else gm
+    return isinstance(getattr(owner, attr, None), torch.nn.Parameter)
+
+
+def _formula(key: str, shapes: list[list[int]], out_shape: list[int]) -> int:
+    if key == "linear":
+        x, w = shapes[0], shapes[1]
+        return fc.mm_flop([prod(x[:-1]), x[-1]], [w[1], w[0]])
+    if key == "conv2d":
+        return fc.conv_flop_count(shapes[0], shapes[1], out_shape, transposed=False)
+    if key == "scaled_dot_product_attention":
+        q, k, v = (_as4d(s) for s in shapes[:3])
+        return fc.sdpa_flop_count(q, k, v)
+    a, b = shapes[0], shapes[1]  # matmul: batch dims broadcast to the output's
+    batch = prod(out_shape[:-2])
+    return fc.bmm_flop([batch, a[-2], a[-1]], [batch, b[-2], b[-1]])
+
+
+def _as4d(shape: list[int]) -> list[int]:
+    lead = prod(shape[:-2]) if len(shape) > 2 else 1
+    return [1, lead, shape[-2], shape[-1]] if len(shape) != 4 else shape

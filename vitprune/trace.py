@@ -1,0 +1,162 @@
+"""Tracing: ``torch.fx.symbolic_trace`` + graph normalisation + shape propagation.
+
+Normalisation makes every later step see one spelling of each op:
+
+* parameterised leaf modules (``nn.Linear``, ``nn.Conv2d``, ``nn.LayerNorm``) become ``F.linear`` /
+  ``F.conv2d`` / ``F.layer_norm`` calls on ``get_attr`` parameters, so every parameter in the graph is
+  a ``get_attr`` node and the passes slice parameters in one way;
+* ``nn.Identity`` calls and tracing-time input asserts are removed.
+
+Shape propagation uses :class:`torch.fx.passes.shape_prop.ShapeProp` and additionally records the
+concrete value of non-tensor nodes (``x.shape[1]`` → 197) in ``node.meta["value"]`` so rules can read
+sizes that reach ``reshape`` through the graph.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .errors import UnsupportedModelError
+
+_ASSERTS = {torch._assert, getattr(fx._symbolic_trace, "_assert_is_none", None)} - {None}
+
+
+def trace_model(model: nn.Module, example_input: torch.Tensor) -> fx.GraphModule:
+    """Trace ``model`` (eval mode) into a normalised GraphModule with shapes in ``node.meta``."""
+    model = model.eval()
+    if isinstance(model, fx.GraphModule):
+        gm = model
+    else:
+        concrete = _default_args(model)
+        try:
+            gm = fx.symbolic_trace(model, concrete_args=concrete or None)
+        except Exception as e:  # tracing errors come in many types; the message names the construct
+            raise UnsupportedModelError(
+                f"torch.fx cannot trace {type(model).__name__}: {type(e).__name__}: {_one_line(e)}"
+            ) from e
+    normalize(gm)
+    propagate_shapes(gm, example_input)
+    gm.meta["example_input"] = example_input
+    return gm
+
+
+def _default_args(model: nn.Module) -> dict[str, Any]:
+    """Specialise optional forward arguments (timm: ``attn_mask=None``) to their defaults."""
+    params = list(inspect.signature(model.forward).parameters.values())[1:]
+    return {
+        p.name: p.default
+        for p in params
+        if p.default is not inspect.Parameter.empty
+        and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:400]
+
+
+def normalize(gm: fx.GraphModule) -> fx.GraphModule:
+    """Rewrite leaf modules into functional calls and drop asserts/identities (in place)."""
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target in _ASSERTS:
+            graph.erase_node(node)
+        elif node.op == "call_module":
+            _functionalize_module(gm, node)
+    graph.eliminate_dead_code()
+    _drop_unused_placeholders(graph)
+    graph.lint()
+    gm.recompile()
+    gm.delete_all_unused_submodules()
+    return gm
+
+
+def _drop_unused_placeholders(graph: fx.Graph) -> None:
+    """Specialised optional inputs (defaults baked in by tracing) are removed from the signature."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for node in placeholders[1:]:
+        if not node.users:
+            graph.erase_node(node)
+
+
+def _functionalize_module(gm: fx.GraphModule, node: fx.Node) -> None:
+    module = gm.get_submodule(node.target)
+    graph = gm.graph
+    if isinstance(module, nn.Identity):
+        node.replace_all_uses_with(node.args[0])
+        graph.erase_node(node)
+        return
+    prefix = node.target
+
+    def attr(name: str) -> fx.Node | None:
+        return graph.get_attr(f"{prefix}.{name}") if getattr(module, name, None) is not None else None
+
+    with graph.inserting_before(node):
+        if type(module) is nn.Linear:
+            new = graph.call_function(F.linear, (node.args[0], attr("weight"), attr("bias")))
+        elif type(module) is nn.Conv2d and module.padding_mode == "zeros":
+            new = graph.call_function(
+                F.conv2d,
+                (node.args[0], attr("weight"), attr("bias"), module.stride, module.padding,
+                 module.dilation, module.groups),
+            )
+        elif type(module) is nn.LayerNorm:
+            new = graph.call_function(
+                F.layer_norm,
+                (node.args[0], tuple(module.normalized_shape)),
+                {"weight": attr("weight"), "bias": attr("bias"), "eps": module.eps},
+            )
+        else:
+            return  # parameter-free leaf modules (GELU, Dropout, ...) stay; rules know them by class
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+
+
+class _ShapeAndValueProp(ShapeProp):
+    """ShapeProp that also keeps small non-tensor results (ints, sizes) in ``meta['value']``."""
+
+    def run_node(self, n: fx.Node) -> Any:
+        try:
+            result = super().run_node(n)
+        except Exception as e:
+            raise UnsupportedModelError(
+                f"shape propagation failed at `{n.format_node()}`: {type(e).__name__}: {_one_line(e)}"
+            ) from e
+        if not isinstance(result, torch.Tensor) and _is_small_value(result):
+            n.meta["value"] = result
+        else:
+            n.meta.pop("value", None)
+        return result
+
+
+def _is_small_value(v: Any) -> bool:
+    if isinstance(v, (int, float, bool, str, type(None), torch.Size, torch.dtype, torch.device)):
+        return True
+    if isinstance(v, (tuple, list)):
+        return all(_is_small_value(x) for x in v)
+    return False
+
+
+def propagate_shapes(gm: fx.GraphModule, example_input: torch.Tensor) -> None:
+    """Fill ``node.meta['tensor_meta']`` (and ``meta['value']``) by running ``example_input``."""
+    with torch.no_grad():
+        _ShapeAndValueProp(gm).propagate(example_input)
+
+
+def tensor_shape(node: fx.Node) -> tuple[int, ...] | None:
+    """The propagated shape of a tensor-valued node, or None."""
+    tm = node.meta.get("tensor_meta")
+    return tuple(tm.shape) if tm is not None and hasattr(tm, "shape") else None
+
+
+def example_input_for(input_size: tuple[int, int, int], batch: int = 2, seed: int = 0) -> torch.Tensor:
+    """A deterministic example image batch of shape ``(batch, *input_size)``."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((batch, *input_size), generator=g)
