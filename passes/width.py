@@ -35,6 +35,10 @@ class WidthPruning(Pass):
     def __init__(self, keep: Mapping[str, Sequence[int]]):
         self.keep = {name: sorted(int(i) for i in idx) for name, idx in keep.items()}
 
+    @classmethod
+    def from_recipe(cls, recipe: Mapping[str, Any]) -> "WidthPruning":
+        return cls(recipe["keep"])
+
     def call(self, gm: fx.GraphModule) -> PassResult:
         dg = DependencyGraph.build(gm)
         masks = self._leaf_masks(dg)

@@ -20,6 +20,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import UnsupportedModelError
@@ -145,9 +146,14 @@ def _is_small_value(v: Any) -> bool:
 
 
 def propagate_shapes(gm: fx.GraphModule, example_input: torch.Tensor) -> None:
-    """Fill ``node.meta['tensor_meta']`` (and ``meta['value']``) by running ``example_input``."""
+    """Fill ``node.meta['tensor_meta']`` (and ``meta['value']``) for ``example_input``'s shape.
+
+    Runs on fake tensors (shapes and dtypes only, no arithmetic), so it costs milliseconds even for
+    ViT-B while still failing on any shape inconsistency.
+    """
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     with torch.no_grad():
-        _ShapeAndValueProp(gm).propagate(example_input)
+        _ShapeAndValueProp(gm, fake_mode=fake_mode).propagate(example_input)
 
 
 def tensor_shape(node: fx.Node) -> tuple[int, ...] | None:

@@ -1,0 +1,313 @@
+"""The driver: load → trace → analyse → plan → rewrite → export, as one Python call.
+
+``compress(model, spec)`` returns a :class:`CompressResult` whose ``model`` is a GraphModule with
+physically smaller parameters. ``save_compressed``/``load_compressed`` store it as plain tensors plus
+a *recipe* (the passes and their arguments) and the source architecture; loading re-traces the
+architecture and replays the recipe, so no pickled code is ever needed (``torch.load(weights_only=True)``).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from passes import PASSES
+from passes.width import WidthPruning
+
+from .deps import DependencyGraph
+from .errors import InputError, LoadError, PlanError, UnsupportedModelError
+from .flops import FlopModel, count_flops, count_params, flops_by_block
+from .importance import l2_importance, random_calibration, taylor_importance
+from .plan import eligible_groups, plan_width
+from .spec import CompressSpec
+from .trace import example_input_for, trace_model
+
+FORMAT = "vitprune-compressed"
+FORMAT_VERSION = 1
+
+_KIND_FLAGS = {"residual": "prune_residual", "hidden": "prune_mlp", "head": "prune_heads",
+               "head_dim": "prune_head_dim", "other": "prune_mlp"}
+
+
+@dataclass
+class CompressResult:
+    model: fx.GraphModule
+    report: dict[str, Any]
+    recipe: list[dict[str, Any]] = field(default_factory=list)
+    source: dict[str, Any] | None = None
+    input_size: tuple[int, int, int] = (3, 224, 224)
+
+
+def resolve_input_size(model: nn.Module, spec_size: tuple[int, int, int] | None = None,
+                       given: tuple[int, int, int] | None = None) -> tuple[int, int, int]:
+    if spec_size:
+        return tuple(spec_size)
+    if given:
+        return tuple(given)
+    from .load import input_size_of
+
+    return input_size_of(model)
+
+
+def analyse(model: nn.Module, input_size: tuple[int, int, int]) -> tuple[fx.GraphModule, DependencyGraph]:
+    """Trace a copy of ``model`` and build its dependency graph; refuse models with no attention."""
+    gm = trace_model(copy.deepcopy(model).eval(), example_input_for(input_size))
+    dg = DependencyGraph.build(gm)
+    if not _has_attention(dg):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has no attention (no scaled_dot_product_attention and no "
+            "matmul → softmax → matmul): vitprune compiles Vision Transformers")
+    return gm, dg
+
+
+def _has_attention(dg: DependencyGraph) -> bool:
+    from .deps.rules import op_key
+
+    for node in dg.gm.graph.nodes:
+        key = op_key(node, dg.gm) if node.op.startswith("call") else ""
+        if key == "scaled_dot_product_attention":
+            return True
+        if key == "softmax" and any(op_key(u, dg.gm) in ("matmul", "bmm", "__matmul__") for u in _users_through_dropout(node, dg.gm)):
+            return True
+    return False
+
+
+def _users_through_dropout(node: fx.Node, gm: fx.GraphModule) -> list[fx.Node]:
+    from .deps.rules import op_key
+
+    out = []
+    for u in node.users:
+        out.extend(_users_through_dropout(u, gm) if op_key(u, gm) == "dropout" else [u])
+    return out
+
+
+def compress(model: nn.Module, spec: CompressSpec | None = None, *,
+             example_input_size: tuple[int, int, int] | None = None,
+             source: dict[str, Any] | None = None,
+             calib_data: Iterable[tuple[torch.Tensor, torch.Tensor | None]] | None = None) -> CompressResult:
+    """Compress ``model`` as ``spec`` asks; the original model is left untouched."""
+    spec = spec or CompressSpec()
+    t0 = time.perf_counter()
+    input_size = resolve_input_size(model, spec.input_size, example_input_size)
+    gm, dg = analyse(model, input_size)
+    x = gm.meta["example_input"]
+    base_flops, base_params = count_flops(gm, x), count_params(gm)
+    groups_before = {g.name: g.size for g in dg.groups}
+    recipe: list[dict[str, Any]] = []
+    plan_info: dict[str, Any] = {}
+    if spec.target_flops is not None and spec.target_flops < 1.0:
+        keep, plan_info = _plan(dg, spec, input_size, calib_data)
+        result = WidthPruning(keep)(gm)
+        gm = result.graph_module
+        if result.recipe:
+            recipe.append(result.recipe)
+    flops, params = count_flops(gm, x), count_params(gm)
+    dg_after = DependencyGraph.build(gm)
+    report = {
+        "method": spec.method,
+        "spec": spec.to_dict(),
+        "input_size": list(input_size),
+        "flops_before": base_flops,
+        "flops_after": flops,
+        "flops_ratio": flops / base_flops,
+        "params_before": base_params,
+        "params_after": params,
+        "params_ratio": params / base_params,
+        "plan": plan_info,
+        "groups": _group_widths(dg, dg_after, groups_before),
+        "unsupported_ops": [str(u) for u in dg.unsupported],
+        "compile_seconds": round(time.perf_counter() - t0, 3),
+    }
+    return CompressResult(gm, report, recipe, source, tuple(input_size))
+
+
+def _plan(dg: DependencyGraph, spec: CompressSpec, input_size, calib_data) -> tuple[dict, dict]:
+    kinds = {kind for kind, flag in _KIND_FLAGS.items() if getattr(spec, flag)}
+    groups = eligible_groups(dg, kinds)
+    if not groups:
+        detail = f"; unsupported ops froze channels: {', '.join(sorted({u.op for u in dg.unsupported}))}" \
+            if dg.unsupported else ""
+        raise PlanError(f"no prunable channel group of the kinds {sorted(kinds)}{detail}")
+    if spec.importance == "taylor":
+        batches = calib_data if calib_data is not None else random_calibration(
+            input_size, spec.calib_batches, spec.batch_size, spec.seed)
+        batches = [b for _, b in zip(range(spec.calib_batches), batches)]
+        scores = taylor_importance(dg, groups, batches)
+    else:
+        scores = l2_importance(dg, groups)
+    plan = plan_width(dg, FlopModel(dg), scores, groups, spec.target_flops, round_to=spec.round_to,
+                      min_keep=spec.min_keep, ranking=spec.ranking)
+    info = {
+        "target_flops": spec.target_flops,
+        "planned_flops_ratio": plan.ratio,
+        "within_tolerance": plan.within_tolerance,
+        "importance": spec.importance,
+        "calibration": "user data" if calib_data is not None else
+        ("random images" if spec.importance == "taylor" else "none"),
+        "notes": plan.notes,
+    }
+    return plan.keep, info
+
+
+def _group_widths(before: DependencyGraph, after: DependencyGraph, sizes: dict[str, int]) -> list[dict]:
+    now = {g.name: g.size for g in after.groups}
+    return [
+        {"name": g.name, "kind": g.kind, "before": g.size, "after": now.get(g.name, g.size)}
+        for g in before.groups if g.prunable
+    ]
+
+
+# -- inspection ----------------------------------------------------------------------------------
+def inspect_model(model: nn.Module, example_input_size: tuple[int, int, int] | None = None) -> dict[str, Any]:
+    """Groups, FLOPs/params per block, and unsupported ops of a model (what `vitprune inspect` prints)."""
+    input_size = resolve_input_size(model, None, example_input_size)
+    gm, dg = analyse(model, input_size)
+    x = gm.meta["example_input"]
+    return {
+        "model": type(model).__name__,
+        "input_size": list(input_size),
+        "flops": count_flops(gm, x),
+        "params": count_params(gm),
+        "flops_by_block": flops_by_block(gm, x),
+        "groups": [g.describe() for g in dg.groups if g.prunable],
+        "frozen_groups": len([g for g in dg.groups if not g.prunable]),
+        "unsupported_ops": [str(u) for u in dg.unsupported],
+    }
+
+
+def format_inspect(d: dict[str, Any]) -> str:
+    lines = [f"{d['model']}  input {tuple(d['input_size'])}  {d['flops'] / 1e9:.3f} GFLOPs  "
+             f"{d['params'] / 1e6:.2f} M params", "", "Prunable channel groups:",
+             f"  {'kind':<9} {'size':>6} {'members':>7}  name"]
+    for g in d["groups"]:
+        lines.append(f"  {g['kind']:<9} {g['size']:>6} {len(g['members']):>7}  {g['name']}")
+    lines += [f"  ({d['frozen_groups']} more groups are frozen: model input/output, indexed, spatial)", "",
+              "FLOPs per block:"]
+    for scope, flops in d["flops_by_block"].items():
+        lines.append(f"  {scope:<24} {flops / 1e6:10.1f} MFLOPs")
+    if d["unsupported_ops"]:
+        lines += ["", "Unsupported ops (their channels are frozen):"] + [f"  {u}" for u in d["unsupported_ops"]]
+    else:
+        lines += ["", "Unsupported ops: none"]
+    return "\n".join(lines)
+
+
+# -- saving and loading -------------------------------------------------------------------------
+def replay(model: nn.Module, recipe: list[dict[str, Any]], input_size: tuple[int, int, int]) -> fx.GraphModule:
+    """Trace ``model`` and re-apply the passes of ``recipe`` (shapes only; weights come after)."""
+    gm = trace_model(copy.deepcopy(model).eval(), example_input_for(tuple(input_size)))
+    for step in recipe:
+        cls = PASSES.get(step.get("pass"))
+        if cls is None:
+            raise LoadError(f"unknown pass {step.get('pass')!r} in recipe (written by a newer vitprune?)")
+        gm = cls.from_recipe(step)(gm).graph_module
+    return gm
+
+
+def compressed_dict(result: CompressResult) -> dict[str, Any]:
+    if result.source is None:
+        raise InputError("this model has no rebuildable source (it came from a pickled module); "
+                         "save it with save_compressed(..., allow_pickle=True)")
+    return {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "source": result.source,
+        "input_size": list(result.input_size),
+        "recipe": result.recipe,
+        "state_dict": {k: v.detach().clone() for k, v in result.model.state_dict().items()},
+        "report": json.loads(json.dumps(result.report)),
+    }
+
+
+def save_compressed(result: CompressResult, path: str | os.PathLike, *, allow_pickle: bool = False) -> None:
+    """Write ``result`` to ``path`` atomically; weights-only loadable unless ``allow_pickle``."""
+    obj: Any = compressed_dict(result) if result.source is not None or not allow_pickle else result.model
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def load_compressed_dict(obj: dict[str, Any]) -> fx.GraphModule:
+    """Rebuild a compressed model from :func:`compressed_dict`'s output (no pickled code involved)."""
+    if obj.get("format") != FORMAT or obj.get("version") != FORMAT_VERSION:
+        raise LoadError(f"not a {FORMAT} v{FORMAT_VERSION} file")
+    source = obj["source"]
+    if source.get("kind") != "timm":
+        raise LoadError(f"unknown model source {source.get('kind')!r}")
+    import timm
+
+    model = timm.create_model(source["arch"], pretrained=False, **source.get("kwargs", {}))
+    gm = replay(model, obj["recipe"], tuple(obj["input_size"]))
+    try:
+        gm.load_state_dict(obj["state_dict"], strict=True)
+    except RuntimeError as e:
+        raise LoadError(f"compressed weights do not fit the replayed graph: {' '.join(str(e).split())[:300]}") from e
+    return gm.eval()
+
+
+def load_compressed(path: str | os.PathLike) -> fx.GraphModule:
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    return load_compressed_dict(obj)
+
+
+def write_outputs(result: CompressResult, prefix: str | os.PathLike, *, export: bool = True,
+                  opset: int = 17) -> dict[str, str]:
+    """Write PREFIX.onnx, PREFIX.pt and PREFIX.json; all or nothing (temp files, then rename)."""
+    from .export import export_onnx
+
+    prefix = os.fspath(prefix)
+    directory = os.path.dirname(os.path.abspath(prefix))
+    if not os.path.isdir(directory):
+        raise InputError(f"output directory {directory} does not exist")
+    staged: list[tuple[str, str]] = []
+    try:
+        report = dict(result.report)
+        if export:
+            tmp_onnx = _temp_name(prefix + ".onnx")
+            report["onnx"] = export_onnx(result.model, example_input_for(result.input_size, batch=1),
+                                         tmp_onnx, opset=opset)
+            report["onnx"]["path"] = prefix + ".onnx"
+            staged.append((tmp_onnx, prefix + ".onnx"))
+        result.report = report
+        tmp_pt = _temp_name(prefix + ".pt")
+        save_compressed(result, tmp_pt, allow_pickle=result.source is None)
+        staged.append((tmp_pt, prefix + ".pt"))
+        tmp_json = _temp_name(prefix + ".json")
+        with open(tmp_json, "w") as f:
+            json.dump(report, f, indent=2)
+        staged.append((tmp_json, prefix + ".json"))
+    except BaseException:
+        for tmp, _ in staged:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        raise
+    for tmp, final in staged:
+        os.replace(tmp, final)
+    return {os.path.splitext(final)[1][1:]: final for _, final in staged}
+
+
+def _temp_name(final: str) -> str:
+    directory, base = os.path.split(os.path.abspath(final))
+    fd, path = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp" + os.path.splitext(base)[1], dir=directory)
+    os.close(fd)
+    os.remove(path)
+    return path
+
+
+def _atomic_write(path: str | os.PathLike, write) -> None:
+    path = os.fspath(path)
+    tmp = _temp_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
