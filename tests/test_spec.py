@@ -1,0 +1,136 @@
+"""CompressSpec: defaults, validation of every field, file formats, merging of CLI overrides."""
+import json
+
+import pytest
+import yaml
+
+from vitprune.errors import InputError, SpecError
+from vitprune.spec import IMPORTANCES, METHODS, RANKINGS, CompressSpec
+
+
+def test_defaults():
+    s = CompressSpec()
+    assert s.target_flops is None and s.method == "width" and s.importance == "l2"
+    assert s.ranking == "global" and s.round_to == 16 and s.min_keep == 0.1
+    assert (s.prune_residual, s.prune_mlp, s.prune_heads, s.prune_head_dim) == (True,) * 4
+    assert (s.calib_batches, s.batch_size, s.seed, s.input_size) == (4, 8, 0, None)
+    assert "width" in METHODS and isinstance(METHODS, tuple)
+    assert IMPORTANCES == ("l2", "taylor") and RANKINGS == ("global", "uniform")
+
+
+@pytest.mark.parametrize("value", [1.0, 0.5, 1e-6, 1])
+def test_target_flops_accepted(value):
+    assert CompressSpec(target_flops=value).target_flops == float(value)
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("target_flops", 0), ("target_flops", 0.0), ("target_flops", -0.5), ("target_flops", 1.5),
+        ("target_flops", float("nan")), ("target_flops", "0.5"), ("target_flops", True),
+        ("method", "boundarydpt"), ("method", "WIDTH"), ("importance", "l1"), ("ranking", "local"),
+        ("round_to", 0), ("round_to", 2.0), ("round_to", True),
+        ("prune_residual", "yes"), ("prune_mlp", 1), ("prune_heads", None), ("prune_head_dim", 0),
+        ("min_keep", 0), ("min_keep", 1.5), ("min_keep", -0.1),
+        ("calib_batches", 0), ("batch_size", -1), ("batch_size", 1.5), ("seed", 0.5), ("seed", "1"),
+        ("input_size", (3, 32)), ("input_size", (3, 0, 32)), ("input_size", "3,32,32"),
+    ],
+)
+def test_bad_value_names_the_field(field, value):
+    with pytest.raises(SpecError) as e:
+        CompressSpec(**{field: value})
+    assert field in str(e.value)
+    assert isinstance(e.value, InputError)  # SpecError is a kind of InputError: CLI exit 2
+
+
+def test_choice_error_lists_allowed_values():
+    with pytest.raises(SpecError, match="l2, taylor"):
+        CompressSpec(importance="fisher")
+    with pytest.raises(SpecError, match=r"\(0, 1\]"):
+        CompressSpec(target_flops=2)
+
+
+def test_from_dict_unknown_key_lists_valid_keys():
+    with pytest.raises(SpecError) as e:
+        CompressSpec.from_dict({"target_flops": 0.5, "target_flop": 0.5})
+    msg = str(e.value)
+    assert "target_flop" in msg and "valid keys" in msg and "round_to" in msg
+
+
+def test_from_dict_not_a_mapping():
+    with pytest.raises(SpecError, match="mapping"):
+        CompressSpec.from_dict([1, 2])
+
+
+def test_input_size_list_becomes_tuple():
+    assert CompressSpec.from_dict({"input_size": [3, 64, 64]}).input_size == (3, 64, 64)
+
+
+@pytest.mark.parametrize("ext", [".json", ".yaml", ".yml"])
+def test_file_round_trip(tmp_path, ext):
+    spec = CompressSpec(target_flops=0.5, importance="taylor", ranking="uniform", round_to=8,
+                        prune_heads=False, min_keep=0.25, calib_batches=2, batch_size=4, seed=3,
+                        input_size=(3, 64, 64))
+    p = tmp_path / f"spec{ext}"
+    p.write_text(json.dumps(spec.to_dict()) if ext == ".json" else yaml.safe_dump(spec.to_dict()))
+    assert CompressSpec.from_file(p) == spec
+    assert CompressSpec.from_file(str(p)) == spec
+
+
+def test_yaml_file_partial(tmp_path):
+    p = tmp_path / "s.yaml"
+    p.write_text("target_flops: 0.6\nprune_mlp: false\n")
+    s = CompressSpec.from_file(p)
+    assert s.target_flops == 0.6 and s.prune_mlp is False and s.round_to == 16
+
+
+@pytest.mark.parametrize(
+    "name,text,match",
+    [
+        ("s.json", "{not json", "not valid JSON"),
+        ("s.yaml", "a: [1, 2\n", "not valid YAML"),
+        ("s.yaml", "", "mapping"),
+        ("s.json", "[0.5]", "mapping"),
+        ("s.json", '{"target_flops": 1.5}', "target_flops"),
+        ("s.yaml", "rount_to: 8\n", "rount_to"),
+        ("s.txt", "target_flops: 0.5", r"\.json, \.yaml or \.yml"),
+    ],
+)
+def test_bad_files(tmp_path, name, text, match):
+    p = tmp_path / name
+    p.write_text(text)
+    with pytest.raises(SpecError, match=match) as e:
+        CompressSpec.from_file(p)
+    assert str(p) in str(e.value)
+
+
+def test_missing_and_binary_files(tmp_path):
+    with pytest.raises(SpecError, match="cannot read"):
+        CompressSpec.from_file(tmp_path / "nope.json")
+    p = tmp_path / "bin.yaml"
+    p.write_bytes(b"\xff\xfe\x00\x81")
+    with pytest.raises(SpecError):
+        CompressSpec.from_file(p)
+
+
+def test_merged_overrides_only_non_none():
+    base = CompressSpec(target_flops=0.5, importance="taylor", prune_mlp=False)
+    m = base.merged(target_flops=None, importance="l2", round_to=8, prune_mlp=None, prune_heads=False)
+    assert m.target_flops == 0.5 and m.importance == "l2" and m.round_to == 8
+    assert m.prune_mlp is False and m.prune_heads is False
+    assert base.importance == "taylor"  # the original is untouched
+
+
+def test_merged_validates():
+    with pytest.raises(SpecError, match="target_flops"):
+        CompressSpec().merged(target_flops=0.0)
+    with pytest.raises(SpecError, match="valid keys"):
+        CompressSpec().merged(target=0.5)
+
+
+def test_to_dict_is_json_and_yaml_safe():
+    d = CompressSpec(input_size=(3, 32, 32)).to_dict()
+    assert d["input_size"] == [3, 32, 32]
+    assert set(d) == set(CompressSpec.field_names())
+    assert CompressSpec.from_dict(json.loads(json.dumps(d))) == CompressSpec(input_size=(3, 32, 32))
+    assert CompressSpec.from_dict(yaml.safe_load(yaml.safe_dump(d))).input_size == (3, 32, 32)

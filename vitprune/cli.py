@@ -1,0 +1,315 @@
+"""The ``vitprune`` command line: parse, call the API, print. Nothing here that Python callers need.
+
+Exit codes: 0 success; 2 bad input (any :class:`VitpruneError`, or a usage error), reported on one
+line ``vitprune: error: <message>``; 1 an internal error (one line; ``--debug`` re-raises it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Sequence
+
+from vitprune.errors import InputError, VitpruneError
+
+PROG = "vitprune"
+_OUT_SUFFIXES = (".onnx", ".pt", ".json")
+
+
+class _UsageError(Exception):
+    """argparse usage error, turned into exit 2 by :func:`main`."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # type: ignore[override]
+        raise _UsageError(f"{message} (see '{self.prog} --help')")
+
+
+# ---------------------------------------------------------------------------------------------- args
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return v
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return v
+
+
+def _batch_list(text: str) -> list[int]:
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated batch sizes like 1,8, got {text!r}") from None
+    if not out or any(b < 1 for b in out):
+        raise argparse.ArgumentTypeError(f"expected comma-separated batch sizes >= 1 like 1,8, got {text!r}")
+    return out
+
+
+def _add_load_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL",
+                   help="timm:<name> (random weights), a checkpoint file (with --arch), "
+                        "a vitprune .pt, or a pickled nn.Module (with --trust-pickle)")
+    g = p.add_argument_group("loading")
+    g.add_argument("--arch", help="timm architecture of a state-dict checkpoint, e.g. deit_small_patch16_224")
+    g.add_argument("--trust-pickle", action="store_true",
+                   help="allow unpickling a whole nn.Module (runs code from the file: only for files you trust)")
+    g.add_argument("--img-size", type=_positive_int, metavar="N", help="square input size N x N")
+    g.add_argument("--num-classes", type=_nonneg_int, metavar="N",
+                   help="classifier outputs (inferred from a checkpoint when omitted)")
+
+
+def _add_debug(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="re-raise errors with the full traceback")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="A torch.fx compiler that prunes timm Vision Transformers "
+                                            "and exports shape-consistent ONNX.")
+    parser.add_argument("--debug", action="store_true", help="re-raise errors with the full traceback")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    c = sub.add_parser("compress", help="prune a ViT to a FLOPs target; write PREFIX.onnx/.pt/.json",
+                       description="Prune a ViT and write PREFIX.onnx, PREFIX.pt and PREFIX.json.")
+    _add_load_flags(c)
+    s = c.add_argument_group("spec (flags override --spec)")
+    s.add_argument("--spec", metavar="FILE", help="JSON or YAML spec file (see README, 'Spec format')")
+    s.add_argument("--target-flops", type=float, metavar="R", help="fraction of the original FLOPs, in (0, 1]")
+    s.add_argument("--importance", choices=("l2", "taylor"))
+    s.add_argument("--ranking", choices=("global", "uniform"))
+    s.add_argument("--round-to", type=int, metavar="N", help="pruned widths are multiples of N")
+    s.add_argument("--no-residual", dest="prune_residual", action="store_const", const=False,
+                   help="keep the residual stream width")
+    s.add_argument("--no-mlp", dest="prune_mlp", action="store_const", const=False, help="keep MLP widths")
+    s.add_argument("--no-heads", dest="prune_heads", action="store_const", const=False, help="keep all heads")
+    s.add_argument("--no-head-dim", dest="prune_head_dim", action="store_const", const=False,
+                   help="keep the head dimension")
+    s.add_argument("--min-keep", type=float, metavar="F", help="fraction of every group always kept, in (0, 1]")
+    s.add_argument("--calib-batches", type=int, metavar="N", help="calibration batches for taylor importance")
+    s.add_argument("--batch-size", type=int, metavar="N", help="calibration batch size")
+    s.add_argument("--seed", type=int, metavar="N")
+    o = c.add_argument_group("output")
+    o.add_argument("--out", required=True, metavar="PREFIX", help="output prefix (writes PREFIX.onnx/.pt/.json)")
+    o.add_argument("--no-export", action="store_true", help="skip ONNX export (writes PREFIX.pt/.json)")
+    o.add_argument("--opset", type=_positive_int, default=17, metavar="N", help="ONNX opset (default 17)")
+    _add_debug(c)
+    c.set_defaults(func=cmd_compress)
+
+    i = sub.add_parser("inspect", help="print coupled channel groups and FLOPs/params per block",
+                       description="Print the coupled channel groups, their sizes and FLOPs/params per block.")
+    _add_load_flags(i)
+    i.add_argument("--json", action="store_true", help="print JSON instead of text")
+    _add_debug(i)
+    i.set_defaults(func=cmd_inspect)
+
+    e = sub.add_parser("export", help="export a model to ONNX (checked, with ORT parity)",
+                       description="Export a model to ONNX with a dynamic batch axis, checked against ORT.")
+    _add_load_flags(e)
+    e.add_argument("--out", required=True, metavar="FILE.onnx")
+    e.add_argument("--opset", type=_positive_int, default=17, metavar="N", help="ONNX opset (default 17)")
+    _add_debug(e)
+    e.set_defaults(func=cmd_export)
+
+    b = sub.add_parser("bench", help="time ONNX files in ONNX Runtime, side by side",
+                       description="ONNX Runtime latency (median, p90) of one or more ONNX files.")
+    b.add_argument("onnx", nargs="+", metavar="ONNX")
+    b.add_argument("--batch", type=_batch_list, default=[1, 8], metavar="B1,B2", help="batch sizes (default 1,8)")
+    b.add_argument("--threads", type=_positive_int, default=1, metavar="N", help="intra-op threads (default 1)")
+    b.add_argument("--runs", type=_positive_int, default=50, metavar="N", help="timed runs (default 50)")
+    b.add_argument("--warmup", type=_nonneg_int, default=5, metavar="N", help="warm-up runs (default 5)")
+    _add_debug(b)
+    b.set_defaults(func=cmd_bench)
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------- commands
+def _load(args: argparse.Namespace):
+    from vitprune.load import load_model
+
+    return load_model(args.model, arch=args.arch, trust_pickle=args.trust_pickle,
+                      img_size=args.img_size, num_classes=args.num_classes)
+
+
+def spec_from_args(args: argparse.Namespace):
+    """The spec of ``compress``: ``--spec`` file (or defaults), then every given flag on top."""
+    from vitprune.spec import CompressSpec
+
+    spec = CompressSpec.from_file(args.spec) if args.spec else CompressSpec()
+    return spec.merged(
+        target_flops=args.target_flops, importance=args.importance, ranking=args.ranking,
+        round_to=args.round_to, prune_residual=args.prune_residual, prune_mlp=args.prune_mlp,
+        prune_heads=args.prune_heads, prune_head_dim=args.prune_head_dim, min_keep=args.min_keep,
+        calib_batches=args.calib_batches, batch_size=args.batch_size, seed=args.seed,
+    )
+
+
+def _out_prefix(text: str) -> str:
+    if not text or text.endswith(("/", os.sep)) or os.path.isdir(text):
+        raise InputError(f"--out {text!r} must be a file prefix like out/deit_s_50, not a directory")
+    root, ext = os.path.splitext(text)
+    return root if ext.lower() in _OUT_SUFFIXES else text
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    prefix = _out_prefix(args.out)
+    spec = spec_from_args(args)  # bad spec fails before the (slow) load
+    loaded = _load(args)
+    size = spec.input_size if (spec.input_size and args.img_size is None) else loaded.input_size
+    from vitprune import api
+
+    result = api.compress(loaded.model, spec, example_input_size=size, source=loaded.source)
+    # PREFIX's folder is created only now that compression succeeded
+    paths = _in_new_folder(prefix, lambda: api.write_outputs(result, prefix, export=not args.no_export,
+                                                             opset=args.opset))
+    print(format_summary(result.report, paths))
+    return 0
+
+
+def _in_new_folder(path: str, write: Any) -> Any:
+    """Run ``write()`` after creating ``path``'s folder if needed; remove that folder if it fails empty."""
+    folder = os.path.dirname(os.path.abspath(path))
+    made = not os.path.isdir(folder)
+    if made:
+        os.makedirs(folder)
+    try:
+        return write()
+    except BaseException:
+        if made and os.path.isdir(folder) and not os.listdir(folder):
+            os.rmdir(folder)
+        raise
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    loaded = _load(args)
+    from vitprune import api
+
+    d = api.inspect_model(loaded.model, loaded.input_size)
+    print(json.dumps(d, indent=2, default=str) if args.json else api.format_inspect(d))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    if not args.out.lower().endswith(".onnx") or os.path.isdir(args.out):
+        raise InputError(f"--out {args.out!r} must be a file name ending in .onnx")
+    loaded = _load(args)
+    import torch
+
+    from vitprune.export import export_onnx
+
+    example = torch.randn(1, *loaded.input_size)
+    info = _in_new_folder(args.out, lambda: export_onnx(loaded.model, example, args.out, opset=args.opset))
+    print(f"wrote {args.out}")
+    for k, v in (info or {}).items():
+        if isinstance(v, (str, int, float, bool)):
+            print(f"  {k}: {v}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    for p in args.onnx:
+        if not os.path.isfile(p):
+            raise InputError(f"ONNX file {p} does not exist")
+    from vitprune import bench
+
+    rows = bench.compare(args.onnx, batch_sizes=args.batch, threads=args.threads,
+                         runs=args.runs, warmup=args.warmup)
+    print(bench.format_table(rows))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- summary
+def _find(report: dict, *paths: str) -> Any:
+    """First value found at one of the dotted ``paths`` in ``report`` (None if none)."""
+    for path in paths:
+        cur: Any = report
+        for part in path.split("."):
+            if not isinstance(cur, dict) or part not in cur:
+                break
+            cur = cur[part]
+        else:
+            return cur
+    return None
+
+
+def _human(n: Any) -> str:
+    if not isinstance(n, (int, float)) or isinstance(n, bool):
+        return str(n)
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return f"{n:g}"
+
+
+def format_summary(report: Any, paths: dict[str, str] | None) -> str:
+    """A few lines: FLOPs before/after and ratio, params before/after, files written.
+
+    The report is expected to hold ``{"flops": {"before": n, "after": n}, "params": {...}}``; a few
+    other spellings (``flops_before``, ``original.flops``, ...) are accepted, missing ones skipped.
+    """
+    report = report if isinstance(report, dict) else {}
+    lines = []
+    for what in ("flops", "params"):
+        before = _find(report, f"{what}.before", f"{what}.original", f"{what}_before", f"original_{what}",
+                       f"original.{what}", f"before.{what}")
+        after = _find(report, f"{what}.after", f"{what}.pruned", f"{what}.compressed", f"{what}_after",
+                      f"pruned_{what}", f"compressed_{what}", f"compressed.{what}", f"pruned.{what}",
+                      f"after.{what}")
+        if before is None and after is None:
+            continue
+        line = f"{'FLOPs' if what == 'flops' else 'params'}: {_human(before)} -> {_human(after)}"
+        if isinstance(before, (int, float)) and isinstance(after, (int, float)) and before:
+            line += f" ({after / before:.3f} of original)"
+        lines.append(line)
+    target = _find(report, "target_flops", "spec.target_flops")
+    if target is not None:
+        lines.append(f"target FLOPs ratio: {target}")
+    for p in (paths or {}).values():
+        lines.append(f"wrote {p}")
+    return "\n".join(lines) if lines else "done"
+
+
+# ---------------------------------------------------------------------------------------------- main
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (0 ok, 2 bad input, 1 internal error)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        args = build_parser().parse_args(argv)
+        debug = bool(getattr(args, "debug", False))
+        return int(args.func(args))
+    except SystemExit as e:  # --help / --version
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    except (_UsageError, VitpruneError) as e:
+        if debug and isinstance(e, VitpruneError):
+            raise
+        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if debug:
+            raise
+        print(f"{PROG}: error: internal error: {type(e).__name__}: {_one_line(e)} "
+              f"(rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""CompressSpec: what to compress and how, read from CLI flags or a JSON/YAML file, always validated.
+
+A spec file is a flat mapping whose keys are the field names below, e.g. ``spec.yaml``::
+
+    target_flops: 0.5
+    importance: taylor
+    round_to: 16
+
+CLI flags given on top of ``--spec`` replace the file's values (:meth:`CompressSpec.merged`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, fields
+from typing import Any
+
+from vitprune.errors import SpecError
+
+#: Compression methods. Later passes add "boundarydpt", "boundarydpt+", "cpvit".
+METHODS: tuple[str, ...] = ("width",)
+#: Channel importance criteria.
+IMPORTANCES: tuple[str, ...] = ("l2", "taylor")
+#: How widths are chosen across groups: "global" ranks normalised scores across all groups,
+#: "uniform" removes the same fraction from every group.
+RANKINGS: tuple[str, ...] = ("global", "uniform")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+@dataclass
+class CompressSpec:
+    """A validated compression request. Every field has a default; see README "Spec format".
+
+    >>> CompressSpec(target_flops=0.5).merged(round_to=8).round_to
+    8
+    """
+
+    target_flops: float | None = None
+    method: str = "width"
+    importance: str = "l2"
+    ranking: str = "global"
+    round_to: int = 16
+    prune_residual: bool = True
+    prune_mlp: bool = True
+    prune_heads: bool = True
+    prune_head_dim: bool = True
+    min_keep: float = 0.1
+    calib_batches: int = 4
+    batch_size: int = 8
+    seed: int = 0
+    input_size: tuple[int, int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.input_size, list):  # JSON/YAML give lists
+            self.input_size = tuple(self.input_size)
+        if _is_int(self.target_flops):
+            self.target_flops = float(self.target_flops)
+        if _is_int(self.min_keep):
+            self.min_keep = float(self.min_keep)
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Raise :class:`SpecError` naming the first invalid field and what it accepts."""
+        t = self.target_flops
+        if t is not None and not (_is_real(t) and 0.0 < t <= 1.0):
+            raise SpecError(
+                f"target_flops must be a fraction of the original FLOPs in (0, 1] "
+                f"(e.g. 0.5 keeps half), got {t!r}"
+            )
+        for name, allowed in (("method", METHODS), ("importance", IMPORTANCES), ("ranking", RANKINGS)):
+            v = getattr(self, name)
+            if v not in allowed:
+                raise SpecError(f"{name} must be one of {', '.join(allowed)}; got {v!r}")
+        for name in ("prune_residual", "prune_mlp", "prune_heads", "prune_head_dim"):
+            v = getattr(self, name)
+            if not isinstance(v, bool):
+                raise SpecError(f"{name} must be true or false, got {v!r}")
+        if not (_is_real(self.min_keep) and 0.0 < self.min_keep <= 1.0):
+            raise SpecError(
+                f"min_keep must be the fraction of each group always kept, in (0, 1]; got {self.min_keep!r}"
+            )
+        for name in ("round_to", "calib_batches", "batch_size"):
+            v = getattr(self, name)
+            if not (_is_int(v) and v >= 1):
+                raise SpecError(f"{name} must be an integer >= 1, got {v!r}")
+        if not _is_int(self.seed):
+            raise SpecError(f"seed must be an integer, got {self.seed!r}")
+        s = self.input_size
+        if s is not None and not (
+            isinstance(s, tuple) and len(s) == 3 and all(_is_int(x) and x >= 1 for x in s)
+        ):
+            raise SpecError(f"input_size must be three positive integers [C, H, W], got {s!r}")
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "CompressSpec":
+        """Build from a mapping of field names; unknown keys raise :class:`SpecError`."""
+        if not isinstance(d, dict):
+            raise SpecError(f"a spec must be a mapping of field names to values, got {type(d).__name__}")
+        valid = cls.field_names()
+        unknown = sorted(str(k) for k in d if k not in valid)
+        if unknown:
+            raise SpecError(f"unknown spec key(s) {', '.join(unknown)}; valid keys: {', '.join(valid)}")
+        return cls(**d)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "CompressSpec":
+        """Read a .json, .yaml or .yml spec file."""
+        path = os.fspath(path)
+        ext = os.path.splitext(path)[1].lower()
+        if ext not in (".json", ".yaml", ".yml"):
+            raise SpecError(f"spec file {path} must end in .json, .yaml or .yml")
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise SpecError(f"cannot read spec file {path}: {e}") from e
+        try:
+            if ext == ".json":
+                d = json.loads(text)
+            else:
+                import yaml
+
+                d = yaml.safe_load(text)
+        except Exception as e:  # json.JSONDecodeError, yaml.YAMLError
+            raise SpecError(f"spec file {path} is not valid {ext[1:].upper()}: {e}") from e
+        try:
+            return cls.from_dict(d)
+        except SpecError as e:
+            raise SpecError(f"spec file {path}: {e}") from e
+
+    # ------------------------------------------------------------------ conversion
+    def to_dict(self) -> dict[str, Any]:
+        """A plain JSON/YAML-safe dict (input_size as a list) that :meth:`from_dict` reads back."""
+        d = dataclasses.asdict(self)
+        if d["input_size"] is not None:
+            d["input_size"] = list(d["input_size"])
+        return d
+
+    def merged(self, **overrides: Any) -> "CompressSpec":
+        """A copy where every non-None override replaces its field (CLI flags on top of --spec)."""
+        valid = self.field_names()
+        unknown = sorted(k for k in overrides if k not in valid)
+        if unknown:
+            raise SpecError(f"unknown spec key(s) {', '.join(unknown)}; valid keys: {', '.join(valid)}")
+        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
