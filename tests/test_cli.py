@@ -18,6 +18,7 @@ from vitprune.spec import CompressSpec
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEIT = "timm:deit_tiny_patch16_224"
+TINY = "timm:test_vit"  # timm's own tiny ViT, for tests where the API is faked
 
 
 def run(capsys, *argv):
@@ -226,14 +227,14 @@ def test_out_must_be_a_prefix(capsys, tmp_path, fake_api):
 
 def test_api_error_leaves_nothing(capsys, tmp_path, fake_api):
     fake_api.fail["compress"] = PlanError("target 0.01 is below\nwhat the floors allow (0.12)")
-    rc, err = _bad_compress(capsys, tmp_path, DEIT, "--img-size", "32", "--target-flops", "0.5")
+    rc, err = _bad_compress(capsys, tmp_path, TINY, "--img-size", "32", "--target-flops", "0.5")
     assert_bad_input(rc, err, "below what the floors allow")
     assert files_under(tmp_path) == [] and "write" not in fake_api.calls
 
 
 def test_write_failure_removes_the_new_folder(capsys, tmp_path, fake_api):
     fake_api.fail["write"] = OSError("disk full")
-    rc, err = _bad_compress(capsys, tmp_path, DEIT, "--img-size", "32")
+    rc, err = _bad_compress(capsys, tmp_path, TINY, "--img-size", "32")
     assert rc == 1 and "disk full" in err and "--debug" in err and len(err.splitlines()) == 1
     assert files_under(tmp_path) == []
 
@@ -292,7 +293,7 @@ def test_compress_calls_api_and_prints_summary(capsys, tmp_path, fake_api, tiny_
 
 
 def test_compress_no_export_img_size_and_suffix(capsys, tmp_path, fake_api):
-    rc, _, _ = run(capsys, "compress", DEIT, "--img-size", "32", "--no-export", "--out", tmp_path / "m.onnx")
+    rc, _, _ = run(capsys, "compress", TINY, "--img-size", "32", "--no-export", "--out", tmp_path / "m.onnx")
     assert rc == 0
     assert fake_api.calls["write"] == dict(prefix=str(tmp_path / "m"), export=False, opset=17)
     assert fake_api.calls["compress"]["size"] == (3, 32, 32)
@@ -302,12 +303,12 @@ def test_compress_no_export_img_size_and_suffix(capsys, tmp_path, fake_api):
 def test_spec_input_size_used_when_no_img_size(capsys, tmp_path, fake_api):
     p = tmp_path / "s.json"
     p.write_text('{"input_size": [3, 224, 224]}')
-    run(capsys, "compress", DEIT, "--spec", p, "--out", tmp_path / "a")
+    run(capsys, "compress", TINY, "--spec", p, "--out", tmp_path / "a")
     assert fake_api.calls["compress"]["size"] == (3, 224, 224)
 
 
 def test_inspect_json(capsys, fake_api):
-    rc, out, _ = run(capsys, "inspect", DEIT, "--img-size", "32", "--json")
+    rc, out, _ = run(capsys, "inspect", TINY, "--img-size", "32", "--json")
     assert rc == 0 and json.loads(out) == {"groups": [{"name": "residual", "size": 192}]}
     assert fake_api.calls["inspect"]["size"] == (3, 32, 32)
 
@@ -325,10 +326,10 @@ def test_export_calls_export_onnx(capsys, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "vitprune.export", mod)
     monkeypatch.setattr(vitprune, "export", mod, raising=False)
     out = tmp_path / "m.onnx"
-    rc, stdout, _ = run(capsys, "export", DEIT, "--img-size", "32", "--out", out, "--opset", "18")
+    rc, stdout, _ = run(capsys, "export", TINY, "--img-size", "32", "--out", out, "--opset", "18")
     assert rc == 0 and seen == dict(shape=(1, 3, 32, 32), path=str(out), opset=18)
     assert "max_abs_err" in stdout
-    rc, _, err = run(capsys, "export", DEIT, "--out", tmp_path / "m.pt")
+    rc, _, err = run(capsys, "export", TINY, "--out", tmp_path / "m.pt")
     assert_bad_input(rc, err, ".onnx")
 
 
