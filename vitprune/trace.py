@@ -66,6 +66,9 @@ def normalize(gm: fx.GraphModule) -> fx.GraphModule:
     """Rewrite leaf modules into functional calls and drop asserts/identities (in place)."""
     graph = gm.graph
     for node in list(graph.nodes):
+        if node.op == "call_function" and _is_wrapped_python_function(node.target):
+            _inline_function(graph, node)
+    for node in list(graph.nodes):
         if node.op == "call_function" and node.target in _ASSERTS:
             graph.erase_node(node)
         elif node.op == "call_module":
@@ -76,6 +79,50 @@ def normalize(gm: fx.GraphModule) -> fx.GraphModule:
     gm.recompile()
     gm.delete_all_unused_submodules()
     return gm
+
+
+def _is_wrapped_python_function(fn: Any) -> bool:
+    """A plain Python function kept opaque by ``torch.fx.wrap`` (timm: ``maybe_add_mask``)."""
+    module = getattr(fn, "__module__", "") or ""
+    return inspect.isfunction(fn) and not module.startswith(("torch", "operator", "builtins"))
+
+
+def _inline_function(graph: fx.Graph, node: fx.Node) -> None:
+    """Trace a wrapped helper with its constant arguments baked in and splice its graph in place.
+
+    ``maybe_add_mask(scores, None)`` becomes ``scores``; helpers whose control flow depends on a
+    traced value stay opaque (the dependency graph then reports them as unsupported ops).
+    """
+    try:
+        bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
+        bound.apply_defaults()
+    except (TypeError, ValueError):
+        return
+    constants = {k: v for k, v in bound.arguments.items() if not isinstance(v, fx.Node)}
+    if any(isinstance(v, (list, tuple, dict)) for v in constants.values()):
+        return
+    try:
+        sub = fx.symbolic_trace(node.target, concrete_args=constants)
+    except Exception:  # data-dependent control flow on a traced value: keep the call opaque
+        return
+    placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
+    output = next(n for n in sub.graph.nodes if n.op == "output")
+    if (len(placeholders) != len(bound.arguments) or isinstance(output.args[0], (tuple, list, dict))
+            or any(n.op in ("get_attr", "call_module") for n in sub.graph.nodes)):
+        return
+    env: dict[fx.Node, Any] = dict(zip(placeholders, bound.arguments.values()))
+    with graph.inserting_before(node):
+        for n in sub.graph.nodes:
+            if n.op not in ("placeholder", "output"):
+                env[n] = graph.node_copy(n, lambda a: env[a])
+    value = fx.node.map_arg(output.args[0], lambda a: env[a])
+    if isinstance(value, fx.Node):
+        node.replace_all_uses_with(value)
+    else:  # the helper folded to a constant (None for "no mask")
+        for user in list(node.users):
+            user.args = fx.node.map_arg(user.args, lambda a: value if a is node else a)
+            user.kwargs = fx.node.map_arg(user.kwargs, lambda a: value if a is node else a)
+    graph.erase_node(node)
 
 
 def _drop_unused_placeholders(graph: fx.Graph) -> None:

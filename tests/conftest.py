@@ -1,0 +1,80 @@
+"""Shared tiny-model fixtures. Small configs of the real timm classes keep the suite fast."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import timm
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+from vitprune.trace import example_input_for, trace_model
+
+
+def tiny(name: str = "deit_tiny_patch16_224", *, fused: bool = True, **kwargs) -> torch.nn.Module:
+    """A small timm model (2 blocks, 32×32 input unless told otherwise), eval mode, seeded."""
+    torch.manual_seed(0)
+    kwargs = {"depth": 2, "img_size": 32, **kwargs}
+    model = timm.create_model(name, pretrained=False, **kwargs).eval()
+    set_fused_attention(model, fused)
+    return model
+
+
+def tiny_qknorm(**kwargs) -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = dict(img_size=32, patch_size=8, embed_dim=96, depth=2, num_heads=3, qk_norm=True, num_classes=10)
+    cfg.update(kwargs)
+    return VisionTransformer(**cfg).eval()
+
+
+def set_fused_attention(model: torch.nn.Module, fused: bool) -> None:
+    """timm's `fused_attn` picks SDPA or matmul → softmax → matmul: one model, two graphs."""
+    for m in model.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = fused
+
+
+def input_size(model: torch.nn.Module) -> tuple[int, int, int]:
+    return (3, *model.patch_embed.img_size)
+
+
+def traced(model: torch.nn.Module, batch: int = 2):
+    return trace_model(model, example_input_for(input_size(model), batch=batch))
+
+
+def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Non-trivial norms, biases and layer-scales, so no test passes because a weight is 0 or 1."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1 or "token" in name or "pos_embed" in name or "gamma" in name:
+                p.copy_(p + 0.1 * torch.randn(p.shape, generator=g))
+    return model
+
+
+MODELS = {
+    "deit_tiny": lambda **kw: tiny("deit_tiny_patch16_224", **kw),
+    "deit_small_distilled": lambda **kw: tiny("deit_small_distilled_patch16_224", **kw),
+    "deit3_small": lambda **kw: tiny("deit3_small_patch16_224", **kw),
+    "vit_small": lambda **kw: tiny("vit_small_patch16_224", **kw),
+    "vit_base_patch32": lambda **kw: tiny("vit_base_patch32_224", **kw),
+    "vit_base_clip": lambda **kw: tiny("vit_base_patch16_clip_224", **kw),
+    "dinov2_reg4": lambda **kw: tiny("vit_small_patch14_reg4_dinov2", img_size=28, num_classes=10, **kw),
+    "vit_medium_gap": lambda **kw: tiny("vit_medium_patch16_gap_256", **kw),
+    "qk_norm": lambda **kw: _qk(**kw),
+}
+
+
+def _qk(fused: bool = True, **kw):
+    m = tiny_qknorm(**kw)
+    set_fused_attention(m, fused)
+    return m
+
+
+@pytest.fixture(params=sorted(MODELS))
+def model_name(request) -> str:
+    return request.param
+
+
+def random_keep(group_size: int, fraction: float, rng: np.random.Generator) -> list[int]:
+    k = max(1, int(round(group_size * fraction)))
+    return sorted(rng.choice(group_size, k, replace=False).tolist())

@@ -1,0 +1,161 @@
+"""Width pass: exact zero-mask oracle, shape constants rewritten, iterative pruning, no patching."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import MODELS, randomize, random_keep, tiny, traced
+from passes.width import WidthPruning
+from passes import PassError
+from vitprune.deps import DependencyGraph
+from vitprune.flops import FlopModel, count_flops
+
+ATOL = 1e-5
+
+
+def zero_masked(gm, dg, keep):
+    """The oracle: the unpruned model with the removed channels' parameter slices set to zero."""
+    masked = copy.deepcopy(gm)
+    params = dict(masked.named_parameters())
+    with torch.no_grad():
+        for name, idx in keep.items():
+            group = dg.group_by_name(name)
+            removed = np.setdiff1d(np.arange(group.size), idx)
+            for m in group.members:
+                pos = np.nonzero(np.isin(m.coords, removed))[0]
+                params[m.param].index_fill_(m.dim, torch.as_tensor(pos), 0.0)
+    return masked
+
+
+def prune_kinds(model, kinds, fraction=0.5, seed=0):
+    randomize(model, seed)
+    gm = traced(model)
+    dg = DependencyGraph.build(gm)
+    rng = np.random.default_rng(seed)
+    keep = {g.name: random_keep(g.size, fraction, rng) for g in dg.prunable_groups() if g.kind in kinds}
+    assert keep, f"no {kinds} groups"
+    oracle = zero_masked(gm, dg, keep)
+    WidthPruning(keep)(gm)
+    return gm, oracle, dg
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["sdpa", "matmul_softmax"])
+@pytest.mark.parametrize("kinds", [{"hidden"}, {"head"}, {"head_dim"}, {"hidden", "head", "head_dim"}],
+                         ids=["mlp", "heads", "head_dim", "all_internal"])
+@pytest.mark.parametrize("name", ["deit_tiny", "deit3_small", "dinov2_reg4", "vit_medium_gap"])
+def test_pruned_equals_zero_masked(name, kinds, fused):
+    model = MODELS[name](fused=fused)
+    gm, oracle, _ = prune_kinds(model, kinds)
+    x = torch.randn(3, *gm.meta["example_input"].shape[1:])
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), oracle(x), atol=ATOL, rtol=0)
+
+
+def test_pruning_really_changes_the_function():
+    """Guards the oracle test: removing channels is not a no-op."""
+    model = MODELS["deit_tiny"]()
+    original = copy.deepcopy(randomize(model))
+    gm, _, _ = prune_kinds(model, {"hidden"})
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert (gm(x) - original(x)).abs().max() > 1e-3
+
+
+def test_keep_all_is_identity():
+    model = randomize(MODELS["deit3_small"]())
+    gm = traced(model)
+    dg = DependencyGraph.build(gm)
+    keep = {g.name: list(range(g.size)) for g in dg.prunable_groups()}
+    result = WidthPruning(keep)(gm)
+    assert not result.modified
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), atol=ATOL, rtol=0)
+
+
+def test_parameters_shrink_and_shape_constants_are_rewritten():
+    model = MODELS["deit_tiny"]()
+    gm = traced(model)
+    dg = DependencyGraph.build(gm)
+    by_kind = {}
+    for g in dg.prunable_groups():
+        by_kind.setdefault(g.kind, []).append(g)
+    keep = {by_kind["head"][0].name: [0, 2], by_kind["head_dim"][0].name: list(range(48)),
+            by_kind["residual"][0].name: list(range(160)), by_kind["hidden"][0].name: list(range(500))}
+    WidthPruning(keep)(gm)
+    assert gm.get_submodule("blocks.0.attn.qkv").weight.shape == (3 * 2 * 48, 160)
+    assert gm.get_submodule("blocks.0.attn.proj").weight.shape == (160, 2 * 48)
+    assert gm.get_submodule("blocks.0.mlp.fc1").weight.shape == (500, 160)
+    assert gm.pos_embed.shape[-1] == gm.cls_token.shape[-1] == 160
+    reshapes = [n.args[1:] for n in gm.graph.nodes if n.op == "call_method" and n.target == "reshape"]
+    assert (3, 2, 48) in [tuple(a[-3:]) for a in reshapes]  # reshape(B, N, 3, heads, head_dim)
+    assert 96 in [a[-1] for a in reshapes]                   # reshape(B, N, heads*head_dim)
+    norms = [n.args[1] for n in gm.graph.nodes if n.target is torch.nn.functional.layer_norm]
+    assert all(s == (160,) for s in norms)
+    assert gm(torch.randn(1, 3, 32, 32)).shape == (1, 1000)
+
+
+def test_head_dim_pruning_keeps_the_original_attention_scale():
+    model = MODELS["deit_tiny"]()
+    gm = traced(model)
+    dg = DependencyGraph.build(gm)
+    g = next(g for g in dg.prunable_groups() if g.kind == "head_dim")
+    WidthPruning({g.name: list(range(32))})(gm)
+    sdpa = [n for n in gm.graph.nodes if n.target is torch.nn.functional.scaled_dot_product_attention]
+    assert sdpa[0].kwargs["scale"] == pytest.approx(64 ** -0.5)
+    assert "scale" not in sdpa[1].kwargs  # block 1 untouched
+
+
+def test_iterative_pruning_runs_forward_and_backward():
+    """USERS.md #1: heads −50% and head-dim −25% in several steps, then forward and backward."""
+    model = tiny("deit_small_patch16_224")  # 6 heads
+    gm = traced(model)
+    for head_dim in (59, 53, 48):  # one head and a few head-dims fewer at each step
+        dg = DependencyGraph.build(gm)
+        keep = {}
+        for g in dg.prunable_groups():
+            if g.kind == "head":
+                keep[g.name] = list(range(1, g.size))
+            elif g.kind == "head_dim":
+                keep[g.name] = list(range(g.size - head_dim, g.size))
+        WidthPruning(keep)(gm)
+    attn = gm.get_submodule("blocks.0.attn")
+    assert attn.qkv.weight.shape[0] == 3 * 3 * 48
+    x = torch.randn(2, 3, 32, 32, requires_grad=True)
+    gm.train()
+    gm(x).sum().backward()
+    assert x.grad is not None and attn.qkv.weight.grad.shape == attn.qkv.weight.shape
+
+
+def test_flop_model_matches_counter_after_pruning(model_name):
+    model = MODELS[model_name]()
+    gm = traced(model)
+    dg = DependencyGraph.build(gm)
+    fm = FlopModel(dg)
+    x = gm.meta["example_input"]
+    assert fm.flops() == count_flops(gm, x)
+    rng = np.random.default_rng(1)
+    keep, counts = {}, {}
+    for g in dg.prunable_groups():
+        keep[g.name] = random_keep(g.size, 0.6, rng)
+        counts[g.axis] = len(keep[g.name])
+    predicted, predicted_params = fm.flops(counts), fm.num_params(counts)
+    WidthPruning(keep)(gm)
+    assert count_flops(gm, x) == predicted < fm.flops()
+    assert sum(p.numel() for p in gm.parameters()) == predicted_params
+
+
+def test_bad_keep_is_refused():
+    gm = traced(MODELS["deit_tiny"]())
+    dg = DependencyGraph.build(gm)
+    hidden = next(g for g in dg.prunable_groups() if g.kind == "hidden")
+    with pytest.raises(PassError, match="no channel group"):
+        WidthPruning({"nope": [0]})(gm)
+    with pytest.raises(PassError, match="at least one"):
+        WidthPruning({hidden.name: []})(gm)
+    with pytest.raises(PassError, match="in \\[0"):
+        WidthPruning({hidden.name: [hidden.size]})(gm)
+    frozen = next(g for g in dg.groups if not g.prunable and g.size > 1)
+    with pytest.raises(PassError, match="cannot be pruned"):
+        WidthPruning({frozen.name: [0]})(gm)
