@@ -295,7 +295,7 @@ def test_compress_calls_api_and_prints_summary(capsys, tmp_path, fake_api, tiny_
 def test_compress_no_export_img_size_and_suffix(capsys, tmp_path, fake_api):
     rc, _, _ = run(capsys, "compress", TINY, "--img-size", "32", "--no-export", "--out", tmp_path / "m.onnx")
     assert rc == 0
-    assert fake_api.calls["write"] == dict(prefix=str(tmp_path / "m"), export=False, opset=17)
+    assert fake_api.calls["write"] == dict(prefix=str(tmp_path / "m"), export=False, opset=18)
     assert fake_api.calls["compress"]["size"] == (3, 32, 32)
     assert fake_api.calls["compress"]["source"]["kwargs"] == {"img_size": 32}
 

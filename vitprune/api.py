@@ -257,7 +257,7 @@ def load_compressed(path: str | os.PathLike) -> fx.GraphModule:
 
 
 def write_outputs(result: CompressResult, prefix: str | os.PathLike, *, export: bool = True,
-                  opset: int = 17) -> dict[str, str]:
+                  opset: int = 18) -> dict[str, str]:
     """Write PREFIX.onnx, PREFIX.pt and PREFIX.json; all or nothing (temp files, then rename)."""
     from .export import export_onnx
 

@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     o = c.add_argument_group("output")
     o.add_argument("--out", required=True, metavar="PREFIX", help="output prefix (writes PREFIX.onnx/.pt/.json)")
     o.add_argument("--no-export", action="store_true", help="skip ONNX export (writes PREFIX.pt/.json)")
-    o.add_argument("--opset", type=_positive_int, default=17, metavar="N", help="ONNX opset (default 17)")
+    o.add_argument("--opset", type=_positive_int, default=18, metavar="N", help="ONNX opset (default 18)")
     _add_debug(c)
     c.set_defaults(func=cmd_compress)
 
@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Export a model to ONNX with a dynamic batch axis, checked against ORT.")
     _add_load_flags(e)
     e.add_argument("--out", required=True, metavar="FILE.onnx")
-    e.add_argument("--opset", type=_positive_int, default=17, metavar="N", help="ONNX opset (default 17)")
+    e.add_argument("--opset", type=_positive_int, default=18, metavar="N", help="ONNX opset (default 18)")
     _add_debug(e)
     e.set_defaults(func=cmd_export)
 
