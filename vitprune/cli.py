@@ -100,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--calib-batches", type=int, metavar="N", help="calibration batches for taylor importance")
     s.add_argument("--batch-size", type=int, metavar="N", help="calibration batch size")
     s.add_argument("--seed", type=int, metavar="N")
+    s.add_argument("--data", metavar="DIR", help="image folder (DIR/<class>/<image> or DIR/train/...) "
+                   "for taylor calibration; without it, taylor uses random images")
     o = c.add_argument_group("output")
     o.add_argument("--out", required=True, metavar="PREFIX", help="output prefix (writes PREFIX.onnx/.pt/.json)")
     o.add_argument("--no-export", action="store_true", help="skip ONNX export (writes PREFIX.pt/.json)")
@@ -169,7 +171,14 @@ def cmd_compress(args: argparse.Namespace) -> int:
     size = spec.input_size if (spec.input_size and args.img_size is None) else loaded.input_size
     from vitprune import api
 
-    result = api.compress(loaded.model, spec, example_input_size=size, source=loaded.source)
+    calib = None
+    if args.data is not None:
+        from vitprune.data import calibration_batches
+
+        calib = list(calibration_batches(args.data, size, batches=spec.calib_batches,
+                                         batch_size=spec.batch_size, seed=spec.seed))
+    result = api.compress(loaded.model, spec, example_input_size=size, source=loaded.source,
+                          calib_data=calib)
     # PREFIX's folder is created only now that compression succeeded
     paths = _in_new_folder(prefix, lambda: api.write_outputs(result, prefix, export=not args.no_export,
                                                              opset=args.opset))
