@@ -80,6 +80,8 @@ def test_inspect_reports_groups_and_blocks():
     assert kinds == {"residual", "hidden", "head", "head_dim"}
     assert set(d["flops_by_block"]) >= {"blocks.0", "blocks.1", "patch_embed"}
     assert sum(d["flops_by_block"].values()) == d["flops"]
+    assert sum(d["params_by_block"].values()) == d["params"]
+    assert {"cls_token", "pos_embed", "blocks.0"} <= set(d["params_by_block"])
 
 
 def test_saved_model_reloads_in_a_fresh_process_without_pickle(tmp_path):

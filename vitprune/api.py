@@ -24,7 +24,7 @@ from passes.width import WidthPruning
 
 from .deps import DependencyGraph
 from .errors import InputError, LoadError, PlanError, UnsupportedModelError
-from .flops import FlopModel, count_flops, count_params, flops_by_block
+from .flops import FlopModel, count_flops, count_params, flops_by_block, params_by_block
 from .importance import l2_importance, random_calibration, taylor_importance
 from .plan import eligible_groups, plan_width
 from .spec import CompressSpec
@@ -177,6 +177,7 @@ def inspect_model(model: nn.Module, example_input_size: tuple[int, int, int] | N
         "flops": count_flops(gm, x),
         "params": count_params(gm),
         "flops_by_block": flops_by_block(gm, x),
+        "params_by_block": params_by_block(gm),
         "groups": [g.describe() for g in dg.groups if g.prunable],
         "frozen_groups": len([g for g in dg.groups if not g.prunable]),
         "unsupported_ops": [str(u) for u in dg.unsupported],
@@ -190,9 +191,11 @@ def format_inspect(d: dict[str, Any]) -> str:
     for g in d["groups"]:
         lines.append(f"  {g['kind']:<9} {g['size']:>6} {len(g['members']):>7}  {g['name']}")
     lines += [f"  ({d['frozen_groups']} more groups are frozen: model input/output, indexed, spatial)", "",
-              "FLOPs per block:"]
-    for scope, flops in d["flops_by_block"].items():
-        lines.append(f"  {scope:<24} {flops / 1e6:10.1f} MFLOPs")
+              f"  {'block':<24} {'MFLOPs':>10} {'params (K)':>11}"]
+    params = d.get("params_by_block", {})
+    for scope in list(d["flops_by_block"]) + [s for s in params if s not in d["flops_by_block"]]:
+        flops = d["flops_by_block"].get(scope, 0)
+        lines.append(f"  {scope:<24} {flops / 1e6:10.1f} {params.get(scope, 0) / 1e3:11.1f}")
     if d["unsupported_ops"]:
         lines += ["", "Unsupported ops (their channels are frozen):"] + [f"  {u}" for u in d["unsupported_ops"]]
     else:

@@ -80,6 +80,16 @@ def flops_by_block(gm: fx.GraphModule, example_input: torch.Tensor, depth: int =
     return dict(out)
 
 
+def params_by_block(model: torch.nn.Module) -> dict[str, int]:
+    """Parameters per module scope, with the same scope names as :func:`flops_by_block`."""
+    out: dict[str, int] = defaultdict(int)
+    for name, p in model.named_parameters():
+        parts = name.split(".")
+        keep = 2 if len(parts) > 2 and parts[1].isdigit() else 1
+        out[".".join(parts[:keep])] += p.numel()
+    return dict(out)
+
+
 def _scope(node: fx.Node, depth: int) -> str:
     stack = node.meta.get("nn_module_stack") or {}
     paths = [v[0] if isinstance(v, tuple) else str(k) for k, v in stack.items()]
