@@ -48,8 +48,9 @@ def fake_api(monkeypatch):
     api = types.ModuleType("vitprune.api")
     api.fail = {}
 
-    def compress(model, spec, *, example_input_size, source):
-        calls["compress"] = dict(model=model, spec=spec, size=example_input_size, source=source)
+    def compress(model, spec, *, example_input_size, source, calib_data=None):
+        calls["compress"] = dict(model=model, spec=spec, size=example_input_size, source=source,
+                                 calib_data=calib_data)
         if "compress" in api.fail:
             raise api.fail["compress"]
         report = {"flops": {"before": 2.0e9, "after": 1.0e9}, "params": {"before": 5.0e6, "after": 2.5e6}}
