@@ -97,6 +97,11 @@ def compress(model: nn.Module, spec: CompressSpec | None = None, *,
     spec = spec or CompressSpec()
     t0 = time.perf_counter()
     input_size = resolve_input_size(model, spec.input_size, example_input_size)
+    if spec.target_latency is not None:
+        from .latency import compress_to_latency
+
+        return compress_to_latency(model, spec, example_input_size=input_size, source=source,
+                                   calib_data=calib_data)
     gm, dg = analyse(model, input_size)
     x = gm.meta["example_input"]
     base_flops, base_params = count_flops(gm, x), count_params(gm)

@@ -6,6 +6,7 @@ line ``vitprune: error: <message>``; 1 an internal error (one line; ``--debug`` 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -87,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = c.add_argument_group("spec (flags override --spec)")
     s.add_argument("--spec", metavar="FILE", help="JSON or YAML spec file (see README, 'Spec format')")
     s.add_argument("--target-flops", type=float, metavar="R", help="fraction of the original FLOPs, in (0, 1]")
+    s.add_argument("--target-latency", type=float, metavar="R",
+                   help="fraction of the original ONNX Runtime batch-1 latency, measured here, in (0, 1]")
+    s.add_argument("--latency-threads", type=int, metavar="N", help="ORT threads for --target-latency (default 1)")
     s.add_argument("--importance", choices=("l2", "taylor"))
     s.add_argument("--ranking", choices=("global", "uniform"))
     s.add_argument("--round-to", type=int, metavar="N", help="pruned widths are multiples of N")
@@ -149,8 +153,12 @@ def spec_from_args(args: argparse.Namespace):
     from vitprune.spec import CompressSpec
 
     spec = CompressSpec.from_file(args.spec) if args.spec else CompressSpec()
+    if args.target_flops is not None or args.target_latency is not None:
+        # a target given on the command line replaces the file's target, of either kind
+        spec = dataclasses.replace(spec, target_flops=None, target_latency=None)
     return spec.merged(
-        target_flops=args.target_flops, importance=args.importance, ranking=args.ranking,
+        target_flops=args.target_flops, target_latency=args.target_latency,
+        latency_threads=args.latency_threads, importance=args.importance, ranking=args.ranking,
         round_to=args.round_to, prune_residual=args.prune_residual, prune_mlp=args.prune_mlp,
         prune_heads=args.prune_heads, prune_head_dim=args.prune_head_dim, min_keep=args.min_keep,
         calib_batches=args.calib_batches, batch_size=args.batch_size, seed=args.seed,

@@ -58,6 +58,8 @@ class CompressSpec:
     batch_size: int = 8
     seed: int = 0
     input_size: tuple[int, int, int] | None = None
+    target_latency: float | None = None
+    latency_threads: int = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.input_size, list):  # JSON/YAML give lists
@@ -77,6 +79,12 @@ class CompressSpec:
                 f"target_flops must be a fraction of the original FLOPs in (0, 1] "
                 f"(e.g. 0.5 keeps half), got {t!r}"
             )
+        lat = self.target_latency
+        if lat is not None and not (_is_real(lat) and 0.0 < lat <= 1.0):
+            raise SpecError(f"target_latency must be a fraction of the original ONNX Runtime latency in "
+                            f"(0, 1], got {lat!r}")
+        if lat is not None and t is not None:
+            raise SpecError("give target_flops or target_latency, not both")
         for name, allowed in (("method", METHODS), ("importance", IMPORTANCES), ("ranking", RANKINGS)):
             v = getattr(self, name)
             if v not in allowed:
@@ -89,7 +97,7 @@ class CompressSpec:
             raise SpecError(
                 f"min_keep must be the fraction of each group always kept, in (0, 1]; got {self.min_keep!r}"
             )
-        for name in ("round_to", "calib_batches", "batch_size"):
+        for name in ("round_to", "calib_batches", "batch_size", "latency_threads"):
             v = getattr(self, name)
             if not (_is_int(v) and v >= 1):
                 raise SpecError(f"{name} must be an integer >= 1, got {v!r}")

@@ -1,0 +1,44 @@
+"""--target-latency: plan by measured ONNX Runtime latency, report every round."""
+import pytest
+
+from conftest import tiny
+from vitprune import CompressSpec, compress
+from vitprune.errors import SpecError
+from vitprune.latency import compress_to_latency
+
+
+def test_latency_target_measures_and_reports_rounds():
+    model = tiny("deit_small_patch16_224", img_size=64, depth=3)
+    result = compress_to_latency(model, CompressSpec(target_latency=0.6), example_input_size=(3, 64, 64),
+                                 runs=8, max_rounds=3, tolerance=0.01)
+    plan = result.report["latency_plan"]
+    assert 1 <= len(plan["rounds"]) <= 3
+    assert plan["target_latency"] == 0.6
+    first = plan["rounds"][0]
+    assert first["flops_target"] == 0.6 and first["compressed_ms"] > 0 and first["original_ms"] > 0
+    # a later round's FLOPs target moves against the measured miss
+    for before, after in zip(plan["rounds"], plan["rounds"][1:]):
+        if before["latency_ratio"] > 0.6:
+            assert after["flops_target"] < before["flops_ratio"] + 1e-9
+        else:
+            assert after["flops_target"] > before["flops_ratio"] - 1e-9
+    # the result is the round whose measured latency came closest to the target
+    best = min(plan["rounds"], key=lambda r: abs(r["latency_ratio"] - 0.6))
+    assert plan["measured_latency_ratio"] == best["latency_ratio"]
+    assert result.report["flops_ratio"] == best["flops_ratio"]
+
+
+def test_compress_dispatches_on_target_latency(monkeypatch):
+    import vitprune.latency as latency
+
+    seen = {}
+    monkeypatch.setattr(latency, "compress_to_latency", lambda model, spec, **kw: seen.setdefault("spec", spec))
+    spec = CompressSpec(target_latency=0.5)
+    assert compress(tiny(), spec) is spec and seen["spec"] is spec
+
+
+def test_latency_and_flops_targets_are_exclusive():
+    with pytest.raises(SpecError, match="not both"):
+        CompressSpec(target_flops=0.5, target_latency=0.5)
+    with pytest.raises(SpecError, match="target_latency"):
+        CompressSpec(target_latency=1.5)

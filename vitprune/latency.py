@@ -1,0 +1,63 @@
+"""Planning to a *measured* latency target: FLOPs are a proxy, ONNX Runtime time is the goal.
+
+``target_latency = t`` asks for an ONNX model whose batch-1 ORT latency is ``t`` × the original's,
+measured on this machine with ``latency_threads`` threads. Each round compresses to a FLOPs target,
+exports, and times the candidate interleaved with the original (so machine noise cancels); the next
+FLOPs target follows from the measured latency/FLOPs ratio (latency is locally proportional to FLOPs,
+with the measured efficiency as the constant). It stops when the measured ratio is within
+``tolerance`` of ``t`` or after ``max_rounds``; the report lists every round.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from typing import Any
+
+import torch
+from torch import nn
+
+from .bench import compare
+from .export import export_onnx
+from .trace import example_input_for
+
+
+def compress_to_latency(model: nn.Module, spec: Any, *, example_input_size: tuple[int, int, int],
+                        source: dict | None = None, calib_data: Any = None, runs: int = 20,
+                        tolerance: float = 0.03, max_rounds: int = 5):
+    from .api import compress
+
+    target = spec.target_latency
+    x = example_input_for(example_input_size, batch=1)
+    rounds: list[dict[str, float]] = []
+    best = None
+    with tempfile.TemporaryDirectory(prefix="vitprune-latency-") as tmp:
+        original = os.path.join(tmp, "original.onnx")
+        export_onnx(model, x, original, parity_batches=(1,))
+        flops_target = target
+        for _ in range(max_rounds):
+            flops_spec = dataclasses.replace(spec, target_latency=None, target_flops=flops_target)
+            result = compress(model, flops_spec, example_input_size=example_input_size, source=source,
+                              calib_data=calib_data)
+            candidate = os.path.join(tmp, f"candidate{len(rounds)}.onnx")
+            export_onnx(result.model, x, candidate, parity_batches=(1,))
+            rows = compare([original, candidate], batch_sizes=(1,), threads=spec.latency_threads,
+                           runs=runs, warmup=3)
+            measured = rows[0]["median_ms"] and rows[1]["median_ms"] / rows[0]["median_ms"]
+            rounds.append({"flops_target": flops_target, "flops_ratio": result.report["flops_ratio"],
+                           "latency_ratio": measured, "original_ms": rows[0]["median_ms"],
+                           "compressed_ms": rows[1]["median_ms"]})
+            error = abs(measured - target)
+            if best is None or error < best[0]:
+                best = (error, result, measured)
+            if error <= tolerance:
+                break
+            # latency ≈ efficiency⁻¹ × FLOPs locally: scale the FLOPs target by the measured miss
+            flops_target = min(1.0, max(0.02, result.report["flops_ratio"] * target / measured))
+    _, result, measured = best
+    result.report["latency_plan"] = {
+        "target_latency": target, "measured_latency_ratio": measured, "threads": spec.latency_threads,
+        "within_tolerance": abs(measured - target) <= tolerance, "tolerance": tolerance, "rounds": rounds,
+    }
+    result.report["spec"] = spec.to_dict()
+    return result
