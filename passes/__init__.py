@@ -8,3 +8,5 @@ from .width import WidthPruning
 PASSES: dict[str, type[Pass]] = {cls.name: cls for cls in (WidthPruning,)}
 
 __all__ = ["PASSES", "Pass", "PassError", "PassResult", "WidthPruning"]
+from .attention import AttentionRemoval; PASSES[AttentionRemoval.name] = AttentionRemoval  # noqa: E402,E702
+from .activation import ActivationRemoval; PASSES[ActivationRemoval.name] = ActivationRemoval  # noqa: E402,E702
