@@ -15,6 +15,7 @@ given by an explicit rule and ops without a rule freeze what they touch.
 """
 from __future__ import annotations
 
+import operator
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -132,6 +133,14 @@ def _old_shape(node: fx.Node) -> tuple[int, ...]:
 def _rewrite_size_args(node: fx.Node, dg: DependencyGraph, new_size: Callable[[int], int]) -> None:
     """reshape/view/expand: replace each size argument whose dim changed with the new constant."""
     out_axes, old = dg.node_dims[node], _old_shape(node)
+    if len(node.args) == 2 and isinstance(node.args[1], fx.Node) and isinstance(node.args[1].meta.get("value"), tuple):
+        # reshape(x.shape): unpack the size tuple so each dim can be rewritten on its own
+        with node.graph.inserting_before(node):
+            items = tuple(node.graph.call_function(operator.getitem, (node.args[1], i))
+                          for i in range(len(node.args[1].meta["value"])))
+        for item, v in zip(items, node.args[1].meta["value"]):
+            item.meta["value"] = v
+        node.args = (node.args[0], items)
     packed = len(node.args) == 2 and isinstance(node.args[1], (tuple, list))
     sizes = list(node.args[1] if packed else node.args[1:])
     if "shape" in node.kwargs or "size" in node.kwargs:
@@ -139,12 +148,16 @@ def _rewrite_size_args(node: fx.Node, dg: DependencyGraph, new_size: Callable[[i
         sizes = list(node.kwargs[key])
     changed = False
     offset = len(old) - len(sizes)  # expand may add leading dims
+    batch = dg.table.find(dg.batch_axis)
     for i, s in enumerate(sizes):
         axis = out_axes[i + offset] if i + offset >= 0 else None
         if axis is None or (isinstance(s, int) and s == -1):
             continue
         n = new_size(axis)
-        if n != old[i + offset]:
+        # A size read from another tensor (``C = x.shape[-1]``) may now describe a different width:
+        # every size but the batch becomes the constant the dependency graph predicts.
+        dynamic = isinstance(s, fx.Node) and dg.table.leaves(axis) != [batch]
+        if n != old[i + offset] or dynamic:
             sizes[i] = n
             changed = True
     if not changed:

@@ -159,3 +159,44 @@ def test_bad_keep_is_refused():
     frozen = next(g for g in dg.groups if not g.prunable and g.size > 1)
     with pytest.raises(PassError, match="cannot be pruned"):
         WidthPruning({frozen.name: [0]})(gm)
+
+
+def test_dynamic_sizes_read_from_other_tensors_become_constants():
+    """``x.reshape(B, N, C)`` with C read from the residual stream (timm EVA/relpos attention): after
+    pruning the residual, C no longer equals the attention width, so it must become a constant."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    class ReshapeFromInput(torch.nn.Module):
+        def __init__(self, dim):
+            super().__init__()
+            self.qkv = torch.nn.Linear(dim, dim * 3)
+            self.proj = torch.nn.Linear(dim, dim)
+
+        def forward(self, x, attn_mask=None, is_causal=False):
+            B, N, C = x.shape
+            q, k, v = self.qkv(x).reshape(B, N, 3, 2, C // 2).permute(2, 0, 3, 1, 4).unbind(0)
+            y = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            return self.proj(y.transpose(1, 2).reshape(B, N, C))
+
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=2, num_classes=10).eval()
+    model.blocks[0].attn = ReshapeFromInput(64)
+    gm = traced(model)
+    dg = DependencyGraph.build(gm)
+    residual = next(g for g in dg.prunable_groups() if g.kind == "residual")
+    WidthPruning({residual.name: list(range(48))})(gm)
+    assert gm(torch.randn(3, 3, 32, 32)).shape == (3, 10)  # batch stays dynamic
+
+
+def test_index_buffers_are_never_pruned():
+    """Relative-position index tables are data: indexing freezes both source and index."""
+    import timm
+
+    model = timm.create_model("vit_relpos_small_patch16_224", pretrained=False, depth=1, img_size=32,
+                              num_classes=10).eval()
+    gm = traced(model)
+    dg = DependencyGraph.build(gm)
+    assert not any("relative_position_index" in m.param for g in dg.prunable_groups() for m in g.members)
+    keep = {g.name: list(range(0, g.size, 2)) for g in dg.prunable_groups()}
+    WidthPruning(keep)(gm)
+    assert gm(torch.randn(2, 3, 32, 32)).shape == (2, 10)

@@ -69,13 +69,20 @@ class _NodeFlops(fx.Interpreter):
         return out
 
 
+def node_flops(gm: fx.GraphModule, example_input: torch.Tensor) -> dict[fx.Node, int]:
+    """FLOPs of each node for one image (FlopCounterMode on fake tensors)."""
+    with FakeTensorMode(allow_non_fake_inputs=True) as fake_mode:
+        x = fake_mode.from_tensor(example_input[:1])
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            interp = _NodeFlops(gm, counter)
+            interp.run(x)
+    return interp.per_node
+
+
 def flops_by_block(gm: fx.GraphModule, example_input: torch.Tensor, depth: int = 2) -> dict[str, int]:
     """FLOPs per module scope (``blocks.3``), from each node's ``nn_module_stack``; batch 1."""
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        interp = _NodeFlops(gm, counter)
-        interp.run(example_input[:1])
     out: dict[str, int] = defaultdict(int)
-    for node, flops in interp.per_node.items():
+    for node, flops in node_flops(gm, example_input).items():
         out[_scope(node, depth)] += flops
     return dict(out)
 
@@ -104,38 +111,57 @@ def _scope(node: fx.Node, depth: int) -> str:
 class FlopModel:
     """FLOPs and parameter counts as a function of the number of channels kept per leaf axis."""
 
-    _KINDS = {"linear", "conv2d", "matmul", "bmm", "__matmul__", "scaled_dot_product_attention"}
+    _OPERANDS = {
+        "linear": ("input", "weight"), "conv2d": ("input", "weight"), "matmul": ("input", "other"),
+        "bmm": ("input", "mat2"), "__matmul__": ("input", "other"),
+        "scaled_dot_product_attention": ("query", "key", "value"),
+    }
+    _KINDS = set(_OPERANDS)
 
     def __init__(self, dg: DependencyGraph):
         self.dg = dg
-        t = dg.table
-        self.ops: list[tuple[str, list[list[int]], list[int]]] = []
-        for node in dg.gm.graph.nodes:
-            key = op_key(node, dg.gm) if node.op in ("call_function", "call_method", "call_module") else ""
+        gm = dg.gm
+        # Per-node truth at batch 1 (FlopCounterMode on fake tensors). Each modelled node is scaled
+        # by truth / formula-at-the-example-batch: 1/B for per-image ops, 1 for ops that run once
+        # per forward whatever the batch (a relative-position MLP on coordinates).
+        truth = node_flops(gm, gm.meta["example_input"])
+        self.ops: list[tuple[str, list[list[int]], list[int], float]] = []
+        self.constant = 0  # FLOPs of ops the model has no formula for (counted, not scaled)
+        for node in gm.graph.nodes:
+            key = op_key(node, gm) if node.op in ("call_function", "call_method", "call_module") else ""
             if key in self._KINDS:
-                ins = [dg.node_dims[a] for a in node.args[:3] if isinstance(a, fx.Node) and dg.node_dims.get(a)]
-                self.ops.append((key, ins, dg.node_dims[node]))
-        placeholder = next(n for n in dg.gm.graph.nodes if n.op == "placeholder")
-        self.batch_leaf = t.leaves(dg.node_dims[placeholder][0])[0]
+                operands = [_operand(node, i, name) for i, name in enumerate(self._OPERANDS[key])]
+                ins = [dg.node_dims[a] for a in operands if isinstance(a, fx.Node) and dg.node_dims.get(a)]
+                op = (key, ins, dg.node_dims[node])
+                at_example = self._op_flops(op, {})
+                if at_example:
+                    self.ops.append((*op, truth.get(node, 0) / at_example))
+            elif node in truth:
+                self.constant += truth[node]
+        self.exact = self.constant == 0
         self.params = {name: axes for name, axes in dg.param_dims.items()
                        if _is_parameter(dg.gm, name)}
 
     def _shape(self, axes: list[int], counts: dict[int, int]) -> list[int]:
         return [self.dg.table.kept_size(a, counts) for a in axes]
 
+    def _op_flops(self, op, counts: dict[int, int]) -> int:
+        key, ins, out = op[:3]
+        return _formula(key, [self._shape(d, counts) for d in ins], self._shape(out, counts))
+
     def flops(self, counts: dict[int, int] | None = None) -> int:
-        counts = dict(counts or {})
-        counts[self.batch_leaf] = 1
-        total = 0
-        for key, ins, out in self.ops:
-            shapes = [self._shape(d, counts) for d in ins]
-            out_shape = self._shape(out, counts)
-            total += _formula(key, shapes, out_shape)
-        return int(total)
+        """FLOPs per image when leaf ``r`` keeps ``counts[r]`` channels (default: all)."""
+        counts = counts or {}
+        total = sum(self._op_flops(op, counts) * op[3] for op in self.ops)
+        return int(round(total)) + self.constant
 
     def num_params(self, counts: dict[int, int] | None = None) -> int:
         counts = counts or {}
         return sum(prod(self._shape(axes, counts)) for axes in self.params.values())
+
+
+def _operand(node: fx.Node, index: int, name: str):
+    return node.args[index] if len(node.args) > index else node.kwargs.get(name)
 
 
 def _is_parameter(gm: fx.GraphModule, name: str) -> bool:

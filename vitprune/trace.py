@@ -40,6 +40,7 @@ def trace_model(model: nn.Module, example_input: torch.Tensor) -> fx.GraphModule
         except Exception as e:  # tracing errors come in many types; the message names the construct
             raise UnsupportedModelError(
                 f"torch.fx cannot trace {type(model).__name__}: {type(e).__name__}: {_one_line(e)}"
+                f"{_model_frame(e)}"
             ) from e
     normalize(gm)
     propagate_shapes(gm, example_input)
@@ -56,6 +57,18 @@ def _default_args(model: nn.Module) -> dict[str, Any]:
         if p.default is not inspect.Parameter.empty
         and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
     }
+
+
+def _model_frame(e: BaseException) -> str:
+    """Where in the model's own code tracing stopped (the innermost frame outside torch)."""
+    import traceback
+
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if "/torch/" not in f.filename
+              and "/vitprune/" not in f.filename]
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f" (at {f.filename.rsplit('site-packages/', 1)[-1]}:{f.lineno}: `{(f.line or '').strip()}`)"
 
 
 def _one_line(e: BaseException) -> str:
@@ -159,6 +172,14 @@ def _functionalize_module(gm: fx.GraphModule, node: fx.Node) -> None:
                 F.layer_norm,
                 (node.args[0], tuple(module.normalized_shape)),
                 {"weight": attr("weight"), "bias": attr("bias"), "eps": module.eps},
+            )
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm) and not module.training \
+                and module.track_running_stats:
+            # eval-mode batch norm is a per-channel affine over running statistics
+            new = graph.call_function(
+                F.batch_norm,
+                (node.args[0], attr("running_mean"), attr("running_var"), attr("weight"), attr("bias"),
+                 False, 0.0, module.eps),
             )
         else:
             return  # parameter-free leaf modules (GELU, Dropout, ...) stay; rules know them by class

@@ -64,6 +64,12 @@ class DependencyGraph:
                 return g
         raise KeyError(name)
 
+    @property
+    def batch_axis(self) -> int:
+        """The leaf axis of the model input's batch dim (kept dynamic in rewritten shapes)."""
+        placeholder = next(n for n in self.gm.graph.nodes if n.op == "placeholder")
+        return self.table.leaves(self.node_dims[placeholder][0])[0]
+
     def dim_mask(self, axis: int, keep: dict[int, np.ndarray]) -> np.ndarray:
         return self.table.mask(axis, keep)
 
@@ -130,7 +136,9 @@ def _node_dims(ctx: RuleContext, node: fx.Node, param_dims: dict[str, list[int]]
     if node.op == "get_attr":
         if not _is_tensor_meta(tm):
             return None
-        dims = ctx.fresh(ctx.shape(node))
+        # integer tensors are indices (relative-position tables, ...): data, never channels
+        frozen = None if tm.dtype.is_floating_point else "integer tensor (indices)"
+        dims = ctx.fresh(ctx.shape(node), frozen=frozen)
         param_dims.setdefault(str(node.target), dims)
         for a, b in zip(param_dims[str(node.target)], dims):
             t.unify(a, b)

@@ -149,6 +149,23 @@ def elementwise_nary(ctx: RuleContext, node: fx.Node) -> Dims:
     return broadcast(ctx, ctx.shape(node), _tensor_inputs(ctx, items))
 
 
+@rule("normalize")
+def normalize(ctx: RuleContext, node: fx.Node) -> Dims:
+    """L2-normalise along a dim: channel-wise like LayerNorm's statistics (pruning renormalises)."""
+    return list(ctx.dims(ctx.arg(node, 0, "input")))
+
+
+@rule("batch_norm")
+def batch_norm(ctx: RuleContext, node: fx.Node) -> Dims:
+    xd = ctx.dims(ctx.arg(node, 0, "input"))
+    for i, name in enumerate(("running_mean", "running_var", "weight", "bias"), start=1):
+        p = ctx.arg(node, i, name)
+        if ctx.dims(p) is not None:
+            ctx.t.unify(ctx.dims(p)[0], xd[1])
+            ctx.role(p, 0, "norm")
+    return list(xd)
+
+
 @rule("neg", "abs", "exp", "log", "sqrt", "rsqrt", "sigmoid", "tanh", "erf", "relu", "gelu", "silu",
       "dropout", "clamp", "contiguous", "clone", "detach", "float", "half", "to", "type_as", "type",
       "zeros_like", "ones_like", "hardswish", "hardsigmoid", "mish", "leaky_relu", "elu", "softplus",
@@ -162,7 +179,7 @@ def elementwise_unary(ctx: RuleContext, node: fx.Node) -> Dims:
 # -- parameterised ops -------------------------------------------------------------------------
 @rule("linear")
 def linear(ctx: RuleContext, node: fx.Node) -> Dims:
-    x, w, b = node.args[0], node.args[1], ctx.arg(node, 2, "bias")
+    x, w, b = ctx.arg(node, 0, "input"), ctx.arg(node, 1, "weight"), ctx.arg(node, 2, "bias")
     xd, wd = ctx.dims(x), ctx.dims(w)
     ctx.t.unify(xd[-1], wd[1])
     ctx.role(w, 0, "linear_out")
@@ -175,7 +192,7 @@ def linear(ctx: RuleContext, node: fx.Node) -> Dims:
 
 @rule("conv2d")
 def conv2d(ctx: RuleContext, node: fx.Node) -> Dims:
-    x, w, b = node.args[0], node.args[1], ctx.arg(node, 2, "bias")
+    x, w, b = ctx.arg(node, 0, "input"), ctx.arg(node, 1, "weight"), ctx.arg(node, 2, "bias")
     groups = ctx.value(ctx.arg(node, 6, "groups", 1))
     xd, wd = ctx.dims(x), ctx.dims(w)
     out_shape = ctx.shape(node)
@@ -197,9 +214,9 @@ def conv2d(ctx: RuleContext, node: fx.Node) -> Dims:
 
 @rule("layer_norm", "rms_norm")
 def layer_norm(ctx: RuleContext, node: fx.Node) -> Dims:
-    x = node.args[0]
+    x = ctx.arg(node, 0, "input")
     xd = ctx.dims(x)
-    k = len(ctx.value(node.args[1]))
+    k = len(ctx.value(ctx.arg(node, 1, "normalized_shape")))
     params = [ctx.arg(node, 2, "weight"), ctx.arg(node, 3, "bias")] if node.target is not F.rms_norm \
         else [ctx.arg(node, 2, "weight")]
     for p in params:
@@ -233,7 +250,7 @@ def _batch_broadcast(ctx: RuleContext, node: fx.Node, items: list[Any], keep_las
 
 @rule("matmul", "bmm", "__matmul__")
 def matmul(ctx: RuleContext, node: fx.Node) -> Dims:
-    a, b = node.args[0], node.args[1]
+    a, b = ctx.arg(node, 0, "input"), ctx.arg(node, 1, "other")
     ad, bd = ctx.dims(a), ctx.dims(b)
     if len(ad) < 2 or len(bd) < 2:
         for d in (ad, bd):
@@ -246,7 +263,7 @@ def matmul(ctx: RuleContext, node: fx.Node) -> Dims:
 
 @rule("scaled_dot_product_attention")
 def sdpa(ctx: RuleContext, node: fx.Node) -> Dims:
-    q, k, v = node.args[:3]
+    q, k, v = ctx.arg(node, 0, "query"), ctx.arg(node, 1, "key"), ctx.arg(node, 2, "value")
     qd, kd, vd = ctx.dims(q), ctx.dims(k), ctx.dims(v)
     ctx.t.unify(qd[-1], kd[-1])  # q·k contracts the head-dim
     ctx.t.unify(kd[-2], vd[-2])  # keys and values share the sequence
@@ -416,10 +433,15 @@ def getitem(ctx: RuleContext, node: fx.Node) -> Any:
 
 def _index_tensor(ctx: RuleContext, node: fx.Node, sd: Dims, shape: tuple[int, ...], index: Any) -> Dims:
     items = list(index) if isinstance(index, tuple) else [index]
-    if any(isinstance(i, fx.Node) or isinstance(i, (list, torch.Tensor)) for i in items):
-        for a in sd:
+    items = [slice(*(ctx.value(v) for v in (i.start, i.stop, i.step))) if isinstance(i, slice) else i
+             for i in items]
+    tensor_index = [i for i in items if isinstance(i, fx.Node) and ctx.dims(i) is not None]
+    if tensor_index or any(isinstance(i, (list, torch.Tensor)) for i in items):
+        # gather-like: neither the source's nor the index tensor's channels can be pruned
+        for a in sd + [a for i in tensor_index for a in ctx.dims(i)]:
             ctx.t.freeze(a, "advanced indexing")
         return ctx.fresh(ctx.shape(node), frozen="advanced indexing")
+    items = [ctx.value(i) if isinstance(i, fx.Node) else i for i in items]
     if Ellipsis in items:
         at = items.index(Ellipsis)
         used = sum(1 for i in items if i is not None and i is not Ellipsis)
