@@ -48,7 +48,7 @@ def fake_api(monkeypatch):
     api = types.ModuleType("vitprune.api")
     api.fail = {}
 
-    def compress(model, spec, *, example_input_size, source, calib_data=None):
+    def compress(model, spec, *, example_input_size, source, calib_data=None, train_data=None, val_data=None):
         calls["compress"] = dict(model=model, spec=spec, size=example_input_size, source=source,
                                  calib_data=calib_data)
         if "compress" in api.fail:

@@ -28,7 +28,7 @@ def test_target_flops_accepted(value):
     [
         ("target_flops", 0), ("target_flops", 0.0), ("target_flops", -0.5), ("target_flops", 1.5),
         ("target_flops", float("nan")), ("target_flops", "0.5"), ("target_flops", True),
-        ("method", "boundarydpt"), ("method", "WIDTH"), ("importance", "l1"), ("ranking", "local"),
+        ("method", "WIDTH"), ("importance", "l1"), ("ranking", "local"),
         ("round_to", 0), ("round_to", 2.0), ("round_to", True),
         ("prune_residual", "yes"), ("prune_mlp", 1), ("prune_heads", None), ("prune_head_dim", 0),
         ("min_keep", 0), ("min_keep", 1.5), ("min_keep", -0.1),

@@ -20,21 +20,16 @@ import torch.fx as fx
 from torch import nn
 
 from passes import PASSES
-from passes.width import WidthPruning
 
 from .deps import DependencyGraph
 from .errors import InputError, LoadError, PlanError, UnsupportedModelError
-from .flops import FlopModel, count_flops, count_params, flops_by_block, params_by_block
-from .importance import l2_importance, random_calibration, taylor_importance
-from .plan import eligible_groups, plan_width
+from .flops import count_flops, count_params, flops_by_block, params_by_block
+from . import methods
 from .spec import CompressSpec
 from .trace import example_input_for, trace_model
 
 FORMAT = "vitprune-compressed"
 FORMAT_VERSION = 1
-
-_KIND_FLAGS = {"residual": "prune_residual", "hidden": "prune_mlp", "head": "prune_heads",
-               "head_dim": "prune_head_dim", "other": "prune_mlp"}
 
 
 @dataclass
@@ -92,8 +87,16 @@ def _users_through_dropout(node: fx.Node, gm: fx.GraphModule) -> list[fx.Node]:
 def compress(model: nn.Module, spec: CompressSpec | None = None, *,
              example_input_size: tuple[int, int, int] | None = None,
              source: dict[str, Any] | None = None,
-             calib_data: Iterable[tuple[torch.Tensor, torch.Tensor | None]] | None = None) -> CompressResult:
-    """Compress ``model`` as ``spec`` asks; the original model is left untouched."""
+             calib_data: Iterable[tuple[torch.Tensor, torch.Tensor | None]] | None = None,
+             train_data: Any = None, val_data: Any = None,
+             finetune_config: Any = None) -> CompressResult:
+    """Compress ``model`` as ``spec`` asks; the original model is left untouched.
+
+    Stages (see :mod:`vitprune.methods`): depth → width → tokens, each through graph passes, then
+    recovery fine-tuning with distillation from the original when ``train_data`` is given and
+    ``spec.epochs > 0``. ``calib_data`` (an iterable of ``(images, labels)``) feeds importance scores,
+    one-shot depth selection and CP-ViT calibration; random images are used without it.
+    """
     spec = spec or CompressSpec()
     t0 = time.perf_counter()
     input_size = resolve_input_size(model, spec.input_size, example_input_size)
@@ -106,15 +109,24 @@ def compress(model: nn.Module, spec: CompressSpec | None = None, *,
     x = gm.meta["example_input"]
     base_flops, base_params = count_flops(gm, x), count_params(gm)
     groups_before = {g.name: g.size for g in dg.groups}
+    batches = methods.calibration(spec, input_size, calib_data)
+    search_data = train_data if spec.depth_selection == "search" else None
+    teacher = methods.copy_teacher(model)
     recipe: list[dict[str, Any]] = []
-    plan_info: dict[str, Any] = {}
-    if spec.target_flops is not None and spec.target_flops < 1.0:
-        keep, plan_info = _plan(dg, spec, input_size, calib_data)
-        result = WidthPruning(keep)(gm)
-        gm = result.graph_module
-        if result.recipe:
-            recipe.append(result.recipe)
+    stages: dict[str, Any] = {}
+    if not (spec.target_flops is not None and spec.target_flops >= 1.0):
+        gm, steps, stages["depth"] = methods.depth_stage(gm, teacher, spec, base_flops, batches, search_data)
+        recipe += steps
+        gm, steps, stages["width"] = methods.width_stage(gm, spec, base_flops, batches, calib_data is not None)
+        recipe += steps
+        gm, steps, stages["tokens"] = methods.token_stage(gm, spec, base_flops, batches)
+        recipe += steps
     flops, params = count_flops(gm, x), count_params(gm)
+    if spec.method != "width" or spec.tokens or spec.remove_attention or spec.remove_activation:
+        _check_target(spec, flops / base_flops)
+    recovery = None
+    if train_data is not None and spec.epochs > 0:
+        recovery = _recover(gm, teacher, spec, train_data, val_data, finetune_config)
     dg_after = DependencyGraph.build(gm)
     report = {
         "method": spec.method,
@@ -126,40 +138,30 @@ def compress(model: nn.Module, spec: CompressSpec | None = None, *,
         "params_before": base_params,
         "params_after": params,
         "params_ratio": params / base_params,
-        "plan": plan_info,
+        "plan": stages.get("width", {}),
+        "stages": stages,
         "groups": _group_widths(dg, dg_after, groups_before),
         "unsupported_ops": [str(u) for u in dg.unsupported],
+        "recovery": recovery,
         "compile_seconds": round(time.perf_counter() - t0, 3),
     }
-    return CompressResult(gm, report, recipe, source, tuple(input_size))
+    return CompressResult(gm.eval(), report, recipe, source, tuple(input_size))
 
 
-def _plan(dg: DependencyGraph, spec: CompressSpec, input_size, calib_data) -> tuple[dict, dict]:
-    kinds = {kind for kind, flag in _KIND_FLAGS.items() if getattr(spec, flag)}
-    groups = eligible_groups(dg, kinds)
-    if not groups:
-        detail = f"; unsupported ops froze channels: {', '.join(sorted({u.op for u in dg.unsupported}))}" \
-            if dg.unsupported else ""
-        raise PlanError(f"no prunable channel group of the kinds {sorted(kinds)}{detail}")
-    if spec.importance == "taylor":
-        batches = calib_data if calib_data is not None else random_calibration(
-            input_size, spec.calib_batches, spec.batch_size, spec.seed)
-        batches = [b for _, b in zip(range(spec.calib_batches), batches)]
-        scores = taylor_importance(dg, groups, batches)
-    else:
-        scores = l2_importance(dg, groups)
-    plan = plan_width(dg, FlopModel(dg), scores, groups, spec.target_flops, round_to=spec.round_to,
-                      min_keep=spec.min_keep, ranking=spec.ranking)
-    info = {
-        "target_flops": spec.target_flops,
-        "planned_flops_ratio": plan.ratio,
-        "within_tolerance": plan.within_tolerance,
-        "importance": spec.importance,
-        "calibration": "user data" if calib_data is not None else
-        ("random images" if spec.importance == "taylor" else "none"),
-        "notes": plan.notes,
-    }
-    return plan.keep, info
+def _check_target(spec: CompressSpec, achieved: float) -> None:
+    """Methods other than width land on discrete FLOPs steps; say so when far from the target."""
+    if spec.target_flops is not None and achieved > spec.target_flops + 0.01:
+        raise PlanError(f"{spec.method} reached {achieved:.3f} of the original FLOPs, above the target "
+                        f"{spec.target_flops}; allow more (e.g. --method boundarydpt+)")
+
+
+def _recover(gm: fx.GraphModule, teacher: nn.Module, spec: CompressSpec, train_data: Any, val_data: Any,
+             config: Any) -> dict[str, Any]:
+    from .train import FinetuneConfig, finetune
+
+    config = config or FinetuneConfig(epochs=spec.epochs, lr=spec.lr, batch_size=spec.batch_size,
+                                      seed=spec.seed, progress=False)
+    return finetune(gm, teacher, train_data, val_data, config)
 
 
 def _group_widths(before: DependencyGraph, after: DependencyGraph, sizes: dict[str, int]) -> list[dict]:

@@ -48,6 +48,16 @@ def _nonneg_int(text: str) -> int:
     return v
 
 
+def _index_list(text: str) -> list[int]:
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated block indices like 0,3,7, got {text!r}") from None
+    if any(b < 0 for b in out):
+        raise argparse.ArgumentTypeError(f"block indices must be >= 0, got {text!r}")
+    return out
+
+
 def _batch_list(text: str) -> list[int]:
     try:
         out = [int(x) for x in text.split(",") if x.strip()]
@@ -88,6 +98,26 @@ def build_parser() -> argparse.ArgumentParser:
     s = c.add_argument_group("spec (flags override --spec)")
     s.add_argument("--spec", metavar="FILE", help="JSON or YAML spec file (see README, 'Spec format')")
     s.add_argument("--target-flops", type=float, metavar="R", help="fraction of the original FLOPs, in (0, 1]")
+    s.add_argument("--method", choices=("width", "boundarydpt", "boundarydpt+", "cpvit"),
+                   help="width (default), boundarydpt (depth), boundarydpt+ (depth then width), cpvit (tokens)")
+    s.add_argument("--remove-attention", type=_index_list, metavar="I,J", help="remove these attention branches")
+    s.add_argument("--remove-activation", type=_index_list, metavar="I,J",
+                   help="remove these activations (fc2∘fc1 merged when cheaper)")
+    s.add_argument("--attention-variant", choices=("identity_norm", "drop"),
+                   help="removed attention becomes x + LN1(x) (identity_norm, default) or x (drop)")
+    s.add_argument("--merge", choices=("auto", "always", "never"), help="merge fc2∘fc1 after removing an activation")
+    s.add_argument("--fold-norm", dest="fold_norm", action="store_const", const=True,
+                   help="fold LN2's affine into a merged linear")
+    s.add_argument("--depth-selection", choices=("one_shot", "search"),
+                   help="how boundarydpt picks layers: one_shot scores, or the gated search (needs --data)")
+    s.add_argument("--depth-share", type=float, metavar="F",
+                   help="boundarydpt+: most of each kind's layers removed before width (default 0.42)")
+    s.add_argument("--tokens", metavar="SPEC", help="static token pruning, e.g. keep=0.5,start=4")
+    s.add_argument("--prune-heads", dest="prune_heads_cpvit", type=float, metavar="F",
+                   help="cpvit: fraction of heads kept per block, by cumulative head score")
+    s.add_argument("--epochs", type=int, metavar="N", help="recovery fine-tuning epochs on --data (distillation)")
+    s.add_argument("--lr", type=float, metavar="LR", help="fine-tuning / search learning rate")
+    s.add_argument("--search-steps", type=int, metavar="N", help="gated search: training steps per pruning event")
     s.add_argument("--target-latency", type=float, metavar="R",
                    help="fraction of the original ONNX Runtime batch-1 latency, measured here, in (0, 1]")
     s.add_argument("--latency-threads", type=int, metavar="N", help="ORT threads for --target-latency (default 1)")
@@ -157,6 +187,10 @@ def spec_from_args(args: argparse.Namespace):
         # a target given on the command line replaces the file's target, of either kind
         spec = dataclasses.replace(spec, target_flops=None, target_latency=None)
     return spec.merged(
+        method=args.method, remove_attention=args.remove_attention, remove_activation=args.remove_activation,
+        attention_variant=args.attention_variant, merge=args.merge, fold_norm=args.fold_norm,
+        depth_selection=args.depth_selection, depth_share=args.depth_share, tokens=args.tokens,
+        prune_heads_cpvit=args.prune_heads_cpvit, epochs=args.epochs, lr=args.lr, search_steps=args.search_steps,
         target_flops=args.target_flops, target_latency=args.target_latency,
         latency_threads=args.latency_threads, importance=args.importance, ranking=args.ranking,
         round_to=args.round_to, prune_residual=args.prune_residual, prune_mlp=args.prune_mlp,
@@ -179,14 +213,20 @@ def cmd_compress(args: argparse.Namespace) -> int:
     size = spec.input_size if (spec.input_size and args.img_size is None) else loaded.input_size
     from vitprune import api
 
-    calib = None
+    calib = train = val = None
     if args.data is not None:
-        from vitprune.data import calibration_batches
+        from vitprune.data import calibration_batches, loader
 
         calib = list(calibration_batches(args.data, size, batches=spec.calib_batches,
                                          batch_size=spec.batch_size, seed=spec.seed))
+        if spec.epochs > 0 or spec.depth_selection == "search":
+            from vitprune.train import folder_datasets
+
+            _, val = folder_datasets(args.data, size)  # DIR/val (or validation) when present
+            train = loader(args.data, size, batch_size=spec.batch_size, split="train", shuffle=True,
+                           seed=spec.seed)
     result = api.compress(loaded.model, spec, example_input_size=size, source=loaded.source,
-                          calib_data=calib)
+                          calib_data=calib, train_data=train, val_data=val)
     # PREFIX's folder is created only now that compression succeeded
     paths = _in_new_folder(prefix, lambda: api.write_outputs(result, prefix, export=not args.no_export,
                                                              opset=args.opset))

@@ -29,7 +29,10 @@ def image_folder(root: str | os.PathLike, input_size: tuple[int, int, int], *, s
         raise InputError(f"cannot read images from {root}: {' '.join(str(e).split())[:200]}") from e
     if len(dataset) == 0:
         raise InputError(f"no images found under {root} (expected DIR/<class>/<image files>)")
-    dataset.transform = create_transform(input_size=input_size, is_training=train)
+    # timm's eval transform resizes by 1/0.875 and centre-crops: right for 224-pixel photos, but on
+    # small images (digits at 32 px) it cuts away the content, so those are only resized
+    crop_pct = 1.0 if max(input_size[1:]) <= 64 else None
+    dataset.transform = create_transform(input_size=input_size, is_training=train, crop_pct=crop_pct)
     return dataset
 
 

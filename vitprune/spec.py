@@ -20,7 +20,10 @@ from typing import Any
 from vitprune.errors import SpecError
 
 #: Compression methods. Later passes add "boundarydpt", "boundarydpt+", "cpvit".
-METHODS: tuple[str, ...] = ("width",)
+METHODS: tuple[str, ...] = ("width", "boundarydpt", "boundarydpt+", "cpvit")
+DEPTH_SELECTIONS: tuple[str, ...] = ("one_shot", "search")
+ATTENTION_VARIANTS: tuple[str, ...] = ("identity_norm", "drop")
+MERGES: tuple[str, ...] = ("auto", "always", "never")
 #: Channel importance criteria.
 IMPORTANCES: tuple[str, ...] = ("l2", "taylor")
 #: How widths are chosen across groups: "global" ranks normalised scores across all groups,
@@ -60,10 +63,24 @@ class CompressSpec:
     input_size: tuple[int, int, int] | None = None
     target_latency: float | None = None
     latency_threads: int = 1
+    remove_attention: list[int] | None = None
+    remove_activation: list[int] | None = None
+    attention_variant: str = "identity_norm"
+    merge: str = "auto"
+    fold_norm: bool = False
+    depth_selection: str = "one_shot"
+    depth_share: float = 0.42
+    tokens: str | None = None
+    prune_heads_cpvit: float | None = None
+    epochs: int = 0
+    lr: float = 5e-4
+    search_steps: int = 20
 
     def __post_init__(self) -> None:
         if isinstance(self.input_size, list):  # JSON/YAML give lists
             self.input_size = tuple(self.input_size)
+        if _is_int(self.lr):
+            self.lr = float(self.lr)
         if _is_int(self.target_flops):
             self.target_flops = float(self.target_flops)
         if _is_int(self.min_keep):
@@ -85,7 +102,26 @@ class CompressSpec:
                             f"(0, 1], got {lat!r}")
         if lat is not None and t is not None:
             raise SpecError("give target_flops or target_latency, not both")
-        for name, allowed in (("method", METHODS), ("importance", IMPORTANCES), ("ranking", RANKINGS)):
+        for name in ("remove_attention", "remove_activation"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, (list, tuple)) and all(_is_int(b) and b >= 0 for b in v)):
+                raise SpecError(f"{name} must be a list of block indices >= 0 (e.g. [0, 3, 7]), got {v!r}")
+        if not (_is_real(self.depth_share) and 0.0 <= self.depth_share <= 1.0):
+            raise SpecError(f"depth_share must be in [0, 1], got {self.depth_share!r}")
+        h = self.prune_heads_cpvit
+        if h is not None and not (_is_real(h) and 0.0 < h <= 1.0):
+            raise SpecError(f"prune_heads_cpvit must be the fraction of heads kept, in (0, 1], got {h!r}")
+        if self.tokens is not None and not isinstance(self.tokens, str):
+            raise SpecError(f"tokens must be a string like 'keep=0.5,start=4', got {self.tokens!r}")
+        if not (_is_int(self.epochs) and self.epochs >= 0):
+            raise SpecError(f"epochs must be an integer >= 0, got {self.epochs!r}")
+        if not (_is_real(self.lr) and self.lr > 0):
+            raise SpecError(f"lr must be a positive number, got {self.lr!r}")
+        if not isinstance(self.fold_norm, bool):
+            raise SpecError(f"fold_norm must be true or false, got {self.fold_norm!r}")
+        for name, allowed in (("method", METHODS), ("importance", IMPORTANCES), ("ranking", RANKINGS),
+                              ("depth_selection", DEPTH_SELECTIONS), ("attention_variant", ATTENTION_VARIANTS),
+                              ("merge", MERGES)):
             v = getattr(self, name)
             if v not in allowed:
                 raise SpecError(f"{name} must be one of {', '.join(allowed)}; got {v!r}")
@@ -97,7 +133,7 @@ class CompressSpec:
             raise SpecError(
                 f"min_keep must be the fraction of each group always kept, in (0, 1]; got {self.min_keep!r}"
             )
-        for name in ("round_to", "calib_batches", "batch_size", "latency_threads"):
+        for name in ("round_to", "calib_batches", "batch_size", "latency_threads", "search_steps"):
             v = getattr(self, name)
             if not (_is_int(v) and v >= 1):
                 raise SpecError(f"{name} must be an integer >= 1, got {v!r}")

@@ -1,0 +1,83 @@
+"""Methods through compress(): depth, depth+width, tokens, composition, replay, ONNX, CLI with data."""
+import json
+
+import pytest
+import torch
+
+from conftest import randomize, tiny
+from vitprune import CompressSpec, compress
+from vitprune.api import load_compressed, write_outputs
+from vitprune.cli import main
+from vitprune.errors import PlanError
+from vitprune.export import onnx_op_counts
+
+SOURCE = {"kind": "timm", "arch": "deit_small_patch16_224", "kwargs": {"depth": 4, "img_size": 32, "num_classes": 10}}
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return randomize(tiny("deit_small_patch16_224", depth=4, num_classes=10))
+
+
+def test_boundarydpt_alternates_kinds_to_the_target(model):
+    result = compress(model, CompressSpec(method="boundarydpt", target_flops=0.8, calib_batches=1, batch_size=4))
+    depth = result.report["stages"]["depth"]
+    assert abs(len(depth["attention"]) - len(depth["activation"])) <= 1
+    assert result.report["flops_ratio"] <= 0.81
+    assert depth["selection"] == "one_shot"
+
+
+def test_boundarydpt_alone_cannot_reach_a_deep_cut(model):
+    with pytest.raises(PlanError, match="boundarydpt\\+"):
+        compress(model, CompressSpec(method="boundarydpt", target_flops=0.1, calib_batches=1, batch_size=2))
+
+
+def test_boundarydpt_plus_splits_the_budget(model):
+    result = compress(model, CompressSpec(method="boundarydpt+", target_flops=0.4, depth_share=0.5,
+                                          calib_batches=1, batch_size=2))
+    depth = result.report["stages"]["depth"]
+    assert 1 <= len(depth["attention"]) <= 2 and 1 <= len(depth["activation"]) <= 2
+    assert result.report["stages"]["width"]["planned_flops_ratio"] == pytest.approx(result.report["flops_ratio"])
+    assert abs(result.report["flops_ratio"] - 0.4) <= 0.01
+
+
+def test_cpvit_meets_the_target_with_heads():
+    model = randomize(tiny("deit_small_patch16_224", depth=4, img_size=96, num_classes=10))  # 36 patches
+    result = compress(model, CompressSpec(method="cpvit", target_flops=0.7, prune_heads_cpvit=0.5,
+                                          calib_batches=1, batch_size=2))
+    tokens = result.report["stages"]["tokens"]
+    assert all(k == 3 for k in tokens["heads_kept"].values())
+    assert abs(result.report["flops_ratio"] - 0.7) <= 0.01
+    keep = tokens["keep"]
+    assert keep == sorted(keep, reverse=True) and keep[-1] < keep[0]
+
+
+def test_everything_composes_replays_and_exports(model, tmp_path):
+    spec = CompressSpec(target_flops=0.6, remove_attention=[1], remove_activation=[2], tokens="keep=0.5,start=2")
+    result = compress(model, spec, source=SOURCE)
+    assert [r["pass"] for r in result.recipe] == ["attention", "activation", "width", "tokens"]
+    paths = write_outputs(result, str(tmp_path / "m"))
+    report = json.loads((tmp_path / "m.json").read_text())
+    assert max(report["onnx"]["parity_max_abs_err"].values()) <= 1e-4
+    ops = onnx_op_counts(paths["onnx"])
+    assert ops.get("Erf", 0) + ops.get("Gelu", 0) == 3  # one of four activations gone
+    assert ops.get("TopK", 0) >= 1  # the token cut (and the sort of the kept indices)
+    reloaded = load_compressed(paths["pt"])
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(reloaded(x), result.model(x), atol=1e-6, rtol=0)
+
+
+def test_cli_compress_with_data_finetunes(tmp_path, capsys):
+    from vitprune.digits import export_image_folder
+
+    export_image_folder(tmp_path / "digits", image_size=32)
+    rc = main(["compress", "timm:deit_tiny_patch16_224", "--img-size", "32", "--num-classes", "10",
+               "--method", "boundarydpt+", "--target-flops", "0.5", "--data", str(tmp_path / "digits"),
+               "--epochs", "1", "--batch-size", "64", "--calib-batches", "1", "--no-export",
+               "--out", str(tmp_path / "out" / "m")])
+    assert rc == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "out" / "m.json").read_text())
+    assert len(report["recovery"]["epochs"]) == 1
+    assert 0.0 <= report["recovery"]["epochs"][0]["top1"] <= 100.0
+    assert abs(report["flops_ratio"] - 0.5) <= 0.01
