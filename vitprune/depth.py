@@ -8,7 +8,7 @@ Candidates are the graph's attention branches and activations between linears
 * :func:`gated_search` — the published search: gates ``y = m·f(u) + (1−m)·u`` on every candidate,
   weights and scores trained together, pruning events alternating between the two kinds.
 
-Each kind is ranked only against itself (the two kinds' gradients differ by orders of magnitude:
+Each kind is ranked only against itself (the two kinds' gradients differ greatly in scale:
 "gradient disparity"). :func:`select_depth` wraps both modes; :func:`apply_depth` runs the two passes;
 :func:`depth_flops_options` tells a planner what removing k attention / j activation layers costs.
 
