@@ -276,7 +276,7 @@ def gated_search(gm: fx.GraphModule, teacher: nn.Module | None, train_batches: I
                  n_attention: int, n_activation: int, steps_per_event: int = 100, lr: float = 1e-4, *,
                  variant: str = "identity_norm", merge: str = "auto", fold_norm: bool = False,
                  ce_weight: float = 0.5, tau: float = 1.0, weight_decay: float = 0.05,
-                 estimator: str = "signed", reset_scores: bool = True,
+                 estimator: str = "abs", reset_scores: bool = True,
                  attention_recovery: float = 2.0, score_burn_in: float = 0.5,
                  candidates_attention: Sequence[int] | None = None,
                  candidates_activation: Sequence[int] | None = None,
