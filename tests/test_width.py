@@ -200,3 +200,13 @@ def test_index_buffers_are_never_pruned():
     keep = {g.name: list(range(0, g.size, 2)) for g in dg.prunable_groups()}
     WidthPruning(keep)(gm)
     assert gm(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_pruning_a_trace_never_touches_the_callers_model():
+    model = MODELS["deit_tiny"]()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    gm = traced(model)
+    hidden = next(g for g in DependencyGraph.build(gm).prunable_groups() if g.kind == "hidden")
+    WidthPruning({hidden.name: list(range(100))})(gm)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)

@@ -54,7 +54,7 @@ def resolve_input_size(model: nn.Module, spec_size: tuple[int, int, int] | None 
 
 def analyse(model: nn.Module, input_size: tuple[int, int, int]) -> tuple[fx.GraphModule, DependencyGraph]:
     """Trace a copy of ``model`` and build its dependency graph; refuse models with no attention."""
-    gm = trace_model(copy.deepcopy(model).eval(), example_input_for(input_size))
+    gm = trace_model(model, example_input_for(input_size))
     dg = DependencyGraph.build(gm)
     if not _has_attention(dg):
         raise UnsupportedModelError(
@@ -213,7 +213,7 @@ def format_inspect(d: dict[str, Any]) -> str:
 # -- saving and loading -------------------------------------------------------------------------
 def replay(model: nn.Module, recipe: list[dict[str, Any]], input_size: tuple[int, int, int]) -> fx.GraphModule:
     """Trace ``model`` and re-apply the passes of ``recipe`` (shapes only; weights come after)."""
-    gm = trace_model(copy.deepcopy(model).eval(), example_input_for(tuple(input_size)))
+    gm = trace_model(model, example_input_for(tuple(input_size)))
     for step in recipe:
         cls = PASSES.get(step.get("pass"))
         if cls is None:

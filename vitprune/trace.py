@@ -13,6 +13,7 @@ sizes that reach ``reshape`` through the graph.
 """
 from __future__ import annotations
 
+import copy
 import inspect
 from typing import Any
 
@@ -29,8 +30,11 @@ _ASSERTS = {torch._assert, getattr(fx._symbolic_trace, "_assert_is_none", None)}
 
 
 def trace_model(model: nn.Module, example_input: torch.Tensor) -> fx.GraphModule:
-    """Trace ``model`` (eval mode) into a normalised GraphModule with shapes in ``node.meta``."""
-    model = model.eval()
+    """Trace a copy of ``model`` (eval mode) into a normalised GraphModule with shapes in ``node.meta``.
+
+    The GraphModule owns its parameters: passes that slice them never touch the caller's model.
+    """
+    model = copy.deepcopy(model).eval()
     if isinstance(model, fx.GraphModule):
         gm = model
     else:
