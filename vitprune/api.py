@@ -7,7 +7,6 @@ architecture and replays the recipe, so no pickled code is ever needed (``torch.
 """
 from __future__ import annotations
 
-import copy
 import json
 import os
 import tempfile
