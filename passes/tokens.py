@@ -1,0 +1,442 @@
+"""CP-ViT cascade token pruning with static keep counts: the sequence really gets shorter.
+
+Invariant: the prefix tokens (class, distillation, register tokens) and, at every block, the ``K``
+patch tokens with the highest cumulative score pass through unchanged, in their original (spatial)
+order; every other patch token is *removed from the sequence* entering that block and never comes
+back (cascade). With no block pruned the graph is left untouched (outputs identical).
+
+Where things are found (from the graph, never from module names):
+
+* **blocks**: each attention core (``scaled_dot_product_attention``, or ``matmul → softmax →
+  [dropout] → matmul``) and the residual ``add`` its branch ends in; the add's other operand is the
+  residual stream *entering* the block. Blocks are ordered along the graph.
+* **prefix tokens**: the ``cat`` along the token dim nearest before the first block; its inputs
+  before the one computed from the image (the patch tokens) are the prefix. No such ``cat`` (global
+  average pooling models without a class token): no prefix. Tokens appended *after* the patches are
+  refused.
+
+The score (CP-ViT, Song et al. 2022, arXiv 2203.04570; where the paper is not explicit we follow
+its public code, ok858ok/CP-ViT ``models/modeling.py``):
+
+* a patch's score in block ``l`` is the largest attention probability any query gives it, summed over
+  heads: ``s_l[p] = sum_h max_i A_l[h, i, p]`` (queries ``i`` are *all* tokens: prefix and patches);
+* the cumulative score adds these up over blocks, ``S_l = s_0 + ... + s_{l-1}``, and is gathered with
+  the tokens at each cut so it stays aligned with the shortened sequence;
+* entering block ``l`` with ``keep[l] = K`` the top-``K`` patches by ``S_l`` are kept (``topk``), their
+  indices sorted ascending (spatial order), then ``gather``-ed; the prefix is concatenated back in front.
+
+Because the score is taken over all queries it needs no class token: gap models (no prefix) rank by
+the attention received from all queries, exactly like class-token models. Pruning happens at block
+boundaries only (the public code also zeroes tokens in front of each MLP; we do not split blocks).
+Ties in ``topk`` (equal cumulative scores) are broken by the backend; with continuous scores they do
+not occur in practice.
+
+Sequence lengths written into the graph as constants (``reshape(B, 197, 3, H, D)`` — the width pass
+bakes them in, some models do) are rewritten to the length of the stretch of blocks they sit in; the
+dependency graph says which constant is the sequence length (its axis is the stream's token axis).
+
+Attention probabilities are materialised only in the blocks whose score is still needed (blocks
+``0 .. last cut - 1``): there the fused ``scaled_dot_product_attention`` is rewritten into
+``(q * scale) @ k^T → softmax → @ v`` (numerically equal, FLOPs counted identically); every later
+block keeps the fused call. ``keep`` is static, so every shape in the graph — and in the exported
+ONNX model — is static apart from the batch. (ONNX shape inference still leaves a few dims unnamed
+inside the *fused* blocks: that is the exporter's own SDPA lowering, pruned or not; the materialised
+blocks and every tensor between blocks are fully static.)
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+import torch.fx as fx
+
+from vitprune.deps import DependencyGraph
+from vitprune.deps.rules import op_key
+from vitprune.trace import tensor_shape
+
+from .base import Pass, PassError, PassResult
+
+#: ``node.meta`` key under which the nodes this pass inserts are tagged: ``(role, block)`` with role
+#: ``"scores"`` (cumulative score after the block's attention, (B, patches)), ``"indices"`` (sorted kept
+#: positions in the incoming patch sequence, (B, K)), ``"tokens"`` (the shortened residual stream
+#: entering the block) or ``"kept_scores"`` (the cumulative score gathered along with the tokens).
+META_KEY = "vitprune_tokens"
+
+_MATMUL = {"matmul", "bmm", "__matmul__"}
+
+
+# -- graph analysis ---------------------------------------------------------------------------
+@dataclass
+class AttentionBlock:
+    """One transformer block, found from its attention core and the residual add it feeds."""
+
+    index: int
+    stream: fx.Node       # the residual stream entering the block, (B, N, C)
+    residual_add: fx.Node  # stream + attention branch
+    core: fx.Node          # the SDPA node, or the softmax node of an explicit attention
+    fused: bool
+
+
+@dataclass
+class TokenLayout:
+    """Where the tokens are: the blocks, how many prefix tokens lead the sequence, and the patch grid."""
+
+    blocks: list[AttentionBlock]
+    prefix: int
+    num_patches: int
+    grid: tuple[int, int] | None  # (rows, cols) of the patch grid when a conv2d patch embedding is found
+
+    @property
+    def seq_len(self) -> int:
+        return self.prefix + self.num_patches
+
+
+def analyse_tokens(gm: fx.GraphModule) -> TokenLayout:
+    """Find the blocks, the prefix-token count and the patch grid of a traced ViT."""
+    if any(META_KEY in n.meta for n in gm.graph.nodes):
+        raise PassError("tokens: this graph is already token-pruned; apply TokenPruning once, with the "
+                        "whole keep list")
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    cores = [(n, op_key(n, gm) == "scaled_dot_product_attention") for n in gm.graph.nodes
+             if n.op in ("call_function", "call_method", "call_module") and _is_attention_core(n, gm)]
+    if not cores:
+        raise PassError("tokens: no attention found (no scaled_dot_product_attention and no "
+                        "matmul → softmax → matmul)")
+    blocks = []
+    for core, fused in cores:
+        add, stream = _residual_add(core, gm, order)
+        blocks.append((order[stream], stream, add, core, fused))
+    blocks.sort(key=lambda b: b[0])
+    out = [AttentionBlock(i, s, a, c, f) for i, (_, s, a, c, f) in enumerate(blocks)]
+    shapes = {tensor_shape(b.stream) for b in out}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 3:
+        raise PassError(f"tokens: blocks do not share one (batch, tokens, channels) stream shape: {shapes}")
+    seq = next(iter(shapes))[1]
+    prefix, grid = _prefix_and_grid(gm, out[0].stream, order)
+    if prefix >= seq:
+        raise PassError(f"tokens: found {prefix} prefix tokens in a sequence of {seq}")
+    return TokenLayout(out, prefix, seq - prefix, grid)
+
+
+def _is_attention_core(node: fx.Node, gm: fx.GraphModule) -> bool:
+    key = op_key(node, gm)
+    if key == "scaled_dot_product_attention":
+        return True
+    if key != "softmax" or not isinstance(node.args[0], fx.Node) or op_key(node.args[0], gm) not in _MATMUL:
+        return False
+    return any(op_key(u, gm) in _MATMUL and u.args[0] is p for p, u in _users_through_dropout(node, gm))
+
+
+def _users_through_dropout(node: fx.Node, gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node]]:
+    """(producer, user) pairs downstream of ``node``, looking through dropout (identity in eval)."""
+    out = []
+    for u in node.users:
+        if op_key(u, gm) == "dropout":
+            out.extend(_users_through_dropout(u, gm))
+        else:
+            out.append((node, u))
+    return out
+
+
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        for a in n.all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                stack.append(a)
+    return seen
+
+
+def _residual_add(core: fx.Node, gm: fx.GraphModule, order: dict[fx.Node, int]) -> tuple[fx.Node, fx.Node]:
+    """The first ``add`` downstream of ``core`` whose other operand feeds the core: (add, stream)."""
+    feeds_core = _ancestors(core)
+    frontier, seen = [core], {core}
+    while frontier:
+        frontier.sort(key=order.__getitem__)
+        node = frontier.pop(0)
+        for u in node.users:
+            if u in seen:
+                continue
+            seen.add(u)
+            if op_key(u, gm) == "add" and len(u.args) == 2:
+                other = u.args[1] if u.args[0] is node or u.args[0] in seen else u.args[0]
+                if isinstance(other, fx.Node) and other in feeds_core and _is_stream(other):
+                    return u, other
+            frontier.append(u)
+    raise PassError(f"tokens: no residual add found after `{core.format_node()}`")
+
+
+def _is_stream(node: fx.Node) -> bool:
+    shape = tensor_shape(node)
+    return shape is not None and len(shape) == 3
+
+
+def _prefix_and_grid(gm: fx.GraphModule, stream: fx.Node,
+                     order: dict[fx.Node, int]) -> tuple[int, tuple[int, int] | None]:
+    image = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    upstream = _tensor_ancestors(stream) | {stream}
+    convs = [n for n in upstream if op_key(n, gm) == "conv2d" and image in _tensor_ancestors(n) | {n}]
+    grid = None
+    if convs:
+        shape = tensor_shape(max(convs, key=order.__getitem__))
+        grid = (shape[2], shape[3]) if shape is not None and len(shape) == 4 else None
+    cats = [n for n in upstream if op_key(n, gm) == "cat" and _is_stream(n) and _cat_dim(n) == 1]
+    if not cats:
+        return 0, grid
+    cat = max(cats, key=order.__getitem__)
+    items = list(cat.args[0] if cat.args else cat.kwargs["tensors"])
+    from_image = [i for i, t in enumerate(items) if image in _tensor_ancestors(t) | {t}]
+    if len(from_image) != 1:
+        raise PassError(f"tokens: cannot tell the patch tokens in `{cat.format_node()}` "
+                        f"({len(from_image)} inputs are computed from the image)")
+    at = from_image[0]
+    if at != len(items) - 1:
+        raise PassError(f"tokens: `{cat.format_node()}` appends tokens after the patch tokens; only "
+                        "prefix tokens (class, distillation, registers) are supported")
+    return sum(tensor_shape(t)[1] for t in items[:at]), grid
+
+
+def _cat_dim(node: fx.Node) -> int:
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    return dim % 3
+
+
+def _tensor_ancestors(node: fx.Node) -> set[fx.Node]:
+    """Ancestors through tensor-valued arguments only (``expand(cls, x.shape[0])`` is not from x)."""
+    seen: set[fx.Node] = set()
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        for a in n.all_input_nodes:
+            if a not in seen and _carries_tensor(a):
+                seen.add(a)
+                stack.append(a)
+    return seen
+
+
+def _carries_tensor(node: fx.Node) -> bool:
+    tm = node.meta.get("tensor_meta")
+    return tm is not None and (hasattr(tm, "shape") or isinstance(tm, (tuple, list)))
+
+
+# -- rewrites ---------------------------------------------------------------------------------
+def explicit_attention(gm: fx.GraphModule, block: AttentionBlock) -> fx.Node:
+    """Make ``block``'s attention probabilities a node (rewriting SDPA if needed); return it.
+
+    ``scaled_dot_product_attention(q, k, v, scale=s)`` becomes ``softmax((q * s) @ k^T) @ v`` — what
+    timm computes with ``fused_attn=False`` — with ``s = q.shape[-1] ** -0.5`` when no scale is given.
+    Masks, causal attention and dropout are refused (a traced eval-mode ViT has none).
+    """
+    if not block.fused:
+        return block.core
+    node, g = block.core, gm.graph
+    q, k, v = node.args[:3]
+    extra = dict(zip(("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"), node.args[3:]))
+    extra.update(node.kwargs)
+    if extra.get("attn_mask") is not None or extra.get("is_causal") or extra.get("dropout_p") \
+            or extra.get("enable_gqa"):
+        raise PassError(f"tokens: cannot score `{node.format_node()}`: masked, causal, dropout or GQA "
+                        "attention is not supported")
+    scale = extra.get("scale")
+    if scale is None:
+        scale = float(tensor_shape(q)[-1]) ** -0.5
+    with g.inserting_before(node):
+        qs = g.call_function(operator.mul, (q, scale))
+        kt = g.call_method("transpose", (k, -2, -1))
+        logits = g.call_function(operator.matmul, (qs, kt))
+        probs = g.call_method("softmax", (logits,), {"dim": -1})
+        out = g.call_function(operator.matmul, (probs, v))
+    for new in (qs, kt, logits, probs, out):
+        new.meta["nn_module_stack"] = dict(node.meta.get("nn_module_stack", {}))
+    node.replace_all_uses_with(out)
+    g.erase_node(node)
+    block.core, block.fused = probs, False
+    return probs
+
+
+def _insert_score(g: fx.Graph, probs: fx.Node, prefix: int, previous: fx.Node | None,
+                  block: int) -> fx.Node:
+    """``S += sum_h max_i A[h, i, patches]``, inserted right after the attention probabilities."""
+    with g.inserting_before(probs.next):
+        peak = g.call_method("amax", (probs,), {"dim": -2})         # (B, H, N): max over queries
+        per_key = g.call_method("sum", (peak,), {"dim": 1})          # (B, N): summed over heads
+        score = g.call_function(operator.getitem, (per_key, (slice(None), slice(prefix, None))))
+        if previous is not None:
+            score = g.call_function(operator.add, (previous, score))
+    score.meta[META_KEY] = ("scores", block)
+    return score
+
+
+def _insert_cut(g: fx.Graph, stream: fx.Node, score: fx.Node, prefix: int, k: int,
+                block: int) -> tuple[fx.Node, fx.Node]:
+    """Keep the top-``k`` patches of ``stream`` by ``score``, in order; return (stream, score)."""
+    users = list(stream.users)
+    with g.inserting_before(stream.next):
+        top = g.call_function(torch.topk, (score, k), {"dim": 1})
+        top_idx = g.call_function(operator.getitem, (top, 1))
+        ordered = g.call_function(torch.sort, (top_idx,), {"dim": 1})   # spatial order
+        idx = g.call_function(operator.getitem, (ordered, 0))
+        patches = g.call_function(operator.getitem, (stream, (slice(None), slice(prefix, None))))
+        width = g.call_method("size", (stream, -1))
+        index = g.call_method("expand", (g.call_method("unsqueeze", (idx, -1)), -1, -1, width))
+        kept = g.call_function(torch.gather, (patches, 1, index))
+        if prefix:
+            lead = g.call_function(operator.getitem, (stream, (slice(None), slice(None, prefix))))
+            new_stream = g.call_function(torch.cat, ([lead, kept],), {"dim": 1})
+        else:
+            new_stream = kept
+        new_score = g.call_function(torch.gather, (score, 1, idx))
+    idx.meta[META_KEY] = ("indices", block)
+    new_stream.meta[META_KEY] = ("tokens", block)
+    new_score.meta[META_KEY] = ("kept_scores", block)
+    for u in users:
+        u.replace_input_with(stream, new_stream)
+    return new_stream, new_score
+
+
+# -- the pass ---------------------------------------------------------------------------------
+class TokenPruning(Pass):
+    """Keep ``keep[l]`` patch tokens entering block ``l`` (``None``: no cut there), CP-ViT scored.
+
+    ``keep`` has one entry per attention block (in graph order); counts exclude the prefix tokens and
+    must not increase along the blocks. Block 0 cannot be cut (no attention has been seen yet).
+    """
+
+    name = "tokens"
+
+    def __init__(self, keep: Sequence[int | None]):
+        self.keep = [None if k is None else int(k) for k in keep]
+
+    @classmethod
+    def from_recipe(cls, recipe: Mapping[str, Any]) -> "TokenPruning":
+        return cls(recipe["keep"])
+
+    def cuts(self, layout: TokenLayout) -> dict[int, int]:
+        """{block: K} for the blocks where the sequence actually shrinks (validated)."""
+        if len(self.keep) != len(layout.blocks):
+            raise PassError(f"tokens: keep has {len(self.keep)} entries, the model has "
+                            f"{len(layout.blocks)} attention blocks")
+        current, cuts = layout.num_patches, {}
+        for block, k in enumerate(self.keep):
+            if k is None or k == current:
+                continue
+            if not 1 <= k < current:
+                raise PassError(f"tokens: keep[{block}] = {k}, but {current} patch tokens enter block "
+                                f"{block} (counts must be in [1, {current}] and never increase)")
+            if block == 0:
+                raise PassError("tokens: block 0 cannot be cut: no attention score exists before it")
+            cuts[block] = current = k
+        return cuts
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        layout = analyse_tokens(gm)
+        cuts = self.cuts(layout)
+        if not cuts:
+            return PassResult(gm, modified=False)
+        g = gm.graph
+        constants = find_length_constants(gm, layout)
+        score: fx.Node | None = None
+        last = max(cuts)
+        self._expected = {}
+        for block in layout.blocks[:last + 1]:
+            if block.index in cuts:
+                k = cuts[block.index]
+                stream, score = _insert_cut(g, block.stream, score, layout.prefix, k, block.index)
+                self._expected[stream.name] = layout.prefix + k
+            if block.index < last:
+                score = _insert_score(g, explicit_attention(gm, block), layout.prefix, score, block.index)
+        rewrite_length_constants(gm, layout, cuts, constants)
+        g.eliminate_dead_code()
+        g.lint()
+        gm.recompile()
+        counts = keep_counts(self.keep, layout.num_patches)
+        removed = {"patch_tokens": {f"block{b}": [counts[b - 1], k] for b, k in cuts.items()},
+                   "explicit_attention_blocks": list(range(last))}
+        recipe = {"pass": self.name, "keep": list(self.keep)}
+        return PassResult(gm, modified=True, removed=removed, recipe=recipe)
+
+    def ensures(self, gm: fx.GraphModule) -> None:
+        """The graph runs and each shortened stream has exactly prefix + K tokens."""
+        super().ensures(gm)
+        for node in gm.graph.nodes:
+            want = self._expected.get(node.name)
+            if want is not None and tensor_shape(node)[1] != want:
+                raise RuntimeError(f"tokens: `{node.format_node()}` has {tensor_shape(node)[1]} tokens, "
+                                   f"expected {want}")
+
+
+# -- sequence lengths written as constants -----------------------------------------------------
+_SIZE_OPS = {"reshape", "view", "expand"}
+
+
+def _size_args(node: fx.Node) -> tuple[list[Any], Callable[[list[Any]], None]]:
+    """The size arguments of a reshape/view/expand, and a setter writing them back in the same form."""
+    for key in ("shape", "size"):
+        if key in node.kwargs:
+            return list(node.kwargs[key]), lambda sizes, key=key: node.update_kwarg(key, tuple(sizes))
+    if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)):
+        return list(node.args[1]), lambda sizes: setattr(node, "args", (node.args[0], tuple(sizes)))
+    return list(node.args[1:]), lambda sizes: setattr(node, "args", (node.args[0], *sizes))
+
+
+def find_length_constants(gm: fx.GraphModule, layout: TokenLayout) -> dict[fx.Node, list[int]]:
+    """Reshape/view/expand nodes that write the sequence length as a constant: {node: [arg positions]}.
+
+    timm reads the length from ``x.shape`` (it follows the shorter sequence by itself), but a width
+    pass or a model may bake it in (``reshape(B, 197, 3, 6, 64)``). Which constant is the sequence
+    length comes from the dependency graph: the size sits on an axis made of the stream's token axis.
+    """
+    seq = layout.seq_len
+    candidates = [n for n in gm.graph.nodes if n.op in ("call_method", "call_function")
+                  and op_key(n, gm) in _SIZE_OPS and seq in _size_args(n)[0]]
+    if not candidates:
+        return {}
+    dg = DependencyGraph.build(gm)
+    token = sorted(dg.table.leaves(dg.node_dims[layout.blocks[0].stream][1]))
+    out = {}
+    for node in candidates:
+        axes = dg.node_dims.get(node)
+        sizes = _size_args(node)[0]
+        if not axes or isinstance(axes[0], list):
+            continue
+        offset = len(axes) - len(sizes)
+        hits = [i for i, s in enumerate(sizes) if isinstance(s, int) and s == seq and i + offset >= 0
+                and sorted(dg.table.leaves(axes[i + offset])) == token]
+        if hits:
+            out[node] = hits
+    return out
+
+
+def rewrite_length_constants(gm: fx.GraphModule, layout: TokenLayout, cuts: dict[int, int],
+                             constants: dict[fx.Node, list[int]]) -> None:
+    """Rewrite each baked-in sequence length to the length of the stretch of blocks it sits in
+    (``cuts``: {block: patch tokens entering it}; ``constants`` from :func:`find_length_constants`)."""
+    if not constants:
+        return
+    length_after = {layout.blocks[b].stream: layout.prefix + k for b, k in cuts.items()}
+    length = layout.seq_len
+    for node in gm.graph.nodes:
+        length = length_after.get(node, length)
+        if node in constants and length != layout.seq_len:
+            sizes, write = _size_args(node)
+            for i in constants[node]:
+                sizes[i] = length
+            write(sizes)
+
+
+def keep_counts(keep: Sequence[int | None], num_patches: int) -> list[int]:
+    """The number of patch tokens entering each block under ``keep`` (``None`` carries the last)."""
+    out, current = [], num_patches
+    for k in keep:
+        current = current if k is None else k
+        out.append(current)
+    return out
+
+
+__all__ = ["AttentionBlock", "META_KEY", "TokenLayout", "TokenPruning", "analyse_tokens",
+           "explicit_attention", "find_length_constants", "keep_counts", "rewrite_length_constants"]
