@@ -210,3 +210,27 @@ def test_pruning_a_trace_never_touches_the_callers_model():
     WidthPruning({hidden.name: list(range(100))})(gm)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_traced_at_batch_one_stays_batch_dynamic():
+    model = MODELS["deit_tiny"]()
+    from vitprune.trace import trace_model
+
+    gm = trace_model(model, torch.randn(1, 3, 32, 32))
+    hidden = next(g for g in DependencyGraph.build(gm).prunable_groups() if g.kind == "hidden")
+    WidthPruning({hidden.name: list(range(384))})(gm)
+    assert gm(torch.randn(3, 3, 32, 32)).shape == (3, 1000)
+
+
+def test_width_after_token_pruning():
+    """topk/gather have rules: the residual stream stays prunable after tokens are cut."""
+    from passes.tokens import TokenPruning
+
+    model = randomize(tiny("deit_tiny_patch16_224", depth=3, img_size=64))
+    gm = traced(model)
+    TokenPruning([None, 8, 4])(gm)
+    dg = DependencyGraph.build(gm)
+    assert dg.unsupported == []
+    residual = next(g for g in dg.prunable_groups() if g.kind == "residual")
+    WidthPruning({residual.name: list(range(0, 192, 2))})(gm)
+    assert gm(torch.randn(3, 3, 64, 64)).shape == (3, 1000)

@@ -47,6 +47,10 @@ def trace_model(model: nn.Module, example_input: torch.Tensor) -> fx.GraphModule
                 f"{_model_frame(e)}"
             ) from e
     normalize(gm)
+    if example_input.shape[0] < 2:
+        # at batch 1 the batch dim looks like any size-1 dim; batch 2 keeps it recognisable, so the
+        # passes leave it dynamic when they rewrite shape constants
+        example_input = example_input.expand(2, *example_input.shape[1:]).clone()
     propagate_shapes(gm, example_input)
     gm.meta["example_input"] = example_input
     return gm

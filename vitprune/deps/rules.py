@@ -420,6 +420,35 @@ def split(ctx: RuleContext, node: fx.Node) -> list[Dims]:
     return [xd[:dim] + [p] + xd[dim + 1:] for p in pieces]
 
 
+@rule("topk", "sort")
+def topk(ctx: RuleContext, node: fx.Node) -> list[Dims]:
+    """(values, indices) along ``dim``: that dim is reordered/selected, so it is frozen."""
+    xd = ctx.dims(ctx.arg(node, 0, "input"))
+    default = -1
+    dim = ctx.value(ctx.arg(node, 2, "dim", default)) if node.target in ("topk", torch.topk) \
+        else ctx.value(ctx.arg(node, 1, "dim", default))
+    dim = dim % len(xd)
+    ctx.t.freeze(xd[dim], f"ordered by {op_key(node, ctx.gm)}")
+    out_shape = node.meta["tensor_meta"][0].shape
+    out = list(xd)
+    out[dim] = ctx.t.new(out_shape[dim], frozen=f"ordered by {op_key(node, ctx.gm)}")
+    return [list(out), list(out)]
+
+
+@rule("gather")
+def gather(ctx: RuleContext, node: fx.Node) -> Dims:
+    """Output dims are the index's; every dim but ``dim`` reads the source channel-wise."""
+    x, index = ctx.arg(node, 0, "input"), ctx.arg(node, 2, "index")
+    xd, idx = ctx.dims(x), ctx.dims(index)
+    dim = ctx.value(ctx.arg(node, 1, "dim")) % len(xd)
+    ctx.t.freeze(xd[dim], "gathered")
+    ctx.t.freeze(idx[dim], "gathered")
+    for d in range(len(xd)):
+        if d != dim and ctx.shape(x)[d] == ctx.shape(index)[d]:
+            ctx.t.unify(xd[d], idx[d])
+    return list(idx)
+
+
 @rule("getitem")
 def getitem(ctx: RuleContext, node: fx.Node) -> Any:
     src, index = node.args
