@@ -53,6 +53,7 @@ import torch
 import torch.fx as fx
 
 from vitprune.deps import DependencyGraph
+from vitprune.deps.branches import ancestors, is_attention_core
 from vitprune.deps.rules import op_key
 from vitprune.trace import tensor_shape
 
@@ -64,7 +65,6 @@ from .base import Pass, PassError, PassResult
 #: entering the block) or ``"kept_scores"`` (the cumulative score gathered along with the tokens).
 META_KEY = "vitprune_tokens"
 
-_MATMUL = {"matmul", "bmm", "__matmul__"}
 
 
 # -- graph analysis ---------------------------------------------------------------------------
@@ -100,7 +100,7 @@ def analyse_tokens(gm: fx.GraphModule) -> TokenLayout:
                         "whole keep list")
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     cores = [(n, op_key(n, gm) == "scaled_dot_product_attention") for n in gm.graph.nodes
-             if n.op in ("call_function", "call_method", "call_module") and _is_attention_core(n, gm)]
+             if n.op in ("call_function", "call_method", "call_module") and is_attention_core(n, gm)]
     if not cores:
         raise PassError("tokens: no attention found (no scaled_dot_product_attention and no "
                         "matmul → softmax → matmul)")
@@ -120,41 +120,9 @@ def analyse_tokens(gm: fx.GraphModule) -> TokenLayout:
     return TokenLayout(out, prefix, seq - prefix, grid)
 
 
-def _is_attention_core(node: fx.Node, gm: fx.GraphModule) -> bool:
-    key = op_key(node, gm)
-    if key == "scaled_dot_product_attention":
-        return True
-    if key != "softmax" or not isinstance(node.args[0], fx.Node) or op_key(node.args[0], gm) not in _MATMUL:
-        return False
-    return any(op_key(u, gm) in _MATMUL and u.args[0] is p for p, u in _users_through_dropout(node, gm))
-
-
-def _users_through_dropout(node: fx.Node, gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node]]:
-    """(producer, user) pairs downstream of ``node``, looking through dropout (identity in eval)."""
-    out = []
-    for u in node.users:
-        if op_key(u, gm) == "dropout":
-            out.extend(_users_through_dropout(u, gm))
-        else:
-            out.append((node, u))
-    return out
-
-
-def _ancestors(node: fx.Node) -> set[fx.Node]:
-    seen: set[fx.Node] = set()
-    stack = [node]
-    while stack:
-        n = stack.pop()
-        for a in n.all_input_nodes:
-            if a not in seen:
-                seen.add(a)
-                stack.append(a)
-    return seen
-
-
 def _residual_add(core: fx.Node, gm: fx.GraphModule, order: dict[fx.Node, int]) -> tuple[fx.Node, fx.Node]:
     """The first ``add`` downstream of ``core`` whose other operand feeds the core: (add, stream)."""
-    feeds_core = _ancestors(core)
+    feeds_core = ancestors(core)
     frontier, seen = [core], {core}
     while frontier:
         frontier.sort(key=order.__getitem__)

@@ -63,24 +63,10 @@ def analyse(model: nn.Module, input_size: tuple[int, int, int]) -> tuple[fx.Grap
 
 
 def _has_attention(dg: DependencyGraph) -> bool:
-    from .deps.rules import op_key
+    from .deps.branches import is_attention_core
 
-    for node in dg.gm.graph.nodes:
-        key = op_key(node, dg.gm) if node.op.startswith("call") else ""
-        if key == "scaled_dot_product_attention":
-            return True
-        if key == "softmax" and any(op_key(u, dg.gm) in ("matmul", "bmm", "__matmul__") for u in _users_through_dropout(node, dg.gm)):
-            return True
-    return False
-
-
-def _users_through_dropout(node: fx.Node, gm: fx.GraphModule) -> list[fx.Node]:
-    from .deps.rules import op_key
-
-    out = []
-    for u in node.users:
-        out.extend(_users_through_dropout(u, gm) if op_key(u, gm) == "dropout" else [u])
-    return out
+    return any(is_attention_core(n, dg.gm) for n in dg.gm.graph.nodes
+               if n.op in ("call_function", "call_method", "call_module"))
 
 
 def compress(model: nn.Module, spec: CompressSpec | None = None, *,

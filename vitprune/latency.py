@@ -14,7 +14,6 @@ import os
 import tempfile
 from typing import Any
 
-import torch
 from torch import nn
 
 from .bench import compare

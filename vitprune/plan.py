@@ -115,7 +115,6 @@ def _global(groups, units, floors, scores, orders, flop_model, goal, counts_of) 
         else:
             hi = mid - 1
     kept = kept_after(lo)
-    flops = flop_model.flops(counts_of(kept))
     # Fill: later units that still fit (a finer group can use what a coarse unit could not).
     # FLOPs only grow as units are added, so a group whose next unit overshoots once is done.
     done: set[str] = set()
@@ -126,7 +125,7 @@ def _global(groups, units, floors, scores, orders, flop_model, goal, counts_of) 
         trial[name] += units[name]
         f = flop_model.flops(counts_of(trial))
         if f <= goal:
-            kept, flops = trial, f
+            kept = trial
         else:
             done.add(name)
     return kept

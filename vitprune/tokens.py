@@ -52,6 +52,7 @@ from passes.tokens import (META_KEY, TokenLayout, analyse_tokens, explicit_atten
                            keep_counts, rewrite_length_constants)
 
 from .deps import DependencyGraph
+from .deps.branches import ancestors
 from .errors import PlanError, SpecError
 from .plan import TOLERANCE
 
@@ -354,24 +355,13 @@ def _head_groups_by_block(gm: fx.GraphModule, layout: TokenLayout) -> dict[int, 
     dg = DependencyGraph.build(gm)
     out: dict[int, str] = {}
     for block in layout.blocks:
-        before = _ancestors(block.stream) | {block.stream}
-        params = {str(n.target) for n in _ancestors(block.core) - before if n.op == "get_attr"}
+        before = ancestors(block.stream) | {block.stream}
+        params = {str(n.target) for n in ancestors(block.core) - before if n.op == "get_attr"}
         for g in dg.groups:
             if g.kind == "head" and g.prunable and params & set(g.params()):
                 out[block.index] = g.name
                 break
     return out
-
-
-def _ancestors(node: fx.Node) -> set[fx.Node]:
-    seen: set[fx.Node] = set()
-    stack = [node]
-    while stack:
-        for a in stack.pop().all_input_nodes:
-            if a not in seen:
-                seen.add(a)
-                stack.append(a)
-    return seen
 
 
 def cpvit_head_scores(gm: fx.GraphModule, batches: Iterable[torch.Tensor] | Calibration) -> dict[str, np.ndarray]:

@@ -156,24 +156,30 @@ def _key(node: fx.Node, gm: fx.GraphModule) -> str:
     return op_key(node, gm) if node.op in ("call_function", "call_method", "call_module") else node.op
 
 
-def _is_attention_core(node: fx.Node, gm: fx.GraphModule) -> bool:
+def is_attention_core(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """SDPA, or the softmax of an explicit attention: matmul → softmax → (dropout)* → matmul, the
+    probabilities being the second matmul's left operand."""
     key = _key(node, gm)
     if key == "scaled_dot_product_attention":
         return True
-    if key != "softmax":
+    src = node.args[0] if node.args else None
+    if key != "softmax" or not isinstance(src, fx.Node) or _key(src, gm) not in _MATMULS:
         return False
-    frontier = list(node.users)
-    while frontier:  # softmax → (dropout)* → matmul
-        u = frontier.pop()
+    frontier = [(node, u) for u in node.users]
+    while frontier:
+        producer, u = frontier.pop()
         k = _key(u, gm)
-        if k in _MATMULS:
+        if k in _MATMULS and u.args and u.args[0] is producer:
             return True
         if k in _PASS_THROUGH:
-            frontier.extend(u.users)
+            frontier.extend((u, v) for v in u.users)
     return False
 
 
-def _descendants(start: fx.Node) -> set[fx.Node]:
+_is_attention_core = is_attention_core
+
+
+def descendants(start: fx.Node) -> set[fx.Node]:
     seen: set[fx.Node] = set()
     stack = [start]
     while stack:
@@ -185,7 +191,7 @@ def _descendants(start: fx.Node) -> set[fx.Node]:
     return seen
 
 
-def _ancestors(start: fx.Node) -> set[fx.Node]:
+def ancestors(start: fx.Node) -> set[fx.Node]:
     seen: set[fx.Node] = set()
     stack = [start]
     while stack:
@@ -198,7 +204,7 @@ def _ancestors(start: fx.Node) -> set[fx.Node]:
 
 
 def _attention_branch(gm: fx.GraphModule, core: fx.Node, order: dict[fx.Node, int]) -> AttentionBranch:
-    desc = _descendants(core)
+    desc = descendants(core)
     adds = sorted((n for n in desc if _key(n, gm) in _ADDS), key=order.__getitem__)
     for add in adds:
         tensors = [a for a in add.args[:2] if isinstance(a, fx.Node)]
@@ -216,13 +222,13 @@ def _attention_branch(gm: fx.GraphModule, core: fx.Node, order: dict[fx.Node, in
 
 def _delimit(gm: fx.GraphModule, core: fx.Node, add: fx.Node, residual: fx.Node, branch: fx.Node,
              order: dict[fx.Node, int]) -> AttentionBranch:
-    before_core = _ancestors(core)
+    before_core = ancestors(core)
     norm = next((n for n in sorted(before_core, key=order.__getitem__, reverse=True)
                  if _key(n, gm) in _NORMS and _arg(n, 0, "input") is residual), None)
-    outside = _ancestors(residual) | {residual}
+    outside = ancestors(residual) | {residual}
     if norm is not None:
-        outside |= _ancestors(norm) | {norm}
-    members = (_ancestors(branch) | {branch}) - outside
+        outside |= ancestors(norm) | {norm}
+    members = (ancestors(branch) | {branch}) - outside
     scale, gamma, out = _layer_scale(gm, branch, members)
     for n in members:
         if n.op == "get_attr" or not _is_tensor(n):

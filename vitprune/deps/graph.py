@@ -5,7 +5,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 import torch.fx as fx
 
 from .dims import PROD, AxisTable, DimMismatch
