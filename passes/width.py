@@ -149,17 +149,24 @@ def _rewrite_size_args(node: fx.Node, dg: DependencyGraph, new_size: Callable[[i
     changed = False
     offset = len(old) - len(sizes)  # expand may add leading dims
     batch = dg.table.find(dg.batch_axis)
+    infer_used = any(isinstance(s, int) and s == -1 for s in sizes)
     for i, s in enumerate(sizes):
         axis = out_axes[i + offset] if i + offset >= 0 else None
         if axis is None or (isinstance(s, int) and s == -1):
             continue
         n = new_size(axis)
-        # A size read from another tensor (``C = x.shape[-1]``) may now describe a different width:
-        # every size but the batch becomes the constant the dependency graph predicts.
-        dynamic = isinstance(s, fx.Node) and dg.table.leaves(axis) != [batch]
-        if n != old[i + offset] or dynamic:
-            sizes[i] = n
-            changed = True
+        # A size read from a tensor (``C = x.shape[-1]``) is stale when that tensor's dim changed,
+        # even if this dim did not (attention width read from the residual stream).
+        stale = n != old[i + offset] or (isinstance(s, fx.Node) and _reads_changed_dim(s, dg, new_size))
+        if not stale:
+            continue
+        if batch in dg.table.leaves(axis):
+            # batch-dependent (B*N): cannot be a constant; let reshape infer it
+            if not infer_used and node.target in ("reshape", "view"):
+                sizes[i], infer_used, changed = -1, True, True
+            continue
+        sizes[i] = n
+        changed = True
     if not changed:
         return
     if "shape" in node.kwargs or "size" in node.kwargs:
@@ -169,6 +176,44 @@ def _rewrite_size_args(node: fx.Node, dg: DependencyGraph, new_size: Callable[[i
         node.args = (node.args[0], tuple(sizes))
     else:
         node.args = (node.args[0], *sizes)
+
+
+def _reads_changed_dim(arg: fx.Node, dg: DependencyGraph, new_size: Callable[[int], int]) -> bool:
+    """Whether a size computed in the graph reads a tensor dim whose width the pruning changes."""
+    stack, seen = [arg], set()
+    while stack:
+        n = stack.pop()
+        if n in seen or not isinstance(n, fx.Node):
+            continue
+        seen.add(n)
+        source = _shape_source(n)
+        if source is not None:
+            tensor, dim = source
+            dims = dg.node_dims.get(tensor)
+            shape = tensor.meta.get("tensor_meta")
+            if dims is None or shape is None or not hasattr(shape, "shape"):
+                return True  # unknown provenance: treat as stale (a constant is always right)
+            dim %= len(dims)
+            if new_size(dims[dim]) != shape.shape[dim]:
+                return True
+            continue
+        if "tensor_meta" in n.meta and hasattr(n.meta["tensor_meta"], "shape"):
+            continue  # a tensor feeding a size computation other than by its shape: not a size read
+        stack.extend(n.all_input_nodes)
+    return False
+
+
+def _shape_source(n: fx.Node) -> tuple[fx.Node, int] | None:
+    """``x.shape[i]`` / ``x.size(i)`` → (x, i)."""
+    if n.op == "call_method" and n.target == "size" and len(n.args) == 2 and isinstance(n.args[1], int):
+        return n.args[0], n.args[1]
+    if n.op == "call_function" and n.target is operator.getitem and isinstance(n.args[1], int):
+        src = n.args[0]
+        if isinstance(src, fx.Node) and (
+                (src.op == "call_function" and src.target is getattr and src.args[1] == "shape")
+                or (src.op == "call_method" and src.target == "size" and len(src.args) == 1)):
+            return src.args[0], n.args[1]
+    return None
 
 
 def _rewrite_norm_shape(node: fx.Node, dg: DependencyGraph, new_size: Callable[[int], int]) -> None:

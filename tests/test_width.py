@@ -234,3 +234,33 @@ def test_width_after_token_pruning():
     residual = next(g for g in dg.prunable_groups() if g.kind == "residual")
     WidthPruning({residual.name: list(range(0, 192, 2))})(gm)
     assert gm(torch.randn(3, 3, 64, 64)).shape == (3, 1000)
+
+
+def test_batch_merged_sizes_stay_dynamic():
+    """``x.reshape(B * N, C)``: the batch-dependent size is inferred, not baked in."""
+    class Merged(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(4, 8), torch.nn.Linear(8, 4)
+
+        def forward(self, x):
+            B, N, C = x.shape
+            return self.b(torch.relu(self.a(x.reshape(B * N, C)))).reshape(B, N, C)
+
+    from vitprune.trace import trace_model
+
+    gm = trace_model(Merged(), torch.randn(2, 5, 4))
+    hidden = next(g for g in DependencyGraph.build(gm).prunable_groups() if g.kind == "hidden")
+    WidthPruning({hidden.name: [0, 2, 4, 6]})(gm)
+    for batch in (1, 3):
+        assert gm(torch.randn(batch, 5, 4)).shape == (batch, 5, 4)
+
+
+def test_group_names_are_unique():
+    import timm
+
+    model = timm.create_model("vit_dpwee_patch16_reg1_gap_256", pretrained=False, depth=1, img_size=64,
+                              num_classes=10).eval()
+    dg = DependencyGraph.build(traced(model))
+    names = [g.name for g in dg.groups]
+    assert len(names) == len(set(names))

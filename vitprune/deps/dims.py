@@ -46,15 +46,26 @@ class AxisTable:
         return len(self._parent) - 1
 
     def product(self, children: list[int]) -> int:
-        """A new axis laid out row-major over ``children`` (outermost first)."""
+        """An axis laid out row-major over ``children`` (outermost first).
+
+        Size-1 factors carry no channel and are dropped; a single factor is the axis itself (so an
+        axis is never refined into a copy of itself)."""
+        children = [c for c in children if self.size(c) != 1]
+        if len(children) == 1:
+            return children[0]
         axis = self.new(_prod(self.size(c) for c in children))
-        self._split[axis] = (PROD, list(children))
+        if children:
+            self._split[axis] = (PROD, children)
         return axis
 
     def concat(self, children: list[int]) -> int:
-        """A new axis made of the segments ``children`` in order."""
+        """An axis made of the segments ``children`` in order (empty segments dropped)."""
+        children = [c for c in children if self.size(c) != 0]
+        if len(children) == 1:
+            return children[0]
         axis = self.new(sum(self.size(c) for c in children))
-        self._split[axis] = (CAT, list(children))
+        if children:
+            self._split[axis] = (CAT, children)
         return axis
 
     def split(self, axis: int, sizes: list[int], kind: str) -> list[int]:
@@ -65,6 +76,9 @@ class AxisTable:
         """
         pieces = [self.new(s) for s in sizes]
         fresh = self.product(pieces) if kind == PROD else self.concat(pieces)
+        if fresh in pieces:  # a trivial split (one real piece): the piece is the axis
+            self.unify(axis, fresh)
+            return pieces
         self.unify(axis, fresh)
         return pieces
 
@@ -92,6 +106,18 @@ class AxisTable:
             return [root]
         return [leaf for child in sp[1] for leaf in self.leaves(child)]
 
+    def _leaf_set(self, a: int) -> set[int]:
+        root = self.find(a)
+        sp = self._split.get(root)
+        if sp is None:
+            return set()
+        out: set[int] = set()
+        for c in sp[1]:
+            rc = self.find(c)
+            out.add(rc)
+            out |= self._leaf_set(rc)
+        return out
+
     def frozen_reason(self, a: int) -> str | None:
         return self._frozen[self.find(a)]
 
@@ -109,6 +135,9 @@ class AxisTable:
         """Couple two axes of equal size channel by channel."""
         ra, rb = self.find(a), self.find(b)
         if ra == rb:
+            return
+        if rb in self._leaf_set(ra) or ra in self._leaf_set(rb):
+            # one is made of the other (x = cat(x, empty)): they are the same channels already
             return
         if self._size[ra] != self._size[rb]:
             raise DimMismatch(f"cannot couple a dim of size {self._size[ra]} with one of size {self._size[rb]}")

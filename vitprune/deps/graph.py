@@ -98,6 +98,12 @@ class DependencyGraph:
             if g.kind == "head":
                 g.granularity = _head_width(t, g)
         groups.sort(key=lambda g: (g.frozen is not None, g.members[0].param, g.members[0].dim, g.axis))
+        seen: dict[str, int] = {}
+        for g in groups:  # names are keys in recipes: make repeats unique, deterministically
+            base = g.name
+            seen[base] = seen.get(base, 0) + 1
+            if seen[base] > 1:
+                g.suffix = f"#{seen[base] - 1}"
         return groups
 
 

@@ -47,6 +47,7 @@ class ChannelGroup:
     kind: str = "other"
     frozen: str | None = None
     granularity: int = 1  # channels per group unit (head_dim for heads), for reporting widths
+    suffix: str = ""  # "#1", "#2" when another group starts with the same parameter dim
 
     @property
     def prunable(self) -> bool:
@@ -56,7 +57,7 @@ class ChannelGroup:
     def name(self) -> str:
         """A readable, stable name: the kind and the first member's parameter."""
         first = self.members[0]
-        return f"{self.kind}:{first.param}[{first.dim}]"
+        return f"{self.kind}:{first.param}[{first.dim}]{self.suffix}"
 
     def params(self) -> list[str]:
         return sorted({m.param for m in self.members})
