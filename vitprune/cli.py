@@ -167,6 +167,26 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup", type=_nonneg_int, default=5, metavar="N", help="warm-up runs (default 5)")
     _add_debug(b)
     b.set_defaults(func=cmd_bench)
+
+    w = sub.add_parser("sweep", help="accuracy/speedup Pareto sweep: methods x FLOPs targets, fine-tuned, timed in ORT",
+                       description="For every method x target (x seed): compress, fine-tune with the same budget, "
+                                   "evaluate top-1 on DIR/val, export ONNX and time it against the original. "
+                                   "Writes OUT/sweep.json, sweep.md, sweep.png; resumable.")
+    _add_load_flags(w)
+    w.add_argument("--data", required=True, metavar="DIR", help="image folder with DIR/train and DIR/val")
+    w.add_argument("--targets", default="0.9,0.7,0.5,0.3", metavar="R,R", help="FLOPs fractions (default 0.9,0.7,0.5,0.3)")
+    w.add_argument("--methods", default="width,boundarydpt,boundarydpt+,cpvit", metavar="M,M",
+                   help="rows: width, boundarydpt, boundarydpt+, cpvit, attention, activation, combo, tp_width")
+    w.add_argument("--epochs", type=_nonneg_int, default=1, metavar="N", help="fine-tuning epochs per point (default 1)")
+    w.add_argument("--lr", type=float, default=5e-4, metavar="LR", help="fine-tuning learning rate (default 5e-4)")
+    w.add_argument("--batch-size", type=_positive_int, default=64, metavar="N", help="batch size (default 64)")
+    w.add_argument("--seeds", default="0", metavar="S,S", help="seeds (default 0)")
+    w.add_argument("--threads", type=_positive_int, default=1, metavar="N", help="ORT intra-op threads (default 1)")
+    w.add_argument("--runs", type=_positive_int, default=30, metavar="N", help="timed ORT runs per point (default 30)")
+    w.add_argument("--out", required=True, metavar="DIR", help="results folder (resumed when it holds sweep.json)")
+    w.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_debug(w)
+    w.set_defaults(func=cmd_sweep)
     return parser
 
 
@@ -283,6 +303,38 @@ def cmd_bench(args: argparse.Namespace) -> int:
     rows = bench.compare(args.onnx, batch_sizes=args.batch, threads=args.threads,
                          runs=args.runs, warmup=args.warmup)
     print(bench.format_table(rows))
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from vitprune import sweep
+
+    def _csv(text: str, kind: type, what: str) -> list:
+        try:
+            out = [kind(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise InputError(f"--{what} expects a comma-separated list, got {text!r}") from None
+        if not out:
+            raise InputError(f"--{what} is empty")
+        return out
+
+    config = sweep.SweepConfig(targets=_csv(args.targets, float, "targets"),
+                               methods=_csv(args.methods, str, "methods"), seeds=_csv(args.seeds, int, "seeds"),
+                               epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, threads=args.threads,
+                               runs=args.runs, progress=not args.no_progress)
+    loaded = _load(args)
+    from vitprune.data import loader
+    from vitprune.train import folder_datasets
+
+    size = loaded.input_size
+    _, val = folder_datasets(args.data, size)
+    if val is None:
+        raise InputError(f"--data {args.data!r} has no val/ (or validation/) folder to measure top-1 on")
+    train = loader(args.data, size, batch_size=args.batch_size, split="train", shuffle=True, seed=config.seeds[0])
+    state = sweep.run_sweep(loaded.model, train, val, config, args.out, input_size=size, source=loaded.source)
+    print(sweep.format_markdown(state, config.methods))
+    print(f"wrote {os.path.join(args.out, 'sweep.json')}, sweep.md, sweep.png "
+          f"({len(state['computed'])} point(s) computed now)")
     return 0
 
 

@@ -1,0 +1,383 @@
+"""The accuracy/speedup Pareto benchmark: every compression method under the same fine-tuning budget.
+
+1. Trains a base ViT — DeiT-Tiny-like, ``VisionTransformer(img_size=32, patch_size=4, embed_dim=96,
+   depth=6, num_heads=3, num_classes=10)`` — on scikit-learn's digits (1,797 real 8×8 images upsampled
+   to 32×32; fixed stratified split: 1,437 train / 360 test, ``vitprune.digits``; nothing downloaded)
+   and caches it in ``OUT/base_<hash>.pt``.
+2. Sweeps these rows with :func:`vitprune.sweep.run_sweep`, each point fine-tuned with the same budget
+   (distillation from the base model, same epochs / lr / batch), evaluated on the test split, exported
+   to ONNX and timed in ONNX Runtime interleaved with the base model's ONNX:
+
+   ============== ======================================================================================
+   tp_width       Torch-Pruning's recommended timm ViT recipe (uniform ratio bisected to the FLOPs target)
+   width          vitprune width pruning (global ranking, heads/head-dim/MLP/residual)
+   blockdrop      naive depth: whole blocks dropped (defined here, see :func:`blockdrop`)
+   attention      attention-branch removal only (BoundaryDPT's pass and one-shot scores)
+   activation     activation removal only (fc2∘fc1 merged)
+   boundarydpt    BoundaryDPT: both kinds, alternating
+   boundarydpt+   BoundaryDPT+: depth, then width for the rest
+   cpvit          CP-ViT progressive token pruning
+   combo          BoundaryDPT+ with a static CP-ViT token cut (keep 70% from block 2)
+   ============== ======================================================================================
+
+3. Measures each compressed *architecture* also at ImageNet size: rebuilt on ``deit_small_patch16_224``
+   (random weights; 12 blocks, 384 wide, 6 heads of 64, 196 patches) — block ``i`` of the base model
+   maps to DeiT-S blocks ``2i`` and ``2i+1``, every width group keeps the same fraction (rounded to 16,
+   heads to whole heads), every block keeps the same fraction of its patch tokens; Torch-Pruning's
+   uniform ratio is applied to DeiT-S by Torch-Pruning itself (see ``vitprune.sweep.scale_recipe``).
+
+    python benchmarks/pareto.py              # the full benchmark (~1 h on 2 idle cores)
+    python benchmarks/pareto.py --quick      # a few minutes: 3 rows, 1 target, 1 seed, small budget
+
+Writes ``OUT/sweep.json``, ``OUT/sweep.md``, ``OUT/sweep.png`` (speedup of the base model),
+``OUT/sweep_deit_s.png`` (DeiT-S speedups) and, unless ``--no-md``, ``benchmarks/pareto.md``; a section
+between ``<!-- reading -->`` and ``<!-- /reading -->`` already in that file is kept. Resumable: rerun the
+same command and only missing points are computed.
+
+Block dropping: no vitprune pass removes a whole MLP (activation removal keeps a merged linear), so
+``blockdrop`` is a plain module rewrite here: ``model.blocks`` becomes a ``Sequential`` of the kept
+blocks; the blocks dropped are those whose single removal changes the output least (KL to the base
+model's predictions on the calibration batches), as few as meet the FLOPs target.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import hashlib
+import json
+import os
+import platform
+import re
+import sys
+import tempfile
+import time
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from vitprune import sweep as sw
+from vitprune.digits import digits_splits
+from vitprune.errors import PlanError
+from vitprune.flops import count_flops
+from vitprune.train import FinetuneConfig, evaluate, finetune
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MD_PATH = os.path.join(HERE, "pareto.md")
+VITPRUNE_METHODS = ("width", "attention", "activation", "boundarydpt", "boundarydpt+", "cpvit", "combo")
+ALL_METHODS = ("tp_width", "width", "blockdrop", "attention", "activation", "boundarydpt", "boundarydpt+",
+               "cpvit", "combo")
+SCALE_NAME = "deit_small_patch16_224"
+
+FULL = dict(targets=(0.9, 0.7, 0.5, 0.3), methods=ALL_METHODS, seeds=(0, 1, 2), epochs=2, base_epochs=40,
+            embed_dim=96, train_subset=None, runs=30, scale=True)
+QUICK = dict(targets=(0.5,), methods=("tp_width", "width", "boundarydpt+"), seeds=(0,), epochs=1, base_epochs=10,
+             embed_dim=48, train_subset=600, runs=10, scale=False)
+
+
+# ---------------------------------------------------------------------------------------------- block dropping
+def drop_blocks(model: nn.Module, drop: Sequence[int]) -> nn.Module:
+    m = copy.deepcopy(model)
+    m.blocks = nn.Sequential(*[b for i, b in enumerate(model.blocks) if i not in set(drop)])
+    return m
+
+
+def blockdrop(model: nn.Module, target: float, ctx: sw.PointContext) -> sw.Pruned:
+    """Drop the fewest whole blocks that meet ``target``, least harmful first (single-drop KL)."""
+    x = torch.zeros(1, *ctx.input_size)
+    base = count_flops(model, x)
+    images = torch.cat([b[0] for b in ctx.calib])
+    with torch.no_grad():
+        ref = F.log_softmax(model.eval()(images), -1)
+        kl = {}
+        for i in range(len(model.blocks)):
+            out = F.log_softmax(drop_blocks(model, [i]).eval()(images), -1)
+            kl[i] = float(F.kl_div(out, ref, log_target=True, reduction="batchmean"))
+    order = sorted(kl, key=lambda i: (kl[i], i))
+    for n in range(len(order)):
+        m = drop_blocks(model, order[:n])
+        if count_flops(m, x) <= (target + 0.01) * base:
+            return sw.Pruned(m, {"kind": "blocks", "drop": sorted(order[:n]), "depth": len(model.blocks)},
+                             {"single_drop_kl": kl})
+    raise PlanError(f"dropping {len(order) - 1} of {len(order)} blocks stays above the target {target}")
+
+
+def blockdrop_scale(arch: dict, src_model, src_size, dst_model: nn.Module, dst_size, config) -> nn.Module:
+    bmap = sw._block_map(arch["depth"], len(dst_model.blocks))
+    return drop_blocks(dst_model, [j for j in range(len(dst_model.blocks)) if bmap[j] in arch["drop"]])
+
+
+sw.register(sw.Method("blockdrop", "naive depth (whole blocks)", blockdrop, blockdrop_scale))
+
+
+# ---------------------------------------------------------------------------------------------- base model
+def make_model(embed_dim: int) -> nn.Module:
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(img_size=32, patch_size=4, embed_dim=embed_dim, depth=6, num_heads=3, num_classes=10)
+
+
+def data(batch_size: int, train_subset: int | None, seed: int = 0) -> tuple[DataLoader, DataLoader]:
+    train_ds, test_ds = digits_splits(image_size=32, seed=0)
+    if train_subset is not None:  # a fixed stratified-enough subset: every k-th training image
+        step = max(1, len(train_ds) // train_subset)
+        train_ds = Subset(train_ds, list(range(0, len(train_ds), step))[:train_subset])
+    g = torch.Generator().manual_seed(seed)
+    return (DataLoader(train_ds, batch_size=batch_size, shuffle=True, generator=g),
+            DataLoader(test_ds, batch_size=128, shuffle=False))
+
+
+def base_model(out: str, embed_dim: int, epochs: int, train_subset: int | None, log=print) -> tuple[nn.Module, dict]:
+    """Train (or load the cached) base model; returns it and its training record."""
+    key = hashlib.sha1(json.dumps([embed_dim, epochs, train_subset, 2e-3, 32, 1.0]).encode()).hexdigest()[:10]
+    path = os.path.join(out, f"base_{key}.pt")
+    torch.manual_seed(0)
+    model = make_model(embed_dim)
+    if os.path.exists(path):
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(obj["state_dict"])
+        return model.eval(), obj["record"]
+    train, test = data(32, train_subset)
+    t0 = time.perf_counter()
+    log(f"training the base model ({epochs} epochs) ...")
+    hist = finetune(model, None, train, test, FinetuneConfig(
+        epochs=epochs, lr=2e-3, batch_size=32, label_weight=1.0, kd_weight=0.0, warmup_epochs=min(1.0, epochs / 4),
+        weight_decay=0.05, seed=0, progress=False))
+    record = {"epochs": epochs, "seconds": round(time.perf_counter() - t0, 1), "top1": evaluate(model, test),
+              "curve": [round(e["top1"], 2) for e in hist["epochs"]]}
+    fd, tmp = tempfile.mkstemp(dir=out, suffix=".pt.tmp")
+    os.close(fd)
+    torch.save({"state_dict": model.state_dict(), "record": record}, tmp)
+    os.replace(tmp, path)
+    return model.eval(), record
+
+
+# ---------------------------------------------------------------------------------------------- frontier analysis
+def frontier_at(rows: list[dict], methods: Sequence[str], speed: str, s: float) -> float | None:
+    """Best mean top-1 among (method, target) rows of ``methods`` whose speedup is ≥ ``s``."""
+    vals = [r["top1"] for r in rows if r["method"] in methods and r.get(speed) is not None and r[speed] >= s]
+    return max(vals) if vals else None
+
+
+def compare_frontiers(rows: list[dict], speed: str) -> dict[str, Any]:
+    """vitprune's frontier against Torch-Pruning's at every speedup ≥ 1.5× where TP has a point."""
+    tp = sorted(r[speed] for r in rows if r["method"] == "tp_width" and r.get(speed) is not None)
+    grid = sorted({round(s, 3) for s in
+                   [r[speed] for r in rows if r.get(speed) is not None and r[speed] >= 1.5] + [1.5, 2.0]})
+    checks = []
+    for s in grid:
+        a_vp, a_tp = frontier_at(rows, VITPRUNE_METHODS, speed, s), frontier_at(rows, ("tp_width",), speed, s)
+        checks.append({"speedup": s, "vitprune": a_vp, "tp": a_tp})
+    comparable = [c for c in checks if c["tp"] is not None]
+    dominated = all(c["vitprune"] is not None and c["vitprune"] >= c["tp"] for c in comparable)
+    at2 = next((c for c in checks if c["speedup"] == 2.0), None)
+    gap2 = None if not at2 or at2["vitprune"] is None or at2["tp"] is None else at2["vitprune"] - at2["tp"]
+    return {"speed": speed, "checks": checks, "dominates_where_tp_reaches": dominated and bool(comparable),
+            "tp_max_speedup": tp[-1] if tp else None, "gap_at_2x": gap2, "at2": at2}
+
+
+def ascii_plot(rows: list[dict], speed: str, orig_top1: float, width: int = 64, height: int = 18) -> str:
+    """A text scatter of top-1 vs speedup (one letter per method) for the Markdown report."""
+    pts = [(r[speed], r["top1"], r["method"]) for r in rows if r.get(speed) is not None and r.get("top1") is not None]
+    pts.append((1.0, orig_top1, "original"))
+    letters = {m: c for m, c in zip(ALL_METHODS + ("original",), "TWBAXDPCKO")}
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+    grid = [[" "] * width for _ in range(height)]
+    for x, y, m in pts:
+        i = int((y1 - y) / max(1e-9, y1 - y0) * (height - 1))
+        j = int((x - x0) / max(1e-9, x1 - x0) * (width - 1))
+        grid[i][j] = letters.get(m, "?") if grid[i][j] == " " else "*"
+    lines = [f"{y1:6.1f} |" + "".join(grid[0])] + ["       |" + "".join(r) for r in grid[1:-1]]
+    lines += [f"{y0:6.1f} |" + "".join(grid[-1]), "       +" + "-" * width,
+              f"        {x0:.2f}×" + " " * (width - 14) + f"{x1:.2f}×   ({'DeiT-S 224' if speed != 'speedup' else 'base model'} ORT speedup)",
+              "        " + "  ".join(f"{c}={m}" for m, c in letters.items()) + "  *=overlap"]
+    return "\n".join(lines)
+
+
+def _pm(v, sd, fmt):
+    return "–" if v is None else f"{v:{fmt}}" + (f" ± {sd:{fmt}}" if sd else "")
+
+
+def table(state: dict, rows: list[dict]) -> str:
+    orig = state["original"]
+    head = ("| row | target | n | FLOPs ratio | params (K) | top-1 no FT | top-1 FT (mean ± std) | base ORT ms | "
+            "base ORT speedup | DeiT-S FLOPs ratio | DeiT-S ORT ms | DeiT-S ORT speedup |")
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    so = state.get("scale_original") or {}
+    lines.append(f"| original | – | – | 1.000 | {orig['params'] / 1e3:.0f} | – | {orig['top1']:.2f} | – | 1.00× | 1.000 | "
+                 f"{_first_scaled_ms(state)} | 1.00× |")
+    for r in rows:
+        if r["status"] != "done":
+            lines.append(f"| {r['method']} | {r['target']:g} | 0 | *{r['status']}*: {str(r.get('reason'))[:90]} "
+                         "| | | | | | | | |")
+            continue
+        lines.append(
+            f"| {r['method']} | {r['target']:g} | {r['n']} | {_pm(r['flops_ratio'], None, '.3f')} | "
+            f"{r['params'] / 1e3:.0f} | {_pm(r['top1_pruned'], r['top1_pruned_std'], '.1f')} | "
+            f"**{_pm(r['top1'], r['top1_std'], '.2f')}** | {_pm(r['latency_ms'], None, '.3f')} | "
+            f"{_pm(r['speedup'], r['speedup_std'], '.2f')}× | {_pm(r.get('scaled_flops_ratio'), None, '.3f')} | "
+            f"{_pm(r.get('scaled_latency_ms'), None, '.1f')} | "
+            + (f"**{_pm(r.get('scaled_speedup'), r.get('scaled_speedup_std'), '.2f')}×** |" if r.get('scaled_speedup') else "– |"))
+    return "\n".join(lines)
+
+
+def _first_scaled_ms(state: dict) -> str:
+    vals = [s["original_ms"] for s in state.get("scaled", {}).values()]
+    return f"{sorted(vals)[len(vals) // 2]:.1f} (median of runs)" if vals else "–"
+
+
+def verdict(c: dict, what: str) -> str:
+    if not c["checks"]:
+        return f"- {what}: no points at ≥ 1.5×."
+    lines = [f"- {what}: Torch-Pruning's fastest point is {c['tp_max_speedup']:.2f}×." if c["tp_max_speedup"]
+             else f"- {what}: no Torch-Pruning point."]
+    for ch in c["checks"]:
+        vp = "–" if ch["vitprune"] is None else f"{ch['vitprune']:.2f}"
+        tp = "none this fast" if ch["tp"] is None else f"{ch['tp']:.2f}"
+        lines.append(f"  - ≥ {ch['speedup']:.2f}×: vitprune best top-1 {vp}, Torch-Pruning {tp}")
+    dom = "yes" if c["dominates_where_tp_reaches"] else "no"
+    lines.append(f"  - vitprune ≥ Torch-Pruning at every speedup ≥ 1.5× where Torch-Pruning has a point: **{dom}**")
+    if c["gap_at_2x"] is not None:
+        lines.append(f"  - at 2×: vitprune − Torch-Pruning = **{c['gap_at_2x']:+.2f}** points "
+                     f"(goal ≥ +2: {'met' if c['gap_at_2x'] >= 2 else 'NOT met'})")
+    else:
+        at2 = c.get("at2") or {}
+        lines.append(f"  - at 2×: vitprune {at2.get('vitprune')}, Torch-Pruning {at2.get('tp')} (no comparison possible)")
+    return "\n".join(lines)
+
+
+def write_md(state: dict, args: argparse.Namespace, settings: dict, base_record: dict, seconds: float,
+             path: str = MD_PATH) -> None:
+    rows = sw.summarize(state, ALL_METHODS)
+    done = [r for r in rows if r["status"] == "done"]
+    old = open(path).read() if os.path.exists(path) else ""
+    m = re.search(r"<!-- reading -->.*?<!-- /reading -->", old, re.S)
+    reading = m.group(0) if m else "<!-- reading -->\n(reading to be written after the run)\n<!-- /reading -->"
+    mach = state["machine"]
+    cmd = "python benchmarks/pareto.py " + " ".join(sys.argv[1:])
+    cfg = state["config"]
+    parts = [
+        "# Accuracy / ORT-speedup Pareto frontier (digits, DeiT-Tiny-like base; DeiT-S 224 latency)", "",
+        f"Generated by `{cmd}` on {datetime.date.today()} in {seconds / 60:.1f} min "
+        f"(this invocation; points cached from earlier invocations are reused).", "",
+        f"Machine: {mach['platform']}, {mach['cpus']} CPU cores shared with other jobs (load ≈ 5 on 2 cores "
+        f"during the run), Python {mach['python']}, torch {mach['torch']}, ONNX Runtime {mach['onnxruntime']} "
+        f"(CPUExecutionProvider, default optimisations), intra-op threads {cfg['threads']}, batch 1, median of "
+        f"{cfg['runs']} interleaved runs (base model) / {cfg['scale_runs']} (DeiT-S).", "",
+        f"Base model: `VisionTransformer(img_size=32, patch_size=4, embed_dim={settings['embed_dim']}, depth=6, "
+        f"num_heads=3, num_classes=10)`, {state['original']['params'] / 1e6:.3f} M params, "
+        f"{state['original']['flops'] / 1e6:.1f} MFLOPs; trained {base_record['epochs']} epochs "
+        f"(AdamW lr 2e-3, batch 32, label smoothing 0.1) on "
+        f"{settings['train_subset'] or 1437} digits images → **{base_record['top1']:.2f}%** test top-1 "
+        f"({base_record['seconds']:.0f} s).", "",
+        f"Same budget for every point: {cfg['epochs']} epoch(s) of distillation from the base model "
+        f"(KL, T=1), AdamW lr {cfg['lr']}, batch {cfg['batch_size']}, cosine with warm-up; seeds "
+        f"{list(cfg['seeds'])}; calibration: {cfg['calib_batches']} training batches per seed; vitprune "
+        f"importance {cfg['importance']}, round_to {cfg['round_to']}; Torch-Pruning importance "
+        f"{cfg['tp_importance']}. Targets {list(cfg['targets'])} (fraction of FLOPs kept).", "",
+        "## Table", "",
+        "`top-1 no FT`: right after pruning; `FT`: after the shared fine-tuning budget (test split, 360 images, "
+        "so one image = 0.28 points). Speedups are base-model ORT latency ÷ compressed, measured interleaved in "
+        "the same run; DeiT-S columns: the same architecture rebuilt on DeiT-S 224 (random weights).", "",
+        table(state, rows), "",
+        "## Plots", "",
+        f"PNG plots: `{os.path.join(args.out, 'sweep.png')}` (base-model speedup) and "
+        f"`{os.path.join(args.out, 'sweep_deit_s.png')}` (DeiT-S speedup), regenerated by the command above. "
+        "Text rendering (mean top-1 after fine-tuning vs speedup):", "",
+        "```", ascii_plot(done, "scaled_speedup", state["original"]["top1"]) if any(r.get("scaled_speedup") for r in done)
+        else "(no DeiT-S points)", "```", "",
+        "```", ascii_plot(done, "speedup", state["original"]["top1"]), "```", "",
+        "## Goal check (computed from the table)", "",
+        "vitprune's frontier = best mean top-1 over all vitprune rows (width, attention, activation, BoundaryDPT, "
+        "BoundaryDPT+, CP-ViT, combo) with at least the given speedup; Torch-Pruning's = the same over `tp_width`.", "",
+        verdict(compare_frontiers(done, "scaled_speedup"), "DeiT-S 224 ORT speedup"),
+        verdict(compare_frontiers(done, "speedup"), "base-model (32×32) ORT speedup"), "",
+        reading, "",
+        "## Skipped / failed points", "",
+    ]
+    bad = [p for p in state["points"].values() if p["status"] != "done"]
+    parts += [f"- `{p['key']}`: {p['status']}: {p.get('reason') or p.get('error')}" for p in bad] or ["none"]
+    with open(path + ".tmp", "w") as f:
+        f.write("\n".join(parts) + "\n")
+    os.replace(path + ".tmp", path)
+
+
+# ---------------------------------------------------------------------------------------------- main
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="a few minutes: 3 rows, 1 target, 1 seed, small budget")
+    p.add_argument("--out", help="results folder (default: $TMPDIR/vitprune-pareto[-quick])")
+    p.add_argument("--targets", help="comma-separated FLOPs fractions")
+    p.add_argument("--methods", help=f"comma-separated rows from {','.join(ALL_METHODS)}")
+    p.add_argument("--seeds", help="comma-separated seeds")
+    p.add_argument("--epochs", type=int, help="fine-tuning epochs per point")
+    p.add_argument("--base-epochs", type=int, help="base model training epochs")
+    p.add_argument("--runs", type=int, help="ORT timed runs per point (base model)")
+    p.add_argument("--no-scale", action="store_true", help="skip the DeiT-S 224 latency")
+    p.add_argument("--no-md", action="store_true", help="do not write benchmarks/pareto.md")
+    p.add_argument("--md", default=MD_PATH, help="where to write the Markdown report")
+    p.add_argument("--threads", type=int, default=1, help="ORT intra-op threads (default 1)")
+    p.add_argument("--torch-threads", type=int, default=1,
+                   help="torch threads for training (default 1: measured 4x faster than 2 on the shared 2-core box)")
+    p.add_argument("--rebench-runs", type=int, default=50,
+                   help="re-time every point's base-model ONNX together in one interleaved run (0: keep pairwise)")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def settings_from(args: argparse.Namespace) -> dict[str, Any]:
+    s = dict(QUICK if args.quick else FULL)
+    if args.targets:
+        s["targets"] = tuple(float(t) for t in args.targets.split(","))
+    if args.methods:
+        s["methods"] = tuple(args.methods.split(","))
+    if args.seeds:
+        s["seeds"] = tuple(int(x) for x in args.seeds.split(","))
+    for k in ("epochs", "base_epochs", "runs"):
+        if getattr(args, k) is not None:
+            s[k] = getattr(args, k)
+    if args.no_scale:
+        s["scale"] = False
+    return s
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
+    args.out = args.out or os.path.join(tempfile.gettempdir(), "vitprune-pareto" + ("-quick" if args.quick else ""))
+    os.makedirs(args.out, exist_ok=True)
+    s = settings_from(args)
+    t0 = time.perf_counter()
+    torch.set_num_threads(args.torch_threads)  # 1: on a shared 2-core machine more threads spin and stall
+    model, record = base_model(args.out, s["embed_dim"], s["base_epochs"], s["train_subset"])
+    print(f"base model: top-1 {record['top1']:.2f}% after {record['epochs']} epochs")
+    train, test = data(32, s["train_subset"])
+    config = sw.SweepConfig(targets=s["targets"], methods=s["methods"], seeds=s["seeds"], epochs=s["epochs"],
+                            lr=5e-4, batch_size=32, importance="l2", tp_importance="l2", round_to=8,
+                            threads=args.threads, runs=s["runs"], warmup=3, scale_runs=8, scale_warmup=1,
+                            progress=not args.no_progress)
+    scale = None
+    if s["scale"]:
+        import timm
+
+        scale = sw.ScaleModel(SCALE_NAME, lambda: timm.create_model(SCALE_NAME, pretrained=False), (3, 224, 224))
+    state = sw.run_sweep(model, train, test, config, args.out, input_size=(3, 32, 32), scale=scale)
+    if args.rebench_runs:  # all base-model ONNX files in one interleaved run: same conditions for every point
+        sw.rebench(state, args.out, runs=args.rebench_runs, warmup=5, threads=args.threads)
+    sw.write_reports(state, args.out, ALL_METHODS)
+    if s["scale"]:
+        sw.plot_sweep(state, os.path.join(args.out, "sweep_deit_s.png"), methods=ALL_METHODS, speed="scaled_speedup",
+                      title="top-1 (digits) vs ORT speedup of the same architecture on DeiT-S 224")
+    state["base_record"] = record
+    if not args.no_md:
+        write_md(state, args, s, record, time.perf_counter() - t0, args.md)
+    print(sw.format_markdown(state, ALL_METHODS))
+    print(f"results in {args.out} ({time.perf_counter() - t0:.0f} s)")
+    return state
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""The Pareto sweep: registry, architecture mapping, resumable runs, the CLI, and the --quick benchmark.
+
+The benchmark smoke test asserts structure and sanity (fine-tuning helps, targets are met, a rerun
+computes nothing), never fixed accuracy or latency numbers.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch.utils.data import DataLoader, Subset
+
+from vitprune import sweep as sw
+from vitprune.errors import InputError
+from vitprune.flops import count_flops
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Training on a shared 2-core machine: 2 torch threads spin against other jobs (measured ~4x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _vit(depth=2, embed_dim=96, heads=3, img=32, patch=8, seed=0):
+    torch.manual_seed(seed)
+    return VisionTransformer(img_size=img, patch_size=patch, embed_dim=embed_dim, depth=depth, num_heads=heads,
+                             num_classes=10).eval()
+
+
+def _digits(n_train=64, n_val=64):
+    from vitprune.digits import digits_splits
+
+    train, val = digits_splits(image_size=32)
+    return (DataLoader(Subset(train, range(n_train)), batch_size=32, shuffle=True,
+                       generator=torch.Generator().manual_seed(0)),
+            DataLoader(Subset(val, range(n_val)), batch_size=64))
+
+
+# ---------------------------------------------------------------------------------------------- units
+def test_registry_has_every_row():
+    for name in ("width", "boundarydpt", "boundarydpt+", "cpvit", "attention", "activation", "combo", "tp_width"):
+        assert name in sw.METHODS and callable(sw.METHODS[name].prune)
+    m = sw.register(sw.Method("dummy_row", "dummy", lambda model, target, ctx: None))
+    try:
+        assert sw.METHODS["dummy_row"] is m
+        assert "dummy_row" in sw.SweepConfig(methods=["dummy_row"]).methods
+    finally:
+        del sw.METHODS["dummy_row"]
+
+
+@pytest.mark.parametrize("kw, needle", [({"methods": ["nope"]}, "unknown sweep method"),
+                                        ({"targets": [1.5]}, "targets"), ({"seeds": []}, "seed"),
+                                        ({"epochs": -1}, "epochs")])
+def test_config_validation(kw, needle):
+    with pytest.raises(InputError, match=needle):
+        sw.SweepConfig(**kw)
+
+
+def test_pareto_front_keeps_only_undominated_points():
+    pts = [(1.0, 90.0), (1.5, 85.0), (1.4, 80.0), (2.0, 85.0), (3.0, 50.0), (2.0, 84.0)]
+    assert sw.pareto_front(pts) == [0, 3, 4]
+
+
+def test_summarize_mean_std_and_skipped():
+    state = {"points": {
+        "w@0.5#s0": {"method": "w", "target": 0.5, "seed": 0, "status": "done", "top1": 80.0, "speedup": 2.0,
+                     "flops_ratio": 0.5, "params": 10, "top1_pruned": 50.0, "latency_ms": 1.0, "latency_p90_ms": 1.1},
+        "w@0.5#s1": {"method": "w", "target": 0.5, "seed": 1, "status": "done", "top1": 84.0, "speedup": 2.2,
+                     "flops_ratio": 0.5, "params": 10, "top1_pruned": 52.0, "latency_ms": 1.0, "latency_p90_ms": 1.1},
+        "d@0.1#s0": {"method": "d", "target": 0.1, "seed": 0, "status": "skipped", "reason": "too deep"}}}
+    rows = {r["method"]: r for r in sw.summarize(state)}
+    assert rows["w"]["top1"] == pytest.approx(82.0) and rows["w"]["top1_std"] == pytest.approx(2 ** 1.5)
+    assert rows["w"]["n"] == 2 and rows["d"]["status"] == "skipped" and rows["d"]["reason"] == "too deep"
+
+
+def test_scale_recipe_maps_blocks_widths_and_tokens():
+    """depth 2 → 4 (block i ↦ 2i, 2i+1), widths by fraction (rounded), tokens by fraction of patches."""
+    src, dst = _vit(depth=2, embed_dim=96, heads=3), _vit(depth=4, embed_dim=192, heads=6, img=64)
+    steps = [{"pass": "activation", "blocks": [1], "merge": "auto", "fold_norm": False},
+             {"pass": "width", "counts": {"hidden:blocks.0.mlp.fc1.weight[0]": 192, "head:blocks.0.attn.qkv.weight[0]": 2,
+                                          "residual:patch_embed.proj.weight[0]": 64}},
+             {"pass": "tokens", "keep": [16, 8]}]
+    out = sw.scale_recipe(steps, src, (3, 32, 32), dst, (3, 64, 64), round_to=16)
+    assert out[0]["blocks"] == [2, 3]
+    keep = out[1]["keep"]
+    assert {k: len(v) for k, v in keep.items()} == {
+        "hidden:blocks.0.mlp.fc1.weight[0]": 384, "hidden:blocks.1.mlp.fc1.weight[0]": 384,
+        "head:blocks.0.attn.qkv.weight[0]": 4, "head:blocks.1.attn.qkv.weight[0]": 4,
+        "residual:patch_embed.proj.weight[0]": 128}
+    assert out[2]["keep"] == [64, 64, 32, 32]
+    from vitprune.api import replay
+
+    gm = replay(dst, out, (3, 64, 64))
+    assert gm(torch.randn(2, 3, 64, 64)).shape == (2, 10)
+    assert gm.get_parameter("patch_embed.proj.weight").shape[0] == 128
+    assert count_flops(gm, torch.zeros(1, 3, 64, 64)) < 0.6 * count_flops(dst, torch.zeros(1, 3, 64, 64))
+
+
+def test_tp_width_meets_target_and_runs():
+    pytest.importorskip("torch_pruning")
+    model = _vit(depth=2)
+    ctx = sw.PointContext((3, 32, 32), 0, [], sw.SweepConfig())
+    pruned = sw.METHODS["tp_width"].prune(model, 0.6, ctx)
+    x = torch.randn(2, 3, 32, 32)
+    ratio = count_flops(pruned.model, x[:1]) / count_flops(model, x[:1])
+    assert abs(ratio - 0.6) <= 0.02 and pruned.arch["kind"] == "tp"
+    assert pruned.model(x).shape == (2, 10)
+    for blk in pruned.model.blocks:  # num_heads/head_dim patched as Torch-Pruning's example does
+        assert blk.attn.num_heads * blk.attn.head_dim * 3 == blk.attn.qkv.out_features
+
+
+# ---------------------------------------------------------------------------------------------- a tiny sweep
+def test_sweep_records_skips_and_resumes(tmp_path):
+    train, val = _digits()
+    cfg = sw.SweepConfig(targets=(0.6, 0.05), methods=("width", "boundarydpt"), epochs=0, runs=3, warmup=1,
+                         calib_batches=1, progress=False)
+    state = sw.run_sweep(_vit(), train, val, cfg, tmp_path, input_size=(3, 32, 32))
+    pts = state["points"]
+    assert len(pts) == 4 and sorted(state["computed"]) == sorted(pts)
+    assert pts["boundarydpt@0.05#s0"]["status"] == "skipped" and "depth alone" in pts["boundarydpt@0.05#s0"]["reason"]
+    w = pts["width@0.6#s0"]
+    assert w["status"] == "done", w.get("error")
+    assert abs(w["flops_ratio"] - 0.6) <= 0.011 and w["speedup"] > 0 and w["latency_p90_ms"] >= w["latency_ms"]
+    for f in ("sweep.json", "sweep.md", "sweep.png"):
+        assert (tmp_path / f).stat().st_size > 0
+    again = sw.run_sweep(_vit(), train, val, cfg, tmp_path, input_size=(3, 32, 32))
+    assert again["computed"] == [] and again["points"] == json.loads((tmp_path / "sweep.json").read_text())["points"]
+    with pytest.raises(InputError, match="budget"):
+        sw.run_sweep(_vit(), train, val, sw.SweepConfig(methods=("width",), epochs=1, progress=False), tmp_path,
+                     input_size=(3, 32, 32))
+
+
+def test_cli_sweep(tmp_path, capsys):
+    from vitprune.cli import main
+    from vitprune.digits import export_image_folder
+
+    data = tmp_path / "digits"
+    export_image_folder(data, image_size=32)
+    argv = ["sweep", "timm:test_vit", "--img-size", "32", "--num-classes", "10", "--data", str(data),
+            "--targets", "0.6", "--methods", "width", "--epochs", "0", "--runs", "3", "--out", str(tmp_path / "o"),
+            "--no-progress"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "| width | 0.6 |" in out and "1 point(s) computed now" in out
+    assert main(argv) == 0 and "0 point(s) computed now" in capsys.readouterr().out
+    assert main(argv[:-6] + ["--methods", "nope", "--out", str(tmp_path / "o2")]) == 2
+
+
+# ---------------------------------------------------------------------------------------------- the benchmark
+def _pareto():
+    spec = importlib.util.spec_from_file_location("pareto_bench", os.path.join(ROOT, "benchmarks", "pareto.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_quick_benchmark_smoke_and_resume(tmp_path):
+    """``benchmarks/pareto.py --quick``: every row done, near its FLOPs target, fine-tuning beats the
+    un-fine-tuned pruned model, and a second run recomputes nothing."""
+    pareto = _pareto()
+    argv = ["--quick", "--out", str(tmp_path), "--no-md", "--no-progress"]
+    state = pareto.main(argv)
+    pts = list(state["points"].values())
+    assert {p["method"] for p in pts} == set(pareto.QUICK["methods"])
+    for p in pts:
+        assert p["status"] == "done", p.get("error")
+        assert abs(p["flops_ratio"] - p["target"]) <= 0.06, p
+        assert 0 < p["speedup"] < 20 and p["params"] < state["original"]["params"]
+        assert set(p) >= {"method", "target", "seed", "flops_ratio", "params", "top1", "top1_pruned", "latency_ms",
+                          "latency_p90_ms", "speedup", "history"}
+    gain = sum(p["top1"] - p["top1_pruned"] for p in pts) / len(pts)
+    assert gain > 0, [(p["key"], p["top1_pruned"], p["top1"]) for p in pts]
+    assert state["original"]["top1"] > 20  # the base model learned something (chance: 10%)
+    before = (tmp_path / "sweep.json").read_text()
+    again = pareto.main(argv)
+    assert again["computed"] == []
+    assert json.loads(before)["points"] == json.loads((tmp_path / "sweep.json").read_text())["points"]
