@@ -27,7 +27,8 @@
    uniform ratio is applied to DeiT-S by Torch-Pruning itself (see ``vitprune.sweep.scale_recipe``).
 
     python benchmarks/pareto.py              # the full benchmark (~1 h on 2 idle cores)
-    python benchmarks/pareto.py --quick      # a few minutes: 3 rows, 1 target, 1 seed, small budget
+    python benchmarks/pareto.py --quick      # < 2 min: embed_dim 48 base on 600 images, 3 rows, 1 target,
+                                             # 1 seed, 1 epoch, no DeiT-S latency (the test suite's smoke test)
 
 Writes ``OUT/sweep.json``, ``OUT/sweep.md``, ``OUT/sweep.png`` (speedup of the base model),
 ``OUT/sweep_deit_s.png`` (DeiT-S speedups) and, unless ``--no-md``, ``benchmarks/pareto.md``; a section
@@ -46,8 +47,8 @@ import copy
 import datetime
 import hashlib
 import json
+import math
 import os
-import platform
 import re
 import sys
 import tempfile
@@ -156,27 +157,34 @@ def base_model(out: str, embed_dim: int, epochs: int, train_subset: int | None, 
 
 
 # ---------------------------------------------------------------------------------------------- frontier analysis
-def frontier_at(rows: list[dict], methods: Sequence[str], speed: str, s: float) -> float | None:
-    """Best mean top-1 among (method, target) rows of ``methods`` whose speedup is ≥ ``s``."""
-    vals = [r["top1"] for r in rows if r["method"] in methods and r.get(speed) is not None and r[speed] >= s]
-    return max(vals) if vals else None
+def frontier_at(rows: list[dict], methods: Sequence[str], speed: str, s: float) -> dict | None:
+    """The row with the best mean top-1 among ``methods`` whose mean speedup is ≥ ``s`` (None: none)."""
+    cands = [r for r in rows if r["method"] in methods and r.get(speed) is not None and r[speed] >= s - 1e-9]
+    return max(cands, key=lambda r: r["top1"]) if cands else None
 
 
 def compare_frontiers(rows: list[dict], speed: str) -> dict[str, Any]:
-    """vitprune's frontier against Torch-Pruning's at every speedup ≥ 1.5× where TP has a point."""
+    """vitprune's frontier against Torch-Pruning's at speedups ≥ 1.5× (the frontier at ``s`` = the best
+    mean top-1 of any row at least ``s`` times faster than the original)."""
     tp = sorted(r[speed] for r in rows if r["method"] == "tp_width" and r.get(speed) is not None)
-    grid = sorted({round(s, 3) for s in
-                   [r[speed] for r in rows if r.get(speed) is not None and r[speed] >= 1.5] + [1.5, 2.0]})
+    tp_max = tp[-1] if tp else None
+    floor2 = lambda x: math.floor(x * 100) / 100  # noqa: E731  (a grid point never exceeds its row's speedup)
+    grid = {1.5, 2.0} | {floor2(x) for x in tp if x >= 1.5}
+    grid |= {floor2(r[speed]) for r in rows if r["method"] in VITPRUNE_METHODS and r.get(speed)
+             and 1.5 <= r[speed] <= (tp_max or 0)}
     checks = []
-    for s in grid:
-        a_vp, a_tp = frontier_at(rows, VITPRUNE_METHODS, speed, s), frontier_at(rows, ("tp_width",), speed, s)
-        checks.append({"speedup": s, "vitprune": a_vp, "tp": a_tp})
+    for s in sorted(grid):
+        vp, tpr = frontier_at(rows, VITPRUNE_METHODS, speed, s), frontier_at(rows, ("tp_width",), speed, s)
+        checks.append({"speedup": s, "vitprune": vp and vp["top1"], "vitprune_row": vp and f"{vp['method']}@{vp['target']:g}",
+                       "vitprune_std": vp and vp["top1_std"], "tp": tpr and tpr["top1"],
+                       "tp_row": tpr and f"tp_width@{tpr['target']:g}", "tp_std": tpr and tpr["top1_std"]})
     comparable = [c for c in checks if c["tp"] is not None]
-    dominated = all(c["vitprune"] is not None and c["vitprune"] >= c["tp"] for c in comparable)
+    dominated = bool(comparable) and all(c["vitprune"] is not None and c["vitprune"] >= c["tp"] for c in comparable)
     at2 = next((c for c in checks if c["speedup"] == 2.0), None)
     gap2 = None if not at2 or at2["vitprune"] is None or at2["tp"] is None else at2["vitprune"] - at2["tp"]
-    return {"speed": speed, "checks": checks, "dominates_where_tp_reaches": dominated and bool(comparable),
-            "tp_max_speedup": tp[-1] if tp else None, "gap_at_2x": gap2, "at2": at2}
+    beyond = frontier_at(rows, VITPRUNE_METHODS, speed, (tp_max or 0) + 1e-6)
+    return {"speed": speed, "checks": checks, "dominates_where_tp_reaches": dominated, "tp_max_speedup": tp_max,
+            "gap_at_2x": gap2, "at2": at2, "beyond": beyond}
 
 
 def ascii_plot(rows: list[dict], speed: str, orig_top1: float, width: int = 64, height: int = 18) -> str:
@@ -199,7 +207,7 @@ def ascii_plot(rows: list[dict], speed: str, orig_top1: float, width: int = 64, 
 
 
 def _pm(v, sd, fmt):
-    return "–" if v is None else f"{v:{fmt}}" + (f" ± {sd:{fmt}}" if sd else "")
+    return "–" if v is None else f"{v:{fmt}}" + (f" ± {sd:{fmt}}" if sd is not None else "")
 
 
 def table(state: dict, rows: list[dict]) -> str:
@@ -207,7 +215,6 @@ def table(state: dict, rows: list[dict]) -> str:
     head = ("| row | target | n | FLOPs ratio | params (K) | top-1 no FT | top-1 FT (mean ± std) | base ORT ms | "
             "base ORT speedup | DeiT-S FLOPs ratio | DeiT-S ORT ms | DeiT-S ORT speedup |")
     lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    so = state.get("scale_original") or {}
     lines.append(f"| original | – | – | 1.000 | {orig['params'] / 1e3:.0f} | – | {orig['top1']:.2f} | – | 1.00× | 1.000 | "
                  f"{_first_scaled_ms(state)} | 1.00× |")
     for r in rows:
@@ -221,7 +228,8 @@ def table(state: dict, rows: list[dict]) -> str:
             f"**{_pm(r['top1'], r['top1_std'], '.2f')}** | {_pm(r['latency_ms'], None, '.3f')} | "
             f"{_pm(r['speedup'], r['speedup_std'], '.2f')}× | {_pm(r.get('scaled_flops_ratio'), None, '.3f')} | "
             f"{_pm(r.get('scaled_latency_ms'), None, '.1f')} | "
-            + (f"**{_pm(r.get('scaled_speedup'), r.get('scaled_speedup_std'), '.2f')}×** |" if r.get('scaled_speedup') else "– |"))
+            + (f"**{_pm(r.get('scaled_speedup'), r.get('scaled_speedup_std') or None, '.2f')}×** |"
+               if r.get('scaled_speedup') else "– |"))
     return "\n".join(lines)
 
 
@@ -231,22 +239,26 @@ def _first_scaled_ms(state: dict) -> str:
 
 
 def verdict(c: dict, what: str) -> str:
-    if not c["checks"]:
-        return f"- {what}: no points at ≥ 1.5×."
-    lines = [f"- {what}: Torch-Pruning's fastest point is {c['tp_max_speedup']:.2f}×." if c["tp_max_speedup"]
-             else f"- {what}: no Torch-Pruning point."]
+    def cell(v, sd, row):
+        return "none this fast" if v is None else f"{v:.2f}" + (f" ± {sd:.2f}" if sd else "") + f" ({row})"
+
+    lines = [f"**{what}** (Torch-Pruning's fastest row: "
+             + (f"{c['tp_max_speedup']:.2f}×)" if c["tp_max_speedup"] else "none)"), "",
+             "| speedup ≥ | vitprune frontier (row) | Torch-Pruning frontier (row) | Δ points |", "|---:|---|---|---:|"]
     for ch in c["checks"]:
-        vp = "–" if ch["vitprune"] is None else f"{ch['vitprune']:.2f}"
-        tp = "none this fast" if ch["tp"] is None else f"{ch['tp']:.2f}"
-        lines.append(f"  - ≥ {ch['speedup']:.2f}×: vitprune best top-1 {vp}, Torch-Pruning {tp}")
-    dom = "yes" if c["dominates_where_tp_reaches"] else "no"
-    lines.append(f"  - vitprune ≥ Torch-Pruning at every speedup ≥ 1.5× where Torch-Pruning has a point: **{dom}**")
+        delta = "" if ch["vitprune"] is None or ch["tp"] is None else f"{ch['vitprune'] - ch['tp']:+.2f}"
+        lines.append(f"| {ch['speedup']:.2f}× | {cell(ch['vitprune'], ch['vitprune_std'], ch['vitprune_row'])} | "
+                     f"{cell(ch['tp'], ch['tp_std'], ch['tp_row'])} | {delta} |")
+    b = c.get("beyond")
+    lines += ["", "- beyond Torch-Pruning's fastest row: vitprune's best is "
+              + (f"{b['top1']:.2f} ({b['method']}@{b['target']:g}, {b[c['speed']]:.2f}×)" if b else "none")]
+    lines.append(f"- vitprune ≥ Torch-Pruning at every speedup ≥ 1.5× where Torch-Pruning has a row: "
+                 f"**{'yes' if c['dominates_where_tp_reaches'] else 'no'}**")
     if c["gap_at_2x"] is not None:
-        lines.append(f"  - at 2×: vitprune − Torch-Pruning = **{c['gap_at_2x']:+.2f}** points "
+        lines.append(f"- at 2×: vitprune − Torch-Pruning = **{c['gap_at_2x']:+.2f}** points "
                      f"(goal ≥ +2: {'met' if c['gap_at_2x'] >= 2 else 'NOT met'})")
     else:
-        at2 = c.get("at2") or {}
-        lines.append(f"  - at 2×: vitprune {at2.get('vitprune')}, Torch-Pruning {at2.get('tp')} (no comparison possible)")
+        lines.append("- at 2×: no comparison possible (a frontier has no row this fast)")
     return "\n".join(lines)
 
 
@@ -262,12 +274,16 @@ def write_md(state: dict, args: argparse.Namespace, settings: dict, base_record:
     cfg = state["config"]
     parts = [
         "# Accuracy / ORT-speedup Pareto frontier (digits, DeiT-Tiny-like base; DeiT-S 224 latency)", "",
-        f"Generated by `{cmd}` on {datetime.date.today()} in {seconds / 60:.1f} min "
-        f"(this invocation; points cached from earlier invocations are reused).", "",
-        f"Machine: {mach['platform']}, {mach['cpus']} CPU cores shared with other jobs (load ≈ 5 on 2 cores "
-        f"during the run), Python {mach['python']}, torch {mach['torch']}, ONNX Runtime {mach['onnxruntime']} "
-        f"(CPUExecutionProvider, default optimisations), intra-op threads {cfg['threads']}, batch 1, median of "
-        f"{cfg['runs']} interleaved runs (base model) / {cfg['scale_runs']} (DeiT-S).", "",
+        f"Generated by `{cmd}` on {datetime.date.today()}. Compute: base model {base_record['seconds']:.0f} s, "
+        f"{len(state['points'])} points {sum(p.get('seconds', 0) for p in state['points'].values()) / 60:.1f} min "
+        f"(sum of per-point wall time; the sweep resumes, so this may span several invocations; this one took "
+        f"{seconds / 60:.1f} min).", "",
+        f"Machine: {mach['platform']}, {mach['cpus']} CPU cores shared with other engineers' jobs (load average "
+        f"{'/'.join(f'{x:.1f}' for x in os.getloadavg())} over 1/5/15 min when this report was written), Python {mach['python']}, torch {mach['torch']}, ONNX Runtime {mach['onnxruntime']} "
+        f"(CPUExecutionProvider, default optimisations), intra-op threads {cfg['threads']}, batch 1; base model: "
+        + (f"median of {state['rebench']['runs']} runs with all {len(state['rebench']['points'])} points and the "
+           f"original in one interleaved run" if state.get("rebench") else f"median of {cfg['runs']} interleaved runs")
+        + f"; DeiT-S: median of {cfg['scale_runs']} runs interleaved with the original DeiT-S.", "",
         f"Base model: `VisionTransformer(img_size=32, patch_size=4, embed_dim={settings['embed_dim']}, depth=6, "
         f"num_heads=3, num_classes=10)`, {state['original']['params'] / 1e6:.3f} M params, "
         f"{state['original']['flops'] / 1e6:.1f} MFLOPs; trained {base_record['epochs']} epochs "
@@ -282,7 +298,9 @@ def write_md(state: dict, args: argparse.Namespace, settings: dict, base_record:
         "## Table", "",
         "`top-1 no FT`: right after pruning; `FT`: after the shared fine-tuning budget (test split, 360 images, "
         "so one image = 0.28 points). Speedups are base-model ORT latency ÷ compressed, measured interleaved in "
-        "the same run; DeiT-S columns: the same architecture rebuilt on DeiT-S 224 (random weights).", "",
+        "the same run; DeiT-S columns: the same architecture rebuilt on DeiT-S 224 (random weights), timed "
+        "against DeiT-S in the same run; measured once per distinct architecture (no ± where both seeds gave "
+        "the same architecture, e.g. l2 width plans do not depend on the seed).", "",
         table(state, rows), "",
         "## Plots", "",
         f"PNG plots: `{os.path.join(args.out, 'sweep.png')}` (base-model speedup) and "
@@ -294,7 +312,7 @@ def write_md(state: dict, args: argparse.Namespace, settings: dict, base_record:
         "## Goal check (computed from the table)", "",
         "vitprune's frontier = best mean top-1 over all vitprune rows (width, attention, activation, BoundaryDPT, "
         "BoundaryDPT+, CP-ViT, combo) with at least the given speedup; Torch-Pruning's = the same over `tp_width`.", "",
-        verdict(compare_frontiers(done, "scaled_speedup"), "DeiT-S 224 ORT speedup"),
+        verdict(compare_frontiers(done, "scaled_speedup"), "DeiT-S 224 ORT speedup"), "",
         verdict(compare_frontiers(done, "speedup"), "base-model (32×32) ORT speedup"), "",
         reading, "",
         "## Skipped / failed points", "",

@@ -184,3 +184,19 @@ def test_quick_benchmark_smoke_and_resume(tmp_path):
     again = pareto.main(argv)
     assert again["computed"] == []
     assert json.loads(before)["points"] == json.loads((tmp_path / "sweep.json").read_text())["points"]
+
+
+def test_benchmark_frontier_check():
+    """The goal check: the frontier at s is the best row at least s× faster; the 2× gap is vitprune − TP."""
+    pareto = _pareto()
+    rows = [{"method": "tp_width", "target": 0.5, "top1": 90.0, "top1_std": 0.0, "speedup": 1.8},
+            {"method": "tp_width", "target": 0.3, "top1": 80.0, "top1_std": 0.0, "speedup": 2.5},
+            {"method": "width", "target": 0.5, "top1": 91.0, "top1_std": 0.0, "speedup": 1.9},
+            {"method": "boundarydpt+", "target": 0.3, "top1": 85.0, "top1_std": 0.0, "speedup": 3.0},
+            {"method": "blockdrop", "target": 0.3, "top1": 99.0, "top1_std": 0.0, "speedup": 4.0}]  # not vitprune
+    c = pareto.compare_frontiers(rows, "speedup")
+    assert c["dominates_where_tp_reaches"] and c["gap_at_2x"] == pytest.approx(5.0)
+    assert c["beyond"]["method"] == "boundarydpt+" and c["tp_max_speedup"] == 2.5
+    rows[2]["top1"] = 89.0
+    assert not pareto.compare_frontiers(rows, "speedup")["dominates_where_tp_reaches"]
+    assert "| 2.00× |" in pareto.verdict(c, "test")

@@ -33,7 +33,6 @@ import copy
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import platform
 import re
@@ -48,7 +47,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from .errors import InputError, PlanError, VitpruneError
+from .errors import InputError, PlanError
 
 __all__ = ["METHODS", "Method", "Pruned", "PointContext", "ScaleModel", "SweepConfig", "format_markdown",
            "pareto_front", "plot_sweep", "rebench", "register", "run_sweep", "scale_recipe", "summarize"]
@@ -464,7 +463,7 @@ def _recipe_scale(arch: dict, src_model: nn.Module, src_size, dst_model: nn.Modu
 
 
 for _name, _label in (("width", "vitprune width"), ("boundarydpt", "BoundaryDPT (depth)"),
-                      ("boundarydpt+", "BoundaryDPT+ (depth + width)"), ("cpvit", "CP-ViT (tokens/heads)")):
+                      ("boundarydpt+", "BoundaryDPT+ (depth + width)"), ("cpvit", "CP-ViT (tokens; + heads if cpvit_heads)")):
     register(Method(_name, _label, _vitprune_method(_name), _recipe_scale))
 register(Method("attention", "attention removal only", _one_kind("attention"), _recipe_scale))
 register(Method("activation", "activation removal only", _one_kind("activation"), _recipe_scale))
@@ -693,6 +692,7 @@ class _Sweep:
         from tqdm import tqdm
 
         self.original()
+        self.state["config"] = dataclasses.asdict(self.cfg)  # what this invocation swept (budget unchanged)
         todo = [(m, t, s) for m in self.cfg.methods for t in self.cfg.targets for s in self.cfg.seeds]
         self.state["computed"] = []
         bar = tqdm(total=len(todo), desc="sweep", unit="point", disable=not self.cfg.progress, file=sys.stderr,
@@ -779,7 +779,8 @@ def summarize(state: dict[str, Any], methods: Sequence[str] | None = None) -> li
     rows = []
     for (method, target), pts in groups.items():
         done = [p for p in pts if p["status"] == "done"]
-        row: dict[str, Any] = {"method": method, "label": pts[0].get("label", method), "target": target,
+        label = METHODS[method].label if method in METHODS else pts[0].get("label", method)  # presentation only
+        row: dict[str, Any] = {"method": method, "label": label, "target": target,
                                "seeds": sorted(p["seed"] for p in done), "n": len(done)}
         if not done:
             other = pts[0]
