@@ -340,3 +340,16 @@ def test_ddp_on_gloo_equals_one_process_on_the_global_batch(tmp_path):
     torch.manual_seed(0)
     init = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=10)
     assert (single["state"]["head.bias"] - init.head.bias).abs().max() > 1e-3
+
+
+def test_evaluate_accepts_a_dataset():
+    from torch.utils.data import TensorDataset
+
+    from vitprune.train import evaluate
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    with torch.no_grad():
+        model[1].weight.zero_()
+        model[1].bias.copy_(torch.tensor([0.0, 1.0, 0.0]))
+    labels = torch.tensor([1, 1, 0, 1])
+    assert evaluate(model, TensorDataset(torch.randn(4, 3, 2, 2), labels)) == 75.0

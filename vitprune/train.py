@@ -317,6 +317,8 @@ def evaluate(model: nn.Module, loader: Iterable, *, device: str | torch.device |
     model's training mode afterwards.
     """
     dev = torch.device(device) if device is not None else _model_device(model)
+    if isinstance(loader, Dataset):  # a dataset (what folder_datasets returns) is batched here
+        loader = DataLoader(loader, batch_size=256)
     was_training = model.training
     model.eval()
     try:
