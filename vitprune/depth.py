@@ -30,15 +30,13 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils.flop_counter import FlopCounterMode
 
 from passes.activation import ActivationRemoval
 from passes.attention import AttentionRemoval
 
 from .deps.branches import ActivationSite, AttentionBranch, find_activations, find_attention_branches
 from .errors import InputError
-from . import flops as _flops  # noqa: F401  (registers the CPU SDPA FLOP formula)
+from .flops import node_flops  # (importing flops also registers the CPU SDPA FLOP formula)
 
 __all__ = ["DepthGate", "Selection", "apply_depth", "depth_flops_options", "depth_savings",
            "event_order", "gated_search", "one_shot_scores", "select_depth"]
@@ -474,18 +472,6 @@ class DepthSavings:
                 - sum(self.activation[b] for b in activation_blocks))
 
 
-class _PerNodeFlops(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, counter: FlopCounterMode):
-        super().__init__(gm)
-        self.counter, self.per_node = counter, {}
-
-    def run_node(self, n: fx.Node) -> Any:
-        before = self.counter.get_total_flops()
-        out = super().run_node(n)
-        self.per_node[n] = int(self.counter.get_total_flops() - before)
-        return out
-
-
 def depth_savings(gm: fx.GraphModule, *, merge: str = "auto", variant: str = "identity_norm") -> DepthSavings:
     """Per-candidate FLOPs saved, from one counted run of ``gm`` (FlopCounterMode on fake tensors).
 
@@ -493,14 +479,8 @@ def depth_savings(gm: fx.GraphModule, *, merge: str = "auto", variant: str = "id
     are not counted by the FLOP counter). Activation: ``fc1 + fc2 − merged`` when the pass would
     merge (``merge`` as in :class:`ActivationRemoval`), else 0 (factorised keeps both linears).
     """
-    example = gm.meta["example_input"][:1]
-    with FakeTensorMode(allow_non_fake_inputs=True) as fake:
-        x = fake.from_tensor(example)
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            interp = _PerNodeFlops(gm, counter)
-            interp.run(x)
-            base = int(counter.get_total_flops())
-    per = interp.per_node
+    per = node_flops(gm, gm.meta["example_input"])
+    base = sum(per.values())
     attention = {b.index: sum(per.get(n, 0) for n in b.nodes) for b in find_attention_branches(gm)
                  if variant == "drop" or b.norm is not None}
     rule = ActivationRemoval([], merge)

@@ -45,13 +45,12 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 import torch.fx as fx
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils.flop_counter import FlopCounterMode
 
 from passes.tokens import (META_KEY, TokenLayout, analyse_tokens, explicit_attention, find_length_constants,
                            keep_counts, rewrite_length_constants)
 
 from .deps import DependencyGraph
+from .flops import node_flops
 from .deps.branches import ancestors
 from .errors import PlanError, SpecError
 from .plan import TOLERANCE
@@ -174,30 +173,9 @@ def _segment_flops(gm: fx.GraphModule, layout: TokenLayout, n_patches: int) -> l
                                  constants)
         probe.recompile()
     out = [0] * (len(layout.blocks) + 1)
-    x = gm.meta["example_input"][:1]
-    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-        fake = mode.from_tensor(x)
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            interp = _FlopsPerNode(probe, counter)
-            interp.run(fake)
-    for name, flops in interp.per_node.items():
-        out[segment_of[name]] += flops
+    for node, flops in node_flops(probe, gm.meta["example_input"]).items():
+        out[segment_of[node.name]] += flops
     return out
-
-
-class _FlopsPerNode(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, counter: FlopCounterMode):
-        super().__init__(gm)
-        self.counter = counter
-        self.per_node: dict[str, int] = {}
-
-    def run_node(self, n: fx.Node) -> Any:
-        before = self.counter.get_total_flops()
-        out = super().run_node(n)
-        spent = self.counter.get_total_flops() - before
-        if spent:
-            self.per_node[n.name] = int(spent)
-        return out
 
 
 # -- calibration ------------------------------------------------------------------------------
