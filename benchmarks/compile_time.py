@@ -5,7 +5,7 @@ Both sides prune the same model to the same widths: half of every coupled group 
 their parameters, with ``pretrained=False`` weights. Each timed run starts from a freshly built model
 (model construction is not timed) and ends with a pruned model; each side then runs one forward.
 
-* vitprune: ``trace_model`` + ``DependencyGraph.build`` + a plan (this script's own: per group, the
+* vitprune: ``capture`` + ``DependencyGraph.build`` + a plan (this script's own: per group, the
   L2 norm of each channel's parameter slices over all members; keep the top half) + ``WidthPruning``
   (which re-checks its result by shape propagation).
 * Torch-Pruning: ``BasePruner`` (``MetaPruner``) with ``GroupMagnitudeImportance(p=2)``,
@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from passes.width import WidthPruning  # noqa: E402
 from vitprune.deps import DependencyGraph  # noqa: E402
-from vitprune.trace import example_input_for, trace_model  # noqa: E402
+from vitprune.capture import example_input_for, capture  # noqa: E402
 
 RATIO = 0.5
 TARGET_S = 5.0
@@ -92,7 +92,7 @@ def _tensor(gm: nn.Module, name: str) -> torch.Tensor:
 def run_vitprune(model: nn.Module, x: torch.Tensor) -> tuple[nn.Module, dict[str, float]]:
     t = {}
     t0 = time.perf_counter()
-    gm = trace_model(model, x)
+    gm = capture(model, x)
     t["trace"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     dg = DependencyGraph.build(gm)

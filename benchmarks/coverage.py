@@ -4,7 +4,7 @@ For every architecture timm registers in a ViT-family module (``--modules``), th
 small instance (``depth=2`` and a 4×4-patch input where the constructor accepts them, 10 classes,
 ``pretrained=False``), then records:
 
-* traced?            ``vitprune.trace.trace_model`` succeeded
+* traced?            ``vitprune.trace.capture`` succeeded
 * unsupported ops    op names the dependency graph has no rule for (they freeze what they touch)
 * groups             prunable groups by kind (R residual, H head, D head_dim, M MLP hidden, O other)
                      and the number of frozen ones
@@ -154,12 +154,12 @@ def _one_path(make, x, zero_mask: bool = True) -> dict:
     from passes.width import WidthPruning
     from vitprune.deps import DependencyGraph
     from vitprune.flops import FlopModel, count_flops
-    from vitprune.trace import trace_model
+    from vitprune.capture import capture
 
     out: dict = {"traced": False, "unsupported": [], "groups": "", "prunable": False,
                  "width_ok": None, "flops_exact": None, "equivalent": None, "error": ""}
     try:
-        gm = trace_model(make(), x)
+        gm = capture(make(), x)
     except Exception as e:
         out["error"] = f"trace: {_short(e)}"
         return out
@@ -268,9 +268,9 @@ def _zero_mask_equivalent(make, x) -> tuple[bool | None, str]:
     import torch
     from passes.width import WidthPruning
     from vitprune.deps import DependencyGraph
-    from vitprune.trace import trace_model
+    from vitprune.capture import capture
 
-    gm_pruned, gm_masked = trace_model(make(), x), trace_model(make(), x)
+    gm_pruned, gm_masked = capture(make(), x), capture(make(), x)
     dg = DependencyGraph.build(gm_masked)
     params = dict(gm_masked.named_parameters())
     names = Counter(g.name for g in dg.prunable_groups())
@@ -314,7 +314,7 @@ def plan(name: str, module: str, max_params: float) -> Row:
 def check_model(row: Row) -> Row:
     """Run both attention paths of one planned architecture (in a worker process)."""
     import torch
-    from vitprune.trace import example_input_for
+    from vitprune.capture import example_input_for
     torch.set_num_threads(1)
     start = time.perf_counter()
 

@@ -42,7 +42,7 @@ from vitprune.bench import compare
 from vitprune.depth import apply_depth
 from vitprune.export import export_onnx
 from vitprune.flops import count_flops
-from vitprune.trace import example_input_for, trace_model
+from vitprune.capture import example_input_for, capture
 
 RELEASED_ATTENTION = [0, 3, 7, 8, 11]
 RELEASED_ACTIVATION = [2, 7, 8, 10, 11]
@@ -114,7 +114,7 @@ def variants(name: str, with_width: bool) -> list[Variant]:
     x = example_input_for((3, 224, 224), batch=2)
     attention, activation = CONFIGS[name]
     out = [Variant("original", model, [], [])]
-    gm, _ = apply_depth(trace_model(copy.deepcopy(model), x), attention, activation)
+    gm, _ = apply_depth(capture(copy.deepcopy(model), x), attention, activation)
     out.append(Variant("BoundaryDPT", gm, attention, activation))
     out.append(Variant(f"block drop ({len(attention)} blocks)", _drop_blocks(model, attention), [], []))
     if with_width:

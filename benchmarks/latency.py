@@ -26,7 +26,7 @@ from vitprune import CompressSpec, compress
 from vitprune.bench import compare
 from vitprune.export import export_onnx
 from vitprune.flops import count_flops
-from vitprune.trace import example_input_for
+from vitprune.capture import example_input_for
 
 
 def run(model_name: str, targets: list[float], batches: list[int], threads: int, runs: int,

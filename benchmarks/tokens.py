@@ -42,7 +42,7 @@ from vitprune.export import export_onnx  # noqa: E402
 from vitprune.flops import count_flops, count_params  # noqa: E402
 from vitprune.tokens import (TokenFlops, calibrate, cpvit_head_keep, cpvit_plan,  # noqa: E402
                              parse_tokens)
-from vitprune.trace import example_input_for, trace_model  # noqa: E402
+from vitprune.capture import example_input_for, capture  # noqa: E402
 
 PEERS = [  # ImageNet-1k DeiT-S (79.8% top-1, 4.6 GFLOPs), as published — NOT measured here
     ("EViT (Liang et al., ICLR 2022), keep rate 0.7", "79.5%", "3.0",
@@ -58,7 +58,7 @@ def build(args) -> tuple[list[dict], list[str], torch.Tensor]:
     torch.manual_seed(0)
     model = timm.create_model("deit_small_patch16_224", pretrained=False).eval()
     x = example_input_for((3, 224, 224), batch=2)  # batch 2: a size-1 batch would get baked in by width
-    gm = trace_model(copy.deepcopy(model), x)
+    gm = capture(copy.deepcopy(model), x)
     base_flops, base_params = count_flops(gm, x), count_params(gm)
     flop_model = TokenFlops(gm)
     g = torch.Generator().manual_seed(1)

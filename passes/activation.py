@@ -26,9 +26,9 @@ from typing import Any, Mapping, Sequence
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 
+from vitprune.capture import eliminate_dead_code
 from vitprune.deps.branches import (ActivationSite, delete_unreferenced, find_activations, own_module,
                                     param_tensor, record_removed, removed_layers, set_param)
 
@@ -91,7 +91,7 @@ class ActivationRemoval(Pass):
             if norm is not None:
                 candidates.update(_strip_affine(norm))
                 folded.append(block)
-        gm.graph.eliminate_dead_code()
+        eliminate_dead_code(gm.graph)
         deleted = delete_unreferenced(gm, candidates)
         gm.recompile()
         record_removed(gm, "activation", self.blocks)
@@ -154,7 +154,7 @@ def _merge(gm: fx.GraphModule, s: ActivationSite, norm: fx.Node | None) -> None:
     with gm.graph.inserting_before(s.fc2):
         w = gm.graph.get_attr(f"{prefix}.weight")
         b = gm.graph.get_attr(f"{prefix}.bias") if bias is not None else None
-        new = gm.graph.call_function(F.linear, (_input(s.fc1), w, b))
+        new = gm.graph.call_function(torch.ops.aten.linear.default, (_input(s.fc1), w, b))
     new.meta = {k: v for k, v in s.fc2.meta.items() if k != "tensor_meta"}
     s.fc2.replace_all_uses_with(new)
     for n in [s.fc2, *reversed(s.between), s.act, s.fc1]:
@@ -185,11 +185,9 @@ def _foldable(gm: fx.GraphModule, norm: fx.Node | None) -> bool:
 def _strip_affine(norm: fx.Node) -> list[str]:
     """Drop the LayerNorm's weight/bias arguments; returns their targets."""
     targets = [str(n.target) for n in _affine_nodes(norm) if n is not None]
-    args = list(norm.args[:2])
-    kwargs = {k: v for k, v in norm.kwargs.items() if k not in ("weight", "bias")}
-    if len(norm.args) > 4:
-        kwargs["eps"] = norm.args[4]
-    norm.args, norm.kwargs = tuple(args), {**kwargs, "weight": None, "bias": None}
+    eps = norm.args[4] if len(norm.args) > 4 else norm.kwargs.get("eps", 1e-5)
+    norm.args = (norm.args[0], norm.args[1], None, None, eps, *norm.args[5:])
+    norm.kwargs = {k: v for k, v in norm.kwargs.items() if k not in ("weight", "bias", "eps")}
     return targets
 
 

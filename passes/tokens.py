@@ -55,9 +55,11 @@ import torch.fx as fx
 from vitprune.deps import DependencyGraph
 from vitprune.deps.branches import ancestors, is_attention_core
 from vitprune.deps.rules import op_key
-from vitprune.trace import tensor_shape
+from vitprune.capture import eliminate_dead_code, tensor_shape
 
 from .base import Pass, PassError, PassResult
+
+aten = torch.ops.aten
 
 #: ``node.meta`` key under which the nodes this pass inserts are tagged: ``(role, block)`` with role
 #: ``"scores"`` (cumulative score after the block's attention, (B, patches)), ``"indices"`` (sorted kept
@@ -214,11 +216,11 @@ def explicit_attention(gm: fx.GraphModule, block: AttentionBlock) -> fx.Node:
     if scale is None:
         scale = float(tensor_shape(q)[-1]) ** -0.5
     with g.inserting_before(node):
-        qs = g.call_function(operator.mul, (q, scale))
-        kt = g.call_method("transpose", (k, -2, -1))
-        logits = g.call_function(operator.matmul, (qs, kt))
-        probs = g.call_method("softmax", (logits,), {"dim": -1})
-        out = g.call_function(operator.matmul, (probs, v))
+        qs = g.call_function(aten.mul.Tensor, (q, scale))
+        kt = g.call_function(aten.transpose.int, (k, -2, -1))
+        logits = g.call_function(aten.matmul.default, (qs, kt))
+        probs = g.call_function(aten.softmax.int, (logits, -1))
+        out = g.call_function(aten.matmul.default, (probs, v))
     for new in (qs, kt, logits, probs, out):
         new.meta["nn_module_stack"] = dict(node.meta.get("nn_module_stack", {}))
     node.replace_all_uses_with(out)
@@ -231,11 +233,11 @@ def _insert_score(g: fx.Graph, probs: fx.Node, prefix: int, previous: fx.Node | 
                   block: int) -> fx.Node:
     """``S += sum_h max_i A[h, i, patches]``, inserted right after the attention probabilities."""
     with g.inserting_before(probs.next):
-        peak = g.call_method("amax", (probs,), {"dim": -2})         # (B, H, N): max over queries
-        per_key = g.call_method("sum", (peak,), {"dim": 1})          # (B, N): summed over heads
-        score = g.call_function(operator.getitem, (per_key, (slice(None), slice(prefix, None))))
+        peak = g.call_function(aten.amax.default, (probs, [-2]))       # (B, H, N): max over queries
+        per_key = g.call_function(aten.sum.dim_IntList, (peak, [1]))    # (B, N): summed over heads
+        score = g.call_function(aten.slice.Tensor, (per_key, 1, prefix))
         if previous is not None:
-            score = g.call_function(operator.add, (previous, score))
+            score = g.call_function(aten.add.Tensor, (previous, score))
     score.meta[META_KEY] = ("scores", block)
     return score
 
@@ -245,20 +247,21 @@ def _insert_cut(g: fx.Graph, stream: fx.Node, score: fx.Node, prefix: int, k: in
     """Keep the top-``k`` patches of ``stream`` by ``score``, in order; return (stream, score)."""
     users = list(stream.users)
     with g.inserting_before(stream.next):
-        top = g.call_function(torch.topk, (score, k), {"dim": 1})
+        top = g.call_function(aten.topk.default, (score, k, 1))
         top_idx = g.call_function(operator.getitem, (top, 1))
-        ordered = g.call_function(torch.sort, (top_idx,), {"dim": 1})   # spatial order
+        ordered = g.call_function(aten.sort.default, (top_idx, 1))   # spatial order
         idx = g.call_function(operator.getitem, (ordered, 0))
-        patches = g.call_function(operator.getitem, (stream, (slice(None), slice(prefix, None))))
-        width = g.call_method("size", (stream, -1))
-        index = g.call_method("expand", (g.call_method("unsqueeze", (idx, -1)), -1, -1, width))
-        kept = g.call_function(torch.gather, (patches, 1, index))
+        patches = g.call_function(aten.slice.Tensor, (stream, 1, prefix))
+        width = g.call_function(aten.sym_size.int, (stream, 2))
+        column = g.call_function(aten.unsqueeze.default, (idx, -1))
+        index = g.call_function(aten.expand.default, (column, [-1, -1, width]))
+        kept = g.call_function(aten.gather.default, (patches, 1, index))
         if prefix:
-            lead = g.call_function(operator.getitem, (stream, (slice(None), slice(None, prefix))))
-            new_stream = g.call_function(torch.cat, ([lead, kept],), {"dim": 1})
+            lead = g.call_function(aten.slice.Tensor, (stream, 1, 0, prefix))
+            new_stream = g.call_function(aten.cat.default, ([lead, kept], 1))
         else:
             new_stream = kept
-        new_score = g.call_function(torch.gather, (score, 1, idx))
+        new_score = g.call_function(aten.gather.default, (score, 1, idx))
     idx.meta[META_KEY] = ("indices", block)
     new_stream.meta[META_KEY] = ("tokens", block)
     new_score.meta[META_KEY] = ("kept_scores", block)
@@ -319,7 +322,7 @@ class TokenPruning(Pass):
             if block.index < last:
                 score = _insert_score(g, explicit_attention(gm, block), layout.prefix, score, block.index)
         rewrite_length_constants(gm, layout, cuts, constants)
-        g.eliminate_dead_code()
+        eliminate_dead_code(g)
         g.lint()
         gm.recompile()
         counts = keep_counts(self.keep, layout.num_patches)
@@ -348,7 +351,7 @@ def _size_args(node: fx.Node) -> tuple[list[Any], Callable[[list[Any]], None]]:
         if key in node.kwargs:
             return list(node.kwargs[key]), lambda sizes, key=key: node.update_kwarg(key, tuple(sizes))
     if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)):
-        return list(node.args[1]), lambda sizes: setattr(node, "args", (node.args[0], tuple(sizes)))
+        return list(node.args[1]), lambda sizes: setattr(node, "args", (node.args[0], list(sizes)))
     return list(node.args[1:]), lambda sizes: setattr(node, "args", (node.args[0], *sizes))
 
 

@@ -15,13 +15,13 @@ given by an explicit rule and ops without a rule freeze what they touch.
 """
 from __future__ import annotations
 
-import operator
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.fx as fx
 
+from vitprune.capture import eliminate_dead_code
 from vitprune.deps import DependencyGraph
 from vitprune.deps.rules import op_key
 
@@ -52,7 +52,7 @@ class WidthPruning(Pass):
         }
         removed = self._slice_parameters(gm, dg, masks)
         self._rewrite_shapes(gm, dg, masks)
-        gm.graph.eliminate_dead_code()
+        eliminate_dead_code(gm.graph)
         gm.recompile()
         recipe = {"pass": self.name, "keep": {k: v for k, v in self.keep.items()}}
         return PassResult(gm, modified=True, removed=removed, recipe=recipe)
@@ -133,14 +133,6 @@ def _old_shape(node: fx.Node) -> tuple[int, ...]:
 def _rewrite_size_args(node: fx.Node, dg: DependencyGraph, new_size: Callable[[int], int]) -> None:
     """reshape/view/expand: replace each size argument whose dim changed with the new constant."""
     out_axes, old = dg.node_dims[node], _old_shape(node)
-    if len(node.args) == 2 and isinstance(node.args[1], fx.Node) and isinstance(node.args[1].meta.get("value"), tuple):
-        # reshape(x.shape): unpack the size tuple so each dim can be rewritten on its own
-        with node.graph.inserting_before(node):
-            items = tuple(node.graph.call_function(operator.getitem, (node.args[1], i))
-                          for i in range(len(node.args[1].meta["value"])))
-        for item, v in zip(items, node.args[1].meta["value"]):
-            item.meta["value"] = v
-        node.args = (node.args[0], items)
     packed = len(node.args) == 2 and isinstance(node.args[1], (tuple, list))
     sizes = list(node.args[1] if packed else node.args[1:])
     if "shape" in node.kwargs or "size" in node.kwargs:
@@ -162,7 +154,7 @@ def _rewrite_size_args(node: fx.Node, dg: DependencyGraph, new_size: Callable[[i
             continue
         if batch in dg.table.leaves(axis):
             # batch-dependent (B*N): cannot be a constant; let reshape infer it
-            if not infer_used and node.target in ("reshape", "view"):
+            if not infer_used and op_key(node) in ("reshape", "view"):
                 sizes[i], infer_used, changed = -1, True, True
             continue
         sizes[i] = n
@@ -204,15 +196,9 @@ def _reads_changed_dim(arg: fx.Node, dg: DependencyGraph, new_size: Callable[[in
 
 
 def _shape_source(n: fx.Node) -> tuple[fx.Node, int] | None:
-    """``x.shape[i]`` / ``x.size(i)`` → (x, i)."""
-    if n.op == "call_method" and n.target == "size" and len(n.args) == 2 and isinstance(n.args[1], int):
+    """``aten.sym_size.int(x, i)`` (what ``x.shape[i]`` captures to) → (x, i)."""
+    if n.op == "call_function" and op_key(n) == "sym_size" and isinstance(n.args[1], int):
         return n.args[0], n.args[1]
-    if n.op == "call_function" and n.target is operator.getitem and isinstance(n.args[1], int):
-        src = n.args[0]
-        if isinstance(src, fx.Node) and (
-                (src.op == "call_function" and src.target is getattr and src.args[1] == "shape")
-                or (src.op == "call_method" and src.target == "size" and len(src.args) == 1)):
-            return src.args[0], n.args[1]
     return None
 
 
@@ -252,7 +238,7 @@ def _rewrite_conv_groups(node: fx.Node, dg: DependencyGraph, new_size: Callable[
     if len(node.args) < 7 or node.args[6] == 1:
         return
     channels = new_size(dg.node_dims[node][1])
-    if node.args[6] == _old_shape(node)[1]:
+    if node.args[6] == _old_shape(node)[1]:  # depthwise: one group per channel
         node.args = (*node.args[:6], channels, *node.args[7:])
 
 

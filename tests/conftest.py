@@ -7,7 +7,7 @@ import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from vitprune.trace import example_input_for, trace_model
+from vitprune.capture import example_input_for, capture
 
 
 def tiny(name: str = "deit_tiny_patch16_224", *, fused: bool = True, **kwargs) -> torch.nn.Module:
@@ -38,7 +38,7 @@ def input_size(model: torch.nn.Module) -> tuple[int, int, int]:
 
 
 def traced(model: torch.nn.Module, batch: int = 2):
-    return trace_model(model, example_input_for(input_size(model), batch=batch))
+    return capture(model, example_input_for(input_size(model), batch=batch))
 
 
 def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

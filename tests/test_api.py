@@ -92,21 +92,26 @@ def test_saved_model_reloads_in_a_fresh_process_without_pickle(tmp_path):
     source = {"kind": "timm", "arch": "deit3_small_patch16_224",
               "kwargs": {"depth": 2, "img_size": 32, "num_classes": 10}}
     result = compress(model, CompressSpec(target_flops=0.5), source=source)
-    path = tmp_path / "m.pt"
+    path = tmp_path / "m.pt2"
     save_compressed(result, path)
-    x = torch.randn(2, 3, 32, 32)
+    x = torch.randn(3, 3, 32, 32)  # another batch size than the one exported with
     torch.save(x, tmp_path / "x.pt")
     with torch.no_grad():
         expected = result.model(x)
+    # plain torch, in a fresh process: no vitprune, timm or transformers code is needed or imported
     code = (
-        "import torch, sys; from vitprune.api import load_compressed\n"
-        f"m = load_compressed({str(path)!r}); x = torch.load({str(tmp_path / 'x.pt')!r}, weights_only=True)\n"
+        "import sys, torch\n"
+        f"m = torch.export.load({str(path)!r}).module()\n"
+        f"x = torch.load({str(tmp_path / 'x.pt')!r}, weights_only=True)\n"
         f"torch.save(m(x).detach(), {str(tmp_path / 'y.pt')!r})\n"
+        "leaked = sorted(n for n in ('vitprune', 'timm', 'transformers', 'passes') if n in sys.modules)\n"
+        "assert not leaked, leaked\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
     got = torch.load(tmp_path / "y.pt", weights_only=True)
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
-    assert torch.load(path, weights_only=True)["format"] == "vitprune-compressed"
+    reloaded = load_compressed(path)  # and vitprune reads it back as a model to compress again
+    torch.testing.assert_close(reloaded(x), expected, atol=1e-6, rtol=0)
 
 
 def test_write_outputs_exports_a_consistent_onnx(tmp_path):
@@ -115,7 +120,7 @@ def test_write_outputs_exports_a_consistent_onnx(tmp_path):
               "kwargs": {"depth": 2, "img_size": 32, "num_classes": 10}}
     result = compress(model, CompressSpec(target_flops=0.5), source=source)
     paths = write_outputs(result, str(tmp_path / "out"))
-    assert sorted(os.listdir(tmp_path)) == ["out.json", "out.onnx", "out.pt"]
+    assert sorted(os.listdir(tmp_path)) == ["out.json", "out.onnx", "out.pt2"]
     report = json.loads((tmp_path / "out.json").read_text())
     assert report["onnx"]["parity_max_abs_err"]["1"] <= 1e-4
     assert report["onnx"]["parity_max_abs_err"]["4"] <= 1e-4
@@ -125,6 +130,6 @@ def test_write_outputs_exports_a_consistent_onnx(tmp_path):
         (y,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
         with torch.no_grad():
             np.testing.assert_allclose(y, result.model(x).numpy(), atol=1e-4)
-    reloaded = load_compressed(paths["pt"])
+    reloaded = load_compressed(paths["pt2"])
     x = torch.randn(1, 3, 32, 32)
     torch.testing.assert_close(reloaded(x), result.model(x), atol=1e-6, rtol=0)

@@ -11,6 +11,7 @@ from onnx import TensorProto, helper
 from vitprune import bench
 from vitprune.errors import InputError
 from vitprune.export import export_onnx
+from vitprune.capture import capture, example_input_for
 
 IMG = 96  # 37 tokens: long enough that depth dominates latency, short enough to stay quick
 KEYS = {"model", "batch", "threads", "median_ms", "p90_ms", "mean_ms", "runs"}
@@ -20,7 +21,7 @@ def _export_vit(path, depth: int) -> str:
     torch.manual_seed(0)
     model = timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=IMG,
                               depth=depth).eval()
-    gm = torch.fx.symbolic_trace(model, concrete_args={"attn_mask": None, "is_causal": False})
+    gm = capture(model, example_input_for((3, IMG, IMG)))
     export_onnx(gm, torch.randn(1, 3, IMG, IMG), path, parity_batches=(1,))
     return str(path)
 

@@ -15,7 +15,7 @@ from vitprune.deps import DependencyGraph
 from vitprune.deps.branches import (BranchError, UnknownShapeError, find_activations,
                                     find_attention_branches, record_removed)
 from vitprune.errors import UnsupportedModelError
-from vitprune.trace import trace_model
+from vitprune.capture import capture
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -47,7 +47,8 @@ def test_every_block_has_one_attention_branch_and_one_activation(model_name, fus
         assert set(b.params) == attn_params | ({gamma} if gamma else set())
         assert b.num_params(gm) == sum(p.numel() for p in block.attn.parameters()) + (
             block.ls1.gamma.numel() if gamma else 0)
-        assert b.core.target in (F.scaled_dot_product_attention,) if fused else b.core.target == "softmax"
+        assert b.core.target is (torch.ops.aten.scaled_dot_product_attention.default if fused
+                                 else torch.ops.aten.softmax.int)
         assert _scope(a.act) == f"blocks.{i}.mlp.act" and a.kind == "gelu"
         assert (a.d_in, a.hidden, a.d_out) == (block.mlp.fc1.in_features, block.mlp.fc1.out_features,
                                                block.mlp.fc2.out_features)
@@ -125,7 +126,7 @@ class _Plain(nn.Module):
 @pytest.mark.parametrize("module, expected", [(_NormBetween, []), (_Glu, []), (_Branching, []),
                                               (_Plain, ["relu", "silu"])])
 def test_activation_pattern_fires_only_between_two_linears(module, expected):
-    gm = trace_model(module().eval(), torch.randn(2, 8))
+    gm = capture(module().eval(), torch.randn(2, 8))
     assert [a.kind for a in find_activations(gm)] == expected
 
 
@@ -142,7 +143,7 @@ class _AttnNoResidual(nn.Module):
 
 
 def test_attention_without_residual_is_a_clear_error():
-    gm = trace_model(_AttnNoResidual().eval(), torch.randn(2, 5, 8))
+    gm = capture(_AttnNoResidual().eval(), torch.randn(2, 5, 8))
     with pytest.raises(BranchError, match="residual add") as err:
         find_attention_branches(gm)
     assert isinstance(err.value, UnsupportedModelError)
@@ -150,7 +151,7 @@ def test_attention_without_residual_is_a_clear_error():
 
 
 def test_no_attention_means_no_branches():
-    gm = trace_model(_Plain().eval(), torch.randn(2, 8))
+    gm = capture(_Plain().eval(), torch.randn(2, 8))
     assert find_attention_branches(gm) == []
 
 

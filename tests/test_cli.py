@@ -61,7 +61,7 @@ def fake_api(monkeypatch):
         if "write" in api.fail:
             raise api.fail["write"]
         paths = {}
-        for ext in (["onnx"] if export else []) + ["pt", "json"]:
+        for ext in (["onnx"] if export else []) + ["pt2", "json"]:
             with open(f"{prefix}.{ext}", "w") as f:
                 f.write("x")
             paths[ext] = f"{prefix}.{ext}"
@@ -290,7 +290,7 @@ def test_compress_calls_api_and_prints_summary(capsys, tmp_path, fake_api, tiny_
     assert fake_api.calls["write"] == dict(prefix=str(out), export=True, opset=18)
     assert "FLOPs: 2G -> 1G (0.500 of original)" in stdout and "params: 5M -> 2.5M" in stdout
     assert f"{out}.onnx" in stdout
-    assert files_under(tmp_path / "new") == ["deeper/m.json", "deeper/m.onnx", "deeper/m.pt"]
+    assert files_under(tmp_path / "new") == ["deeper/m.json", "deeper/m.onnx", "deeper/m.pt2"]
 
 
 def test_compress_no_export_img_size_and_suffix(capsys, tmp_path, fake_api):
@@ -362,7 +362,7 @@ def test_e2e_compress_writes_three_files(capsys, tmp_path, real_api):
     rc, stdout, err = run(capsys, "compress", DEIT, "--img-size", "64", "--target-flops", "0.5",
                           "--calib-batches", "1", "--batch-size", "2", "--out", out)
     assert rc == 0, err
-    assert files_under(tmp_path) == ["out/m.json", "out/m.onnx", "out/m.pt"]
+    assert files_under(tmp_path) == ["out/m.json", "out/m.onnx", "out/m.pt2"]
     report = json.loads((tmp_path / "out" / "m.json").read_text())
     assert isinstance(report, dict) and report
     assert "FLOPs" in stdout

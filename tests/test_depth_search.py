@@ -20,7 +20,7 @@ from vitprune.depth import (DepthGate, apply_depth, depth_flops_options, event_o
                             one_shot_scores, select_depth)
 from vitprune.errors import InputError
 from vitprune.flops import count_flops
-from vitprune.trace import trace_model
+from vitprune.capture import capture
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -170,7 +170,7 @@ def test_gated_search_on_digits_then_fine_tune_recovers():
     model = VisionTransformer(img_size=16, patch_size=4, in_chans=1, num_classes=10, embed_dim=32, depth=4,
                               num_heads=4, mlp_ratio=4)
     _train(model, train, 300, 3e-3)
-    gm = trace_model(model, train[0][:2])
+    gm = capture(model, train[0][:2])
     base = _accuracy(gm, test)
     assert base > 0.85
 

@@ -63,7 +63,7 @@ def test_everything_composes_replays_and_exports(model, tmp_path):
     ops = onnx_op_counts(paths["onnx"])
     assert ops.get("Erf", 0) + ops.get("Gelu", 0) == 3  # one of four activations gone
     assert ops.get("TopK", 0) >= 1  # the token cut (and the sort of the kept indices)
-    reloaded = load_compressed(paths["pt"])
+    reloaded = load_compressed(paths["pt2"])
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(reloaded(x), result.model(x), atol=1e-6, rtol=0)
 

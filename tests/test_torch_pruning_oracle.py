@@ -53,7 +53,7 @@ import torch
 from torch import nn
 
 from vitprune.deps import DependencyGraph
-from vitprune.trace import example_input_for, trace_model
+from vitprune.capture import example_input_for, capture
 
 tp = pytest.importorskip("torch_pruning")
 
@@ -232,7 +232,7 @@ def _refines(fine: set[frozenset], coarse: set[frozenset]) -> bool:
 def both(request):
     model = _model(depth=2, fused_attn=request.param)
     x = example_input_for((3, 224, 224), batch=1)
-    dg = DependencyGraph.build(trace_model(model, x))
+    dg = DependencyGraph.build(capture(model, x))
     return dg, tp_units(_model(depth=2, fused_attn=request.param), x)
 
 
@@ -301,6 +301,6 @@ def test_comparison_can_fail(both):
 def test_full_depth_deit_tiny_agrees():
     """All 12 blocks, SDPA path (about 3 s: both tools on the full model)."""
     x = example_input_for((3, 224, 224), batch=1)
-    dg = DependencyGraph.build(trace_model(_model(depth=None), x))
+    dg = DependencyGraph.build(capture(_model(depth=None), x))
     assert compare(dg, tp_units(_model(depth=None), x)) == []
     assert Counter(g.kind for g in dg.prunable_groups()) == {"residual": 1, "hidden": 12, "head": 12, "head_dim": 12}

@@ -21,7 +21,7 @@ _LAZY = {
     "CompressSpec": "vitprune.spec",
     "load_model": "vitprune.load",
     "export_onnx": "vitprune.export",
-    "trace_model": "vitprune.trace",
+    "capture": "vitprune.capture",
     "DependencyGraph": "vitprune.deps",
 }
 

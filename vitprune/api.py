@@ -1,9 +1,10 @@
-"""The driver: load → trace → analyse → plan → rewrite → export, as one Python call.
+"""The driver: load → capture → analyse → plan → rewrite → export, as one Python call.
 
 ``compress(model, spec)`` returns a :class:`CompressResult` whose ``model`` is a GraphModule with
-physically smaller parameters. ``save_compressed``/``load_compressed`` store it as plain tensors plus
-a *recipe* (the passes and their arguments) and the source architecture; loading re-traces the
-architecture and replays the recipe, so no pickled code is ever needed (``torch.load(weights_only=True)``).
+physically smaller parameters. ``save_compressed`` writes it as a ``.pt2`` (``torch.export.save``):
+plain torch reloads it with ``torch.export.load(path).module()``, with no model code from anywhere.
+The result also carries a *recipe* (the passes and their arguments): :func:`replay` re-applies it to
+a fresh capture of the original model.
 """
 from __future__ import annotations
 
@@ -25,10 +26,7 @@ from .errors import InputError, LoadError, PlanError, UnsupportedModelError
 from .flops import count_flops, count_params, flops_by_block, params_by_block
 from . import methods
 from .spec import CompressSpec
-from .trace import example_input_for, trace_model
-
-FORMAT = "vitprune-compressed"
-FORMAT_VERSION = 1
+from .capture import example_input_for, capture
 
 
 @dataclass
@@ -53,7 +51,7 @@ def resolve_input_size(model: nn.Module, spec_size: tuple[int, int, int] | None 
 
 def analyse(model: nn.Module, input_size: tuple[int, int, int]) -> tuple[fx.GraphModule, DependencyGraph]:
     """Trace a copy of ``model`` and build its dependency graph; refuse models with no attention."""
-    gm = trace_model(model, example_input_for(input_size))
+    gm = capture(model, example_input_for(input_size))
     dg = DependencyGraph.build(gm)
     if not _has_attention(dg):
         raise UnsupportedModelError(
@@ -198,7 +196,7 @@ def format_inspect(d: dict[str, Any]) -> str:
 # -- saving and loading -------------------------------------------------------------------------
 def replay(model: nn.Module, recipe: list[dict[str, Any]], input_size: tuple[int, int, int]) -> fx.GraphModule:
     """Trace ``model`` and re-apply the passes of ``recipe`` (shapes only; weights come after)."""
-    gm = trace_model(model, example_input_for(tuple(input_size)))
+    gm = capture(model, example_input_for(tuple(input_size)))
     for step in recipe:
         cls = PASSES.get(step.get("pass"))
         if cls is None:
@@ -207,53 +205,49 @@ def replay(model: nn.Module, recipe: list[dict[str, Any]], input_size: tuple[int
     return gm
 
 
-def compressed_dict(result: CompressResult) -> dict[str, Any]:
-    if result.source is None:
-        raise InputError("this model has no rebuildable source (it came from a pickled module); "
-                         "save it with save_compressed(..., allow_pickle=True)")
-    return {
-        "format": FORMAT,
-        "version": FORMAT_VERSION,
-        "source": result.source,
-        "input_size": list(result.input_size),
-        "recipe": result.recipe,
-        "state_dict": {k: v.detach().clone() for k, v in result.model.state_dict().items()},
-        "report": json.loads(json.dumps(result.report)),
-    }
+def exported_program(model: nn.Module, input_size: tuple[int, int, int]) -> torch.export.ExportedProgram:
+    """The compressed model as an ExportedProgram with a dynamic batch (what ``PREFIX.pt2`` holds)."""
+    x = example_input_for(tuple(input_size), batch=2)
+    batch = torch.export.Dim("batch", min=1)
+    with torch.no_grad():
+        return torch.export.export(model, (x,), strict=False, dynamic_shapes=({0: batch},))
 
 
-def save_compressed(result: CompressResult, path: str | os.PathLike, *, allow_pickle: bool = False) -> None:
-    """Write ``result`` to ``path`` atomically; weights-only loadable unless ``allow_pickle``."""
-    obj: Any = compressed_dict(result) if result.source is not None or not allow_pickle else result.model
-    _atomic_write(path, lambda f: torch.save(obj, f))
+def save_compressed(result: CompressResult, path: str | os.PathLike) -> None:
+    """Write ``result.model`` to ``path`` as a ``.pt2`` (``torch.export.save``), atomically.
+
+    ``torch.export.load(path).module()`` runs it with plain torch: no vitprune, timm or transformers
+    import, no pickled model class. The report rides along as ``vitprune.json`` in the archive."""
+    program = exported_program(result.model, result.input_size)
+    meta = json.dumps({"input_size": list(result.input_size), "recipe": result.recipe,
+                       "source": result.source, "report": result.report}, default=str)
+    _atomic_write(path, lambda f: torch.export.save(program, f, extra_files={"vitprune.json": meta}))
 
 
-def load_compressed_dict(obj: dict[str, Any]) -> fx.GraphModule:
-    """Rebuild a compressed model from :func:`compressed_dict`'s output (no pickled code involved)."""
-    if obj.get("format") != FORMAT or obj.get("version") != FORMAT_VERSION:
-        raise LoadError(f"not a {FORMAT} v{FORMAT_VERSION} file")
-    source = obj["source"]
-    if source.get("kind") != "timm":
-        raise LoadError(f"unknown model source {source.get('kind')!r}")
-    import timm
+def load_compressed(path: str | os.PathLike) -> nn.Module:
+    """Reload a ``.pt2`` written by :func:`save_compressed` (or any ``torch.export.save`` file).
 
-    model = timm.create_model(source["arch"], pretrained=False, **source.get("kwargs", {}))
-    gm = replay(model, obj["recipe"], tuple(obj["input_size"]))
-    try:
-        gm.load_state_dict(obj["state_dict"], strict=True)
-    except RuntimeError as e:
-        raise LoadError(f"compressed weights do not fit the replayed graph: {' '.join(str(e).split())[:300]}") from e
-    return gm.eval()
+    ``torch.export.load`` may run code stored in the archive (torch's own warning), so only load
+    files you trust; ``vitprune.load_model(path, trust_pickle=True)`` is the checked entry point."""
+    from .load import load_model
+
+    return load_model(os.fspath(path), trust_pickle=True).model
 
 
-def load_compressed(path: str | os.PathLike) -> fx.GraphModule:
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    return load_compressed_dict(obj)
+def export_model(model: nn.Module, path: str | os.PathLike, *, input_size: tuple[int, int, int] | None = None,
+                 opset: int = 18) -> dict[str, Any]:
+    """The (unpruned) model as a checked ONNX file, captured exactly as ``compress`` captures it, so
+    the original and the compressed model go through one IR and one exporter path."""
+    from .export import export_onnx
+
+    size = resolve_input_size(model, None, input_size)
+    gm = capture(model, example_input_for(size))
+    return export_onnx(gm, example_input_for(size, batch=1), path, opset=opset)
 
 
 def write_outputs(result: CompressResult, prefix: str | os.PathLike, *, export: bool = True,
                   opset: int = 18) -> dict[str, str]:
-    """Write PREFIX.onnx, PREFIX.pt and PREFIX.json; all or nothing (temp files, then rename)."""
+    """Write PREFIX.onnx, PREFIX.pt2 and PREFIX.json; all or nothing (temp files, then rename)."""
     from .export import export_onnx
 
     prefix = os.fspath(prefix)
@@ -270,9 +264,9 @@ def write_outputs(result: CompressResult, prefix: str | os.PathLike, *, export: 
             report["onnx"]["path"] = prefix + ".onnx"
             staged.append((tmp_onnx, prefix + ".onnx"))
         result.report = report
-        tmp_pt = _temp_name(prefix + ".pt")
-        save_compressed(result, tmp_pt, allow_pickle=result.source is None)
-        staged.append((tmp_pt, prefix + ".pt"))
+        tmp_pt2 = _temp_name(prefix + ".pt2")
+        save_compressed(result, tmp_pt2)
+        staged.append((tmp_pt2, prefix + ".pt2"))
         tmp_json = _temp_name(prefix + ".json")
         with open(tmp_json, "w") as f:
             json.dump(report, f, indent=2)

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 from vitprune.errors import InputError, VitpruneError
 
 PROG = "vitprune"
-_OUT_SUFFIXES = (".onnx", ".pt", ".json")
+_OUT_SUFFIXES = (".onnx", ".pt2", ".json")
 
 
 class _UsageError(Exception):
@@ -70,12 +70,15 @@ def _batch_list(text: str) -> list[int]:
 
 def _add_load_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL",
-                   help="timm:<name> (random weights), a checkpoint file (with --arch), "
-                        "a vitprune .pt, or a pickled nn.Module (with --trust-pickle)")
+                   help="timm:<name> or torchvision:<name> (random weights), a checkpoint file (with "
+                        "--arch), a Hugging Face model directory, a .pt2 (torch.export.save; with "
+                        "--trust-pickle), or a pickled nn.Module (with --trust-pickle)")
     g = p.add_argument_group("loading")
-    g.add_argument("--arch", help="timm architecture of a state-dict checkpoint, e.g. deit_small_patch16_224")
+    g.add_argument("--arch", help="architecture of a state-dict checkpoint: timm:NAME (or a bare timm name) "
+                                  "or torchvision:NAME, e.g. deit_small_patch16_224")
     g.add_argument("--trust-pickle", action="store_true",
-                   help="allow unpickling a whole nn.Module (runs code from the file: only for files you trust)")
+                   help="allow a whole pickled nn.Module or a .pt2 archive (both can run code from the "
+                        "file: only for files you trust)")
     g.add_argument("--img-size", type=_positive_int, metavar="N", help="square input size N x N")
     g.add_argument("--num-classes", type=_nonneg_int, metavar="N",
                    help="classifier outputs (inferred from a checkpoint when omitted)")
@@ -92,8 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="re-raise errors with the full traceback")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    c = sub.add_parser("compress", help="prune a ViT to a FLOPs target; write PREFIX.onnx/.pt/.json",
-                       description="Prune a ViT and write PREFIX.onnx, PREFIX.pt and PREFIX.json.")
+    c = sub.add_parser("compress", help="prune a ViT to a FLOPs target; write PREFIX.onnx/.pt2/.json",
+                       description="Prune a ViT and write PREFIX.onnx, PREFIX.pt2 and PREFIX.json.")
     _add_load_flags(c)
     s = c.add_argument_group("spec (flags override --spec)")
     s.add_argument("--spec", metavar="FILE", help="JSON or YAML spec file (see README, 'Spec format')")
@@ -133,12 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--min-keep", type=float, metavar="F", help="fraction of every group always kept, in (0, 1]")
     s.add_argument("--calib-batches", type=int, metavar="N", help="calibration batches for taylor importance")
     s.add_argument("--batch-size", type=int, metavar="N", help="calibration batch size")
-    s.add_argument("--seed", type=int, metavar="N")
+    s.add_argument("--seed", type=int, metavar="N",
+                   help="random seed: random-weight models (timm:, torchvision:, HF config) and calibration")
     s.add_argument("--data", metavar="DIR", help="image folder (DIR/<class>/<image> or DIR/train/...) "
                    "for taylor calibration; without it, taylor uses random images")
     o = c.add_argument_group("output")
-    o.add_argument("--out", required=True, metavar="PREFIX", help="output prefix (writes PREFIX.onnx/.pt/.json)")
-    o.add_argument("--no-export", action="store_true", help="skip ONNX export (writes PREFIX.pt/.json)")
+    o.add_argument("--out", required=True, metavar="PREFIX", help="output prefix (writes PREFIX.onnx/.pt2/.json)")
+    o.add_argument("--no-export", action="store_true", help="skip ONNX export (writes PREFIX.pt2/.json)")
     o.add_argument("--opset", type=_positive_int, default=18, metavar="N", help="ONNX opset (default 18)")
     _add_debug(c)
     c.set_defaults(func=cmd_compress)
@@ -191,11 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------------------------------------- commands
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace, seed: int = 0):
+    """MODEL as the loading flags say; random-weight models are built under ``seed``."""
     from vitprune.load import load_model
 
     return load_model(args.model, arch=args.arch, trust_pickle=args.trust_pickle,
-                      img_size=args.img_size, num_classes=args.num_classes)
+                      img_size=args.img_size, num_classes=args.num_classes, seed=seed)
 
 
 def spec_from_args(args: argparse.Namespace):
@@ -229,7 +234,7 @@ def _out_prefix(text: str) -> str:
 def cmd_compress(args: argparse.Namespace) -> int:
     prefix = _out_prefix(args.out)
     spec = spec_from_args(args)  # bad spec fails before the (slow) load
-    loaded = _load(args)
+    loaded = _load(args, seed=spec.seed)
     size = spec.input_size if (spec.input_size and args.img_size is None) else loaded.input_size
     from vitprune import api
 
@@ -281,12 +286,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     if not args.out.lower().endswith(".onnx") or os.path.isdir(args.out):
         raise InputError(f"--out {args.out!r} must be a file name ending in .onnx")
     loaded = _load(args)
-    import torch
+    from vitprune import api
 
-    from vitprune.export import export_onnx
-
-    example = torch.randn(1, *loaded.input_size)
-    info = _in_new_folder(args.out, lambda: export_onnx(loaded.model, example, args.out, opset=args.opset))
+    info = _in_new_folder(args.out, lambda: api.export_model(loaded.model, args.out, input_size=loaded.input_size,
+                                                             opset=args.opset))
     print(f"wrote {args.out}")
     for k, v in (info or {}).items():
         if isinstance(v, (str, int, float, bool)):

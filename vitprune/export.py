@@ -4,17 +4,14 @@
 shape inference, then ORT-vs-torch parity at several batch sizes. The file appears at its final path
 only after every check passed (temp file + ``os.replace``), so a file at ``path`` is always a good one.
 
-Exporter choice: ``torch.onnx.export(..., dynamo=True)`` (the torch.export-based exporter), measured on
-torch 2.14 / onnxscript 0.7 with traced ``deit_tiny_patch16_224`` (12 blocks):
-
-* dynamo=True exports a raw ``torch.fx.symbolic_trace`` GraphModule as is, with a symbolic batch axis
-  (``Dim("batch")``), in ~6 s: 503 nodes, no Constant/Identity clutter, ORT parity ~1e-6. It also
-  exports hand-pruned graphs (qkv rows sliced, reshape constants rewritten, ``F.linear`` on get_attr
-  parameters, ``topk``/``gather`` token selection) with the same parity.
-* dynamo=False (TorchScript) fails on the same GraphModule with an INTERNAL ASSERT
-  (``aten::eq`` on the ``torch._assert`` nodes that symbolic tracing inserts for specialised
-  arguments); after stripping those asserts it works but gives 955 nodes (251 Constant, 94 Identity,
-  shape arithmetic re-derived per block). It is also deprecated since torch 2.9.
+Exporter choice: ``torch.onnx.export(..., dynamo=True)`` (the torch.export-based exporter), the same
+capture vitprune's own IR comes from (:mod:`vitprune.capture`): the captured ATen GraphModule is
+re-exported as is, with a symbolic batch axis (``Dim("batch")``). On ``deit_tiny_patch16_224`` (12
+blocks) that gives 503 nodes, no Constant/Identity clutter and ORT parity ~1e-6, and pruned graphs
+(qkv rows sliced, reshape constants rewritten, ``topk``/``gather`` token selection) export the same
+way. The TorchScript exporter (dynamo=False) is deprecated since torch 2.9 and gave about twice the
+nodes. The program is always traced at batch >= 2 (a batch of 1 would be specialised and baked in),
+and a reshape of a transposed tensor reads a contiguous copy first (see ``_materialise_layouts``).
 
 Opset: the dynamo exporter implements opset 18 natively; a lower opset is reached by onnx's version
 converter, which *silently keeps opset 18* when it cannot convert (seen for ``ReduceMean`` and
@@ -25,6 +22,7 @@ and the produced opset is checked: a model that is not at the requested opset is
 from __future__ import annotations
 
 import collections
+import copy
 import os
 import re
 import tempfile
@@ -87,7 +85,7 @@ def export_onnx(
     was_training = model.training
     model.eval()
     try:
-        proto = _to_proto(model, example_input, opset, dynamic_batch)
+        proto = _to_proto(_materialise_layouts(model), example_input, opset, dynamic_batch)
         tmp.write_bytes(proto.SerializeToString())
         proto = onnx.load(str(tmp))  # check what is on disk, not what is in memory
         _check_proto(proto, opset)
@@ -191,14 +189,45 @@ def _validate_args(model: Any, example_input: Any, path: str | os.PathLike, opse
         raise InputError(f"output path is a folder, not a file: {path}")
 
 
+def _materialise_layouts(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of a captured graph in which every reshape of a transposed tensor reads a contiguous
+    copy first.
+
+    The exporter's decomposition turns ``reshape`` into ``view``, and with a symbolic batch it cannot
+    always prove that a transposed attention output may be viewed (beit and relpos ViTs: the strides
+    of its decomposed attention differ from eager's), so it fails on a valid graph. ``reshape`` copies
+    such a tensor anyway, so the explicit contiguous ``clone`` computes the same values."""
+    if not isinstance(model, torch.fx.GraphModule):
+        return model
+    gm = copy.deepcopy(model)
+    graph = gm.graph
+    for node in list(graph.nodes):
+        source = node.args[0] if node.args else None
+        if (node.target is not torch.ops.aten.reshape.default or not isinstance(source, torch.fx.Node)
+                or source.target not in _LAYOUT_VIEWS):
+            continue
+        with graph.inserting_before(node):
+            dense = graph.call_function(torch.ops.aten.clone.default, (source,),
+                                        {"memory_format": torch.contiguous_format})
+        node.replace_input_with(source, dense)
+    gm.recompile()
+    return gm
+
+
+_LAYOUT_VIEWS = (torch.ops.aten.transpose.int, torch.ops.aten.permute.default)
+
+
 def _to_proto(model: torch.nn.Module, example_input: torch.Tensor, opset: int,
               dynamic_batch: bool) -> onnx.ModelProto:
     """Run the exporter in memory; weights are embedded (``external_data=False``) in the proto.
 
-    dynamo=True, not the TorchScript exporter: see the module docstring for the measurements
-    (TorchScript crashes on symbolic_trace's assert nodes and gives ~2x the nodes when it works).
+    dynamo=True, not the TorchScript exporter: see the module docstring.
     """
-    dynamic_shapes = ({0: torch.export.Dim(BATCH_DIM)},) if dynamic_batch else None
+    dynamic_shapes = ({0: torch.export.Dim(BATCH_DIM, min=1)},) if dynamic_batch else None
+    if dynamic_batch and example_input.shape[0] < 2:
+        # torch.export specialises a size-1 dim: exporting at batch 1 bakes the batch into views
+        # and reshapes (ORT then rejects batch 4), so the program is always traced at batch 2
+        example_input = example_input.expand(2, *example_input.shape[1:]).contiguous()
     program = torch.onnx.export(
         model, (example_input,), None, dynamo=True, opset_version=opset,
         input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_shapes=dynamic_shapes,

@@ -18,7 +18,7 @@ from torch import nn
 
 from .bench import compare
 from .export import export_onnx
-from .trace import example_input_for
+from .capture import example_input_for
 
 
 def compress_to_latency(model: nn.Module, spec: Any, *, example_input_size: tuple[int, int, int],

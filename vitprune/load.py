@@ -1,16 +1,28 @@
-"""Model loading: ``timm:<name>``, a checkpoint plus ``arch``, a vitprune compressed model, or (only when
-trusted) a whole pickled ``nn.Module``.
+"""Model loading: ``timm:<name>`` or ``torchvision:<name>`` (random weights under a seed), a checkpoint
+plus ``arch``, a Hugging Face model directory, a ``torch.export`` ``.pt2`` archive (what vitprune writes
+for a compressed model), or (only when trusted) a whole pickled ``nn.Module``.
 
-Files are read with ``torch.load(weights_only=True)``: that never runs code from the file. A file that
-pickles Python objects (e.g. ``torch.save(model)``) needs ``trust_pickle=True``. Whether the model is a
-ViT is not checked here; the tracer refuses models it cannot analyse.
+What runs code from a file: checkpoints are read with ``torch.load(weights_only=True)``, which never
+does; a file that pickles Python objects (e.g. ``torch.save(model)``) needs ``trust_pickle=True``.
+Hugging Face directories are read offline (``local_files_only=True``), never with
+``trust_remote_code``; transformers reads ``model.safetensors`` as data and ``pytorch_model.bin`` with
+``weights_only=True``. A ``.pt2`` archive also needs ``trust_pickle=True``: ``torch.export.load``
+unpickles parts of it with ``weights_only=False`` (sample inputs, pickled weights and constants) and
+``ExportedProgram.module()`` ``exec``s the guard expressions stored in it, so a crafted ``.pt2`` runs
+arbitrary code; PyTorch's own documentation says never to load an untrusted one.
+
+Whether the model is a ViT is not checked here; the tracer refuses models it cannot analyse.
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
+import logging
 import os
 import pickle
 import re
+import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,10 +31,16 @@ from torch import nn
 
 from vitprune.errors import InputError, LoadError
 
-COMPRESSED_FORMAT = "vitprune-compressed"
 #: Keys under which training checkpoints keep their state dict, in order of preference.
 STATE_DICT_KEYS: tuple[str, ...] = ("state_dict", "model", "state_dict_ema")
-_TIMM_PREFIX = "timm:"
+#: MODEL / --arch prefixes of the architectures built with random weights; a bare --arch means timm.
+ARCH_KINDS: tuple[str, ...] = ("timm", "torchvision")
+_TV_DEFAULT_CLASSES = 1000  # torchvision classifiers' num_classes default
+#: Weight files of a save_pretrained directory (sharded weights come with an index).
+HF_WEIGHT_FILES: tuple[str, ...] = (
+    "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
+)
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".h5", ".msgpack", ".ckpt", ".pt", ".pth")
 
 
 @dataclass
@@ -42,43 +60,78 @@ def load_model(
     trust_pickle: bool = False,
     img_size: int | None = None,
     num_classes: int | None = None,
+    seed: int = 0,
 ) -> LoadedModel:
-    """Load ``ref``: ``timm:<name>`` (random weights) or a file path (see module docstring)."""
+    """Load ``ref`` (see the module docstring): ``timm:<name>`` / ``torchvision:<name>``, a checkpoint
+    file (with ``arch``), a Hugging Face model directory, a ``.pt2`` archive or a vitprune ``.pt``.
+
+    Random weights (``timm:``, ``torchvision:``, a Hugging Face config without weights) are drawn
+    under ``seed`` in a forked RNG: equal seeds give equal weights, and the global RNG is untouched.
+    """
     _check_positive("img_size", img_size)
     _check_positive("num_classes", num_classes, allow_zero=True)
-    if ref.startswith(_TIMM_PREFIX):
-        name = ref[len(_TIMM_PREFIX):]
-        kwargs = _timm_kwargs(img_size, num_classes)
-        model = _create_timm(name, kwargs)
+    _check_seed(seed)
+    kind = next((k for k in ARCH_KINDS if ref.startswith(k + ":")), None)
+    if kind is not None:
+        name = ref[len(kind) + 1:]
+        kwargs = _arch_kwargs(kind, name, img_size, num_classes)
+        model = _build_arch(kind, name, kwargs, seed)
         model.eval()
-        return LoadedModel(model, _timm_source(name, kwargs), input_size_of(model, img_size))
-    return _load_file(ref, arch=arch, trust_pickle=trust_pickle, img_size=img_size, num_classes=num_classes)
+        return LoadedModel(model, _arch_source(kind, name, kwargs), input_size_of(model, img_size))
+    return _load_file(ref, arch=arch, trust_pickle=trust_pickle, img_size=img_size, num_classes=num_classes,
+                      seed=seed)
 
 
 def input_size_of(model: nn.Module, img_size: int | None = None) -> tuple[int, int, int]:
-    """(C, H, W): explicit ``img_size`` > timm ``patch_embed`` > ``pretrained_cfg["input_size"]``."""
-    pe = getattr(model, "patch_embed", None)
-    pe_size = getattr(pe, "img_size", None)
-    pe_chans = getattr(getattr(pe, "proj", None), "in_channels", None)
-    cfg = getattr(model, "pretrained_cfg", None)
-    cfg_size = cfg.get("input_size") if isinstance(cfg, dict) else None
-    if cfg_size is not None and len(tuple(cfg_size)) != 3:
-        cfg_size = None
+    """(C, H, W): explicit ``img_size`` > timm ``patch_embed`` > torchvision ``image_size`` > a Hugging
+    Face ``config`` (``image_size``, ``num_channels``; its ``vision_config`` if it has one) > timm
+    ``pretrained_cfg["input_size"]``. With ``img_size`` the channels come from the first rule that knows them."""
+    hints = _size_hints(model)
     if img_size is not None:
-        chans = pe_chans if isinstance(pe_chans, int) else (int(cfg_size[0]) if cfg_size else 3)
+        chans = next((c for c, _ in hints if c is not None), 3)
         return (chans, int(img_size), int(img_size))
-    if isinstance(pe_chans, int) and pe_size is not None:
-        hw = (pe_size, pe_size) if isinstance(pe_size, int) else tuple(pe_size)
-        if len(hw) == 2:
-            return (pe_chans, int(hw[0]), int(hw[1]))
-    if cfg_size is not None:
-        return tuple(int(x) for x in cfg_size)  # type: ignore[return-value]
+    for chans, hw in hints:
+        if chans is not None and hw is not None:
+            return (chans, hw[0], hw[1])
     raise LoadError(
         f"cannot tell the input size of this {type(model).__name__}; pass --img-size N (square N x N input)"
     )
 
 
-# ---------------------------------------------------------------------------------------------- timm
+def _size_hints(model: nn.Module) -> list[tuple[int | None, tuple[int, int] | None]]:
+    """(channels, (H, W)) as each convention states them, most specific first; None where unknown."""
+    pe = getattr(model, "patch_embed", None)
+    pe_chans = _int_or_none(getattr(getattr(pe, "proj", None), "in_channels", None))
+    pe_hw = _hw(getattr(pe, "img_size", None)) if pe_chans is not None else None
+    tv_hw = _hw(getattr(model, "image_size", None))
+    tv_chans = _int_or_none(getattr(getattr(model, "conv_proj", None), "in_channels", None))
+    tv_chans = tv_chans or (3 if tv_hw else None)
+    config = getattr(model, "config", None)
+    config = getattr(config, "vision_config", None) or config
+    hf_hw = _hw(getattr(config, "image_size", None))
+    hf_chans = _int_or_none(getattr(config, "num_channels", None)) or (3 if hf_hw else None)
+    cfg = getattr(model, "pretrained_cfg", None)
+    cfg_size = cfg.get("input_size") if isinstance(cfg, dict) else None
+    cfg_hint: tuple[int | None, tuple[int, int] | None] = (None, None)
+    if cfg_size is not None and len(tuple(cfg_size)) == 3:
+        cfg_hint = (int(cfg_size[0]), (int(cfg_size[1]), int(cfg_size[2])))
+    return [(pe_chans, pe_hw), (tv_chans, tv_hw), (hf_chans, hf_hw), cfg_hint]
+
+
+def _int_or_none(v: Any) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+def _hw(v: Any) -> tuple[int, int] | None:
+    """An int or an (H, W) pair as (H, W); None for anything else."""
+    if _int_or_none(v) is not None:
+        return (v, v)
+    if isinstance(v, (tuple, list)) and len(v) == 2 and all(_int_or_none(x) is not None for x in v):
+        return (v[0], v[1])
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- architectures
 def _check_positive(name: str, v: int | None, allow_zero: bool = False) -> None:
     if v is None:
         return
@@ -88,6 +141,47 @@ def _check_positive(name: str, v: int | None, allow_zero: bool = False) -> None:
         raise InputError(f"{flag} must be an integer >= {lo}, got {v!r}")
 
 
+def _check_seed(seed: int) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise InputError(f"--seed must be an integer in [0, 2**64), got {seed!r}")
+
+
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Seed torch's CPU RNG for the block; the caller's RNG state is restored afterwards."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _split_arch(arch: str) -> tuple[str, str]:
+    """``timm:NAME`` / ``torchvision:NAME`` → (kind, NAME); a bare name is a timm name."""
+    for kind in ARCH_KINDS:
+        if arch.startswith(kind + ":"):
+            return kind, arch[len(kind) + 1:]
+    return "timm", arch
+
+
+def _arch_kwargs(kind: str, name: str, img_size: int | None, num_classes: int | None) -> dict[str, Any]:
+    if kind == "timm":
+        return _timm_kwargs(img_size, num_classes)
+    kwargs: dict[str, Any] = {}
+    if img_size is not None and _is_torchvision_vit(name):
+        kwargs["image_size"] = img_size  # other torchvision classifiers take any input size
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    return kwargs
+
+
+def _build_arch(kind: str, name: str, kwargs: dict[str, Any], seed: int) -> nn.Module:
+    with _seeded(seed):
+        return _create_timm(name, kwargs) if kind == "timm" else _create_torchvision(name, kwargs)
+
+
+def _arch_source(kind: str, name: str, kwargs: dict[str, Any]) -> dict:
+    return {"kind": kind, "arch": name, "kwargs": dict(kwargs)}
+
+
 def _timm_kwargs(img_size: int | None, num_classes: int | None) -> dict[str, Any]:
     kwargs: dict[str, Any] = {}
     if img_size is not None:
@@ -95,10 +189,6 @@ def _timm_kwargs(img_size: int | None, num_classes: int | None) -> dict[str, Any
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     return kwargs
-
-
-def _timm_source(name: str, kwargs: dict[str, Any]) -> dict:
-    return {"kind": "timm", "arch": name, "kwargs": dict(kwargs)}
 
 
 def _create_timm(name: str, kwargs: dict[str, Any]) -> nn.Module:
@@ -123,27 +213,72 @@ def _suggest(name: str) -> str:
     for part in re.split(r"[_\-.]+", name):
         if len(part) >= 3:
             names.extend(timm.list_models(f"*{part}*"))
-    close = difflib.get_close_matches(name, sorted(set(names)) or timm.list_models(), n=5, cutoff=0.4)
+    return _did_you_mean(name, sorted(set(names)) or timm.list_models(), "timm.list_models()")
+
+
+def _did_you_mean(name: str, names: list[str], listing: str) -> str:
+    close = difflib.get_close_matches(name, names, n=5, cutoff=0.4)
     if close:
         return f"; did you mean {', '.join(close)}?"
-    return "; see timm.list_models() for the names"
+    return f"; see {listing} for the names"
+
+
+def _torchvision_classifiers() -> list[str]:
+    from torchvision import models
+
+    return models.list_models(module=models)  # classification only: not detection, video, ...
+
+
+def _is_torchvision_vit(name: str) -> bool:
+    from torchvision import models
+
+    if name not in _torchvision_classifiers():
+        return False
+    return models.get_model_builder(name).__module__ == "torchvision.models.vision_transformer"
+
+
+def _create_torchvision(name: str, kwargs: dict[str, Any]) -> nn.Module:
+    from torchvision import models
+
+    classifiers = _torchvision_classifiers()
+    if name not in classifiers:
+        if name and name in models.list_models():
+            raise LoadError(f"torchvision model {name!r} is not an image classifier; vitprune loads torchvision "
+                            f"classification models (torchvision.models.list_models(module=torchvision.models))")
+        raise LoadError(f"unknown torchvision model {name!r}"
+                        f"{_did_you_mean(name, classifiers, 'torchvision.models.list_models()')}")
+    try:
+        return models.get_model(name, weights=None, **kwargs)
+    except (TypeError, ValueError, AssertionError) as e:
+        if kwargs:
+            raise LoadError(f"torchvision model {name} does not accept {_fmt_kwargs(kwargs)} ({_one_line(e)}); "
+                            f"check --img-size/--num-classes") from e
+        raise
+
+
+def _one_line(e: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:limit]}" if text else type(e).__name__
 
 
 # ---------------------------------------------------------------------------------------------- files
 def _load_file(
-    path: str, *, arch: str | None, trust_pickle: bool, img_size: int | None, num_classes: int | None
+    path: str, *, arch: str | None, trust_pickle: bool, img_size: int | None, num_classes: int | None, seed: int
 ) -> LoadedModel:
     if not os.path.exists(path):
-        hint = " (for a timm architecture write timm:<name>)" if os.sep not in path and "." not in path else ""
+        hint = (" (for an architecture write timm:<name> or torchvision:<name>)"
+                if os.sep not in path and "." not in path else "")
         raise InputError(f"model file {path} does not exist{hint}")
     if os.path.isdir(path):
-        raise InputError(f"{path} is a directory, not a model file")
+        return _load_hf_dir(path, img_size=img_size, num_classes=num_classes, seed=seed)
+    is_pt2 = path.lower().endswith(".pt2") or _is_pt2_archive(path)
     if os.path.getsize(path) == 0:
-        raise LoadError(f"{path} is not a PyTorch checkpoint: the file is empty")
+        what = "torch.export .pt2 archive" if is_pt2 else "PyTorch checkpoint"
+        raise LoadError(f"{path} is not a {what}: the file is empty")
+    if is_pt2:
+        return _load_pt2(path, trust_pickle=trust_pickle, img_size=img_size, num_classes=num_classes)
     obj = _torch_load(path, trust_pickle)
 
-    if isinstance(obj, dict) and obj.get("format") == COMPRESSED_FORMAT:
-        return _from_compressed(obj, img_size)
     if isinstance(obj, nn.Module):  # only reachable with trust_pickle
         obj.eval()
         return LoadedModel(obj, None, input_size_of(obj, img_size))
@@ -152,7 +287,7 @@ def _load_file(
         if isinstance(held, nn.Module):  # {"model": module}, trusted pickle only
             held.eval()
             return LoadedModel(held, None, input_size_of(held, img_size))
-        return _from_state_dict(held, path, arch=arch, img_size=img_size, num_classes=num_classes)
+        return _from_state_dict(held, path, arch=arch, img_size=img_size, num_classes=num_classes, seed=seed)
     raise LoadError(
         f"{path} holds a {type(obj).__name__}, not a state dict, a checkpoint dict or an nn.Module"
     )
@@ -188,18 +323,6 @@ def _not_a_checkpoint(path: str, e: BaseException) -> LoadError:
     return LoadError(f"{path} is not a PyTorch checkpoint; it is corrupt or in another format ({detail})")
 
 
-def _from_compressed(obj: dict, img_size: int | None) -> LoadedModel:
-    from vitprune.api import load_compressed_dict
-
-    model = load_compressed_dict(obj)
-    stored = obj.get("input_size")
-    if img_size is None and stored is not None and len(stored) == 3:
-        size = tuple(int(x) for x in stored)
-    else:
-        size = input_size_of(model, img_size)
-    return LoadedModel(model, obj.get("source"), size)  # type: ignore[arg-type]
-
-
 def _is_state_dict(d: dict) -> bool:
     return bool(d) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in d.items())
 
@@ -227,29 +350,31 @@ def _unwrap_state_dict(obj: dict, path: str) -> dict | nn.Module:
 
 
 def _from_state_dict(
-    sd: dict, path: str, *, arch: str | None, img_size: int | None, num_classes: int | None
+    sd: dict, path: str, *, arch: str | None, img_size: int | None, num_classes: int | None, seed: int = 0
 ) -> LoadedModel:
     if not arch:
-        raise LoadError(f"{path} holds a state dict; pass --arch <timm model name>")
-    name = arch[len(_TIMM_PREFIX):] if arch.startswith(_TIMM_PREFIX) else arch
-    kwargs = _timm_kwargs(img_size, num_classes)
-    model = _create_timm(name, kwargs)
+        raise LoadError(f"{path} holds a state dict; pass --arch <timm model name> (or torchvision:<name>)")
+    kind, name = _split_arch(arch)
+    kwargs = _arch_kwargs(kind, name, img_size, num_classes)
+    model = _build_arch(kind, name, kwargs, seed)
+    # torchvision classifiers do not all record their class count; it is what the model was built with
+    count = None if kind == "timm" else kwargs.get("num_classes", _TV_DEFAULT_CLASSES)
     problems = _mismatches(model, sd)
     if problems and num_classes is None:
-        inferred = _infer_num_classes(model, sd, problems)
+        inferred = _infer_num_classes(model, sd, problems, count)
         if inferred is not None:
             kwargs["num_classes"] = inferred
-            model = _create_timm(name, kwargs)
+            model = _build_arch(kind, name, kwargs, seed)
             problems = _mismatches(model, sd)
     if problems:
         shown = "; ".join(map(str, problems[:4])) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
         raise LoadError(
-            f"{path} does not fit timm {name}{_fmt_kwargs(kwargs)}: {shown}. "
+            f"{path} does not fit {kind} {name}{_fmt_kwargs(kwargs)}: {shown}. "
             f"Check --arch, or pass --img-size/--num-classes to match the checkpoint"
         )
     model.load_state_dict(sd, strict=True)
     model.eval()
-    return LoadedModel(model, _timm_source(name, kwargs), input_size_of(model, img_size))
+    return LoadedModel(model, _arch_source(kind, name, kwargs), input_size_of(model, img_size))
 
 
 def _fmt_kwargs(kwargs: dict[str, Any]) -> str:
@@ -278,20 +403,31 @@ def _mismatches(model: nn.Module, sd: dict) -> list[_Mismatch]:
     return out
 
 
-def _classifier_names(model: nn.Module) -> list[str]:
-    """Module names of ``model.get_classifier()`` (a module, or a tuple of them for distilled ViTs)."""
+def _classifier_names(model: nn.Module, num_classes: int | None = None) -> list[str]:
+    """Module names of the classifier: timm's ``get_classifier()`` (a module, or a tuple of them for
+    distilled ViTs); otherwise the last ``nn.Linear`` whose ``out_features`` is the class count
+    (``num_classes``, else the model's ``num_classes`` attribute or ``config.num_labels``)."""
     get = getattr(model, "get_classifier", None)
-    if get is None:
+    if callable(get):
+        heads = get()
+        heads = heads if isinstance(heads, (tuple, list)) else (heads,)
+        ids = {id(h) for h in heads if isinstance(h, nn.Module)}
+        return [n for n, m in model.named_modules() if id(m) in ids and n]
+    if num_classes is None:
+        num_classes = _int_or_none(getattr(model, "num_classes", None))
+    if num_classes is None:
+        num_classes = _int_or_none(getattr(getattr(model, "config", None), "num_labels", None))
+    if num_classes is None:
         return []
-    heads = get()
-    heads = heads if isinstance(heads, (tuple, list)) else (heads,)
-    ids = {id(h) for h in heads if isinstance(h, nn.Module)}
-    return [n for n, m in model.named_modules() if id(m) in ids and n]
+    heads = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.out_features == num_classes]
+    return heads[-1:]
 
 
-def _infer_num_classes(model: nn.Module, sd: dict, problems: list[_Mismatch]) -> int | None:
+def _infer_num_classes(
+    model: nn.Module, sd: dict, problems: list[_Mismatch], num_classes: int | None = None
+) -> int | None:
     """The checkpoint's class count, when the classifier is the only thing that does not fit."""
-    names = _classifier_names(model)
+    names = _classifier_names(model, num_classes)
     if not names:
         return None
 
@@ -306,3 +442,223 @@ def _infer_num_classes(model: nn.Module, sd: dict, problems: list[_Mismatch]) ->
     if not any(in_head(k) for k in sd):  # headless checkpoint (num_classes=0)
         return 0
     return None
+
+
+# ---------------------------------------------------------------------------------------------- Hugging Face
+def _load_hf_dir(path: str, *, img_size: int | None, num_classes: int | None, seed: int) -> LoadedModel:
+    """A ``save_pretrained`` directory, offline; random weights (under ``seed``) when it has none."""
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise LoadError(
+            f"{path} is a directory but has no config.json; a Hugging Face model directory as save_pretrained "
+            f"writes it (config.json plus model.safetensors or pytorch_model.bin) is expected"
+        )
+    transformers = _import_transformers()
+    config = _hf_config(transformers, path)
+    cls = _hf_class(transformers, config, path)
+    kwargs = _hf_overrides(config, cls.__name__, img_size, num_classes)
+    with _seeded(seed):
+        if _has_hf_weights(path):
+            model = _hf_from_pretrained(cls, path, config)
+        else:
+            model = cls(config)
+    model.float().eval()
+    source = {"kind": "hf", "path": os.path.abspath(path), "class": cls.__name__, "kwargs": kwargs}
+    return LoadedModel(model, source, input_size_of(model, img_size))
+
+
+def _import_transformers() -> Any:
+    try:
+        import transformers
+    except ImportError as e:
+        raise LoadError(
+            f"loading a Hugging Face model directory needs transformers ({_one_line(e)}): "
+            f"pip install 'vitprune[hf]'"
+        ) from e
+    return transformers
+
+
+def _hf_config(transformers: Any, path: str) -> Any:
+    try:  # no trust_remote_code: a config that needs custom code is refused
+        return transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # ValueError (unknown model_type), OSError (bad JSON), KeyError, ...
+        raise LoadError(
+            f"{path}/config.json cannot be read by transformers {transformers.__version__}: {_sentences(e)}"
+        ) from e
+
+
+def _sentences(e: BaseException, limit: int = 240) -> str:
+    """The first sentences of ``e``'s message on one line, up to about ``limit`` characters."""
+    out = ""
+    for sentence in re.split(r"(?<=\.)\s+", " ".join(str(e).split())):
+        if out and len(out) + len(sentence) > limit:
+            break
+        out = f"{out} {sentence}".strip()
+    return out[: limit + 80] or type(e).__name__
+
+
+def _hf_class(transformers: Any, config: Any, path: str) -> type:
+    """``config.architectures[0]`` when given; else the image-classification class, else the base model."""
+    names = getattr(config, "architectures", None) or []
+    if names:
+        try:
+            cls = getattr(transformers, str(names[0]), None)
+        except Exception:  # a lazy import that fails (missing backend): treat as absent
+            cls = None
+        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+            return cls
+        known = [n for n in dir(transformers) if n.endswith(("Model", "ForImageClassification"))]
+        raise LoadError(
+            f"{path}/config.json names architecture {names[0]!r}, which transformers "
+            f"{transformers.__version__} does not have (custom-code models are not run)"
+            f"{_did_you_mean(str(names[0]), known, 'the transformers model classes')}"
+        )
+    for auto in (transformers.AutoModelForImageClassification, transformers.AutoModel):
+        try:
+            return auto._model_mapping[type(config)]
+        except (KeyError, ValueError):
+            continue
+    raise LoadError(f"{path}/config.json: transformers has no model class for {type(config).__name__}")
+
+
+def _hf_overrides(config: Any, cls_name: str, img_size: int | None, num_classes: int | None) -> dict[str, Any]:
+    """Apply --img-size / --num-classes to ``config`` before the model is built; returns what was set."""
+    kwargs: dict[str, Any] = {}
+    target = getattr(config, "vision_config", None) or config
+    if img_size is not None and hasattr(target, "image_size"):
+        target.image_size = img_size
+        kwargs["image_size"] = img_size
+    if num_classes is not None:
+        if "ForImageClassification" not in cls_name:
+            raise LoadError(f"--num-classes applies to image-classification models; {cls_name} has no classifier")
+        config.num_labels = num_classes
+        kwargs["num_labels"] = num_classes
+    return kwargs
+
+
+def _has_hf_weights(path: str) -> bool:
+    names = set(os.listdir(path))
+    if names.intersection(HF_WEIGHT_FILES):
+        return True
+    other = sorted(n for n in names if n.endswith(_WEIGHT_SUFFIXES))
+    if other:  # e.g. shards without their index, TF/Flax weights: do not fall back to random weights
+        raise LoadError(
+            f"{path} has weight files but none transformers loads here ({', '.join(other[:3])}); expected "
+            f"{' or '.join(HF_WEIGHT_FILES[::2])} (or its .index.json for sharded weights)"
+        )
+    return False
+
+
+def _hf_from_pretrained(cls: type, path: str, config: Any) -> nn.Module:
+    try:
+        model, info = cls.from_pretrained(  # type: ignore[attr-defined]
+            path, config=config, local_files_only=True, output_loading_info=True, ignore_mismatched_sizes=True
+        )
+    except Exception as e:  # corrupt safetensors, truncated shards, ...
+        raise LoadError(
+            f"{path}: transformers could not load the weights into {cls.__name__} ({_one_line(e)})"
+        ) from e
+    problems = [f"missing {k}" for k in sorted(info.get("missing_keys") or ())]
+    for item in sorted(info.get("mismatched_keys") or (), key=str):
+        if isinstance(item, (tuple, list)) and len(item) == 3:
+            problems.append(f"{item[0]} is {list(item[1])} in the file, {list(item[2])} in the model")
+        else:
+            problems.append(f"{item} has another shape in the file")
+    if problems:
+        shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
+        raise LoadError(
+            f"{path} does not fit {cls.__name__}: {shown}. Check config.json, or pass --img-size/--num-classes "
+            f"to match the checkpoint"
+        )
+    return model
+
+
+# ---------------------------------------------------------------------------------------------- torch.export
+def _is_pt2_archive(path: str) -> bool:
+    """A zip with ``<dir>/archive_format`` holding ``pt2``, as ``torch.export.save`` writes it."""
+    try:
+        if not zipfile.is_zipfile(path):
+            return False
+        with zipfile.ZipFile(path) as z:
+            marks = [n for n in z.namelist() if n.count("/") == 1 and n.endswith("/archive_format")]
+            return bool(marks) and z.read(marks[0]).strip() == b"pt2"
+    except (OSError, zipfile.BadZipFile, RuntimeError, ValueError, EOFError):
+        return False
+
+
+def _is_torch_save_zip(path: str) -> bool:
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("/data.pkl") for n in z.namelist())
+    except (OSError, zipfile.BadZipFile, RuntimeError, ValueError, EOFError):
+        return False
+
+
+def _load_pt2(path: str, *, trust_pickle: bool, img_size: int | None, num_classes: int | None) -> LoadedModel:
+    """An ExportedProgram's module; only with ``trust_pickle`` (see the module docstring)."""
+    if not _is_pt2_archive(path):
+        raise LoadError(
+            f"{path} is not a torch.export archive (no ExportedProgram in it; torch.export.save writes one)"
+            f"{'; it is a torch.save file: give it a .pt/.pth name' if _is_torch_save_zip(path) else ''}"
+        )
+    if not trust_pickle:
+        raise LoadError(
+            f"{path} is a torch.export archive, and loading one runs code stored in it (torch.export.load "
+            f"unpickles parts of it, the exported module execs its guard expressions): re-run with "
+            f"--trust-pickle if you trust the file, or save model.state_dict() and pass --arch"
+        )
+    ep = _export_load(path)
+    size = _pt2_input_size(ep, path, img_size)
+    classes = _pt2_num_classes(ep)
+    if num_classes is not None and classes is not None and classes != num_classes:
+        raise LoadError(f"{path} was exported with {classes} classes, not --num-classes {num_classes}; "
+                        f"an exported graph is fixed: drop --num-classes or re-export")
+    try:
+        model = ep.module()
+    except Exception as e:
+        raise LoadError(f"{path}: the ExportedProgram cannot be turned into a module ({_one_line(e)})") from e
+    return LoadedModel(model, {"kind": "pt2", "path": os.path.abspath(path)}, size)
+
+
+def _export_load(path: str) -> Any:
+    quiet = logging.getLogger("torch.export")  # it logs a traceback before raising on a bad archive
+    was = quiet.disabled
+    quiet.disabled = True
+    try:  # a file object: torch.export.load warns about a path not ending in .pt2
+        with open(path, "rb") as f:
+            ep = torch.export.load(f)
+    except Exception as e:
+        raise LoadError(f"{path} is not a loadable torch.export archive ({_one_line(e)})") from e
+    finally:
+        quiet.disabled = was
+    if not isinstance(ep, torch.export.ExportedProgram):
+        raise LoadError(f"{path} holds a {type(ep).__name__}, not an ExportedProgram")
+    return ep
+
+
+def _pt2_input_size(ep: Any, path: str, img_size: int | None) -> tuple[int, int, int]:
+    """(C, H, W) of the first user input; its batch dimension may be symbolic, the rest must be static
+    (a symbolic H, W is taken from ``img_size``)."""
+    users = set(ep.graph_signature.user_inputs)
+    node = next((n for n in ep.graph.nodes if n.op == "placeholder" and n.name in users), None)
+    val = node.meta.get("val") if node is not None else None
+    shape = tuple(getattr(val, "shape", ()))
+    if len(shape) != 4 or _int_or_none(shape[1]) is None:
+        raise LoadError(f"{path}: the exported graph's first input is not an (N, C, H, W) image batch "
+                        f"with a fixed channel count (its shape: {list(shape) or 'unknown'})")
+    hw = tuple(_int_or_none(d) for d in shape[2:])
+    if None in hw:
+        if img_size is None:
+            raise LoadError(f"{path}: the exported graph has a symbolic image size; pass --img-size N")
+        return (shape[1], img_size, img_size)
+    if img_size is not None and hw != (img_size, img_size):
+        raise LoadError(f"{path} was exported for {hw[0]}x{hw[1]} inputs and an exported graph's spatial size "
+                        f"is fixed: drop --img-size {img_size} or re-export at that size")
+    return (shape[1], hw[0], hw[1])  # type: ignore[return-value]
+
+
+def _pt2_num_classes(ep: Any) -> int | None:
+    """The last dimension of the first output, when static."""
+    out = next((n for n in ep.graph.nodes if n.op == "output"), None)
+    first = out.args[0][0] if out is not None and out.args and out.args[0] else None
+    shape = getattr(getattr(first, "meta", {}).get("val"), "shape", None)
+    return _int_or_none(shape[-1]) if shape else None

@@ -52,10 +52,17 @@ __all__ = [
 REMOVED_KEY = "removed_layers"
 ACTIVATIONS = frozenset({"gelu", "relu", "silu"})
 _PASS_THROUGH = frozenset({"dropout"})  # identity at inference; allowed between act and fc2
-_MATMULS = frozenset({"matmul", "bmm", "__matmul__"})
+_MATMULS = frozenset({"matmul", "bmm", "mm"})
 _NORMS = frozenset({"layer_norm", "rms_norm"})
-_ADDS = frozenset({"add", "add_", "__add__", "iadd"})
-_MULS = frozenset({"mul", "mul_", "__mul__"})
+_ADDS = frozenset({"add", "add_"})
+_MULS = frozenset({"mul", "mul_"})
+#: between q·kᵀ and softmax: scaling, biases and masks (relative position, shifted windows), casts
+#: and the views that apply a window mask
+_SCORE_OPS = frozenset({"mul", "div", "add", "sub", "masked_fill", "where", "to", "clone", "view",
+                        "reshape", "dropout", "neg"})
+#: between softmax and ·v: dropout, casts, head masks
+_PROB_OPS = frozenset({"dropout", "to", "clone", "type_as", "view", "reshape", "mul"})
+_MAX_HOPS = 8
 
 
 class BranchError(UnsupportedModelError):
@@ -63,7 +70,7 @@ class BranchError(UnsupportedModelError):
 
 
 class UnknownShapeError(BranchError):
-    """A node a depth pass needs has no propagated shape (run ``vitprune.trace_model`` first)."""
+    """A node a depth pass needs has no propagated shape (run ``vitprune.capture`` first)."""
 
 
 @dataclass
@@ -152,28 +159,62 @@ def find_attention_branches(gm: fx.GraphModule) -> list[AttentionBranch]:
     return branches
 
 
-def _key(node: fx.Node, gm: fx.GraphModule) -> str:
+def _key(node: fx.Node, gm: fx.GraphModule | None) -> str:
     return op_key(node, gm) if node.op in ("call_function", "call_method", "call_module") else node.op
 
 
-def is_attention_core(node: fx.Node, gm: fx.GraphModule) -> bool:
-    """SDPA, or the softmax of an explicit attention: matmul → softmax → (dropout)* → matmul, the
-    probabilities being the second matmul's left operand."""
+def is_attention_core(node: fx.Node, gm: fx.GraphModule | None = None) -> bool:
+    """SDPA, or the softmax of an explicit attention, recognised by dataflow however it is written:
+    ``matmul(q, kᵀ)`` → (scale, bias, mask, casts)* → softmax → (dropout, casts)* → ``matmul(p, v)``
+    with the probabilities as the second matmul's left operand (either product may be a
+    two-operand ``einsum``)."""
     key = _key(node, gm)
     if key == "scaled_dot_product_attention":
         return True
-    src = node.args[0] if node.args else None
-    if key != "softmax" or not isinstance(src, fx.Node) or _key(src, gm) not in _MATMULS:
+    if key != "softmax" or not isinstance(_arg(node, 0, "input"), fx.Node):
         return False
-    frontier = [(node, u) for u in node.users]
-    while frontier:
-        producer, u = frontier.pop()
-        k = _key(u, gm)
-        if k in _MATMULS and u.args and u.args[0] is producer:
+    return _scores_from_matmul(node, gm) and _probs_to_matmul(node, gm)
+
+
+def _scores_from_matmul(softmax: fx.Node, gm: fx.GraphModule | None) -> bool:
+    # breadth first: the q·kᵀ product is the nearest one; a long bias/mask chain (relative
+    # position tables, window masks) must not use up the hops before it is reached
+    frontier, seen = [_arg(softmax, 0, "input")], set()
+    while frontier and len(seen) < _MAX_HOPS:
+        n = frontier.pop(0)
+        if n in seen:
+            continue
+        seen.add(n)
+        k = _key(n, gm)
+        if _left_operand(n, k) is not None:
             return True
-        if k in _PASS_THROUGH:
+        if k in _SCORE_OPS:
+            frontier.extend(a for a in n.all_input_nodes if a.op not in ("get_attr", "placeholder"))
+    return False
+
+
+def _probs_to_matmul(softmax: fx.Node, gm: fx.GraphModule | None) -> bool:
+    frontier, hops = [(softmax, u) for u in softmax.users], 0
+    while frontier and hops < _MAX_HOPS:
+        producer, u = frontier.pop()
+        hops += 1
+        k = _key(u, gm)
+        if _left_operand(u, k) is producer:
+            return True
+        if k in _PROB_OPS:
             frontier.extend((u, v) for v in u.users)
     return False
+
+
+def _left_operand(node: fx.Node, key: str) -> fx.Node | None:
+    """The left factor of a product of two tensors: ``matmul(a, b)`` or ``einsum(eq, [a, b])``
+    (attention written as ``einsum("bhid,bhjd->bhij", q, k)``); None for any other node."""
+    if key in _MATMULS and node.args and isinstance(node.args[0], fx.Node):
+        return node.args[0]
+    if key == "einsum" and len(node.args) > 1 and isinstance(node.args[1], (list, tuple)) \
+            and len(node.args[1]) == 2 and isinstance(node.args[1][0], fx.Node):
+        return node.args[1][0]
+    return None
 
 
 _is_attention_core = is_attention_core
@@ -229,6 +270,7 @@ def _delimit(gm: fx.GraphModule, core: fx.Node, add: fx.Node, residual: fx.Node,
     if norm is not None:
         outside |= ancestors(norm) | {norm}
     members = (ancestors(branch) | {branch}) - outside
+    members -= _shared_context(members, add, {residual} | ({norm} if norm is not None else set()), order)
     scale, gamma, out = _layer_scale(gm, branch, members)
     for n in members:
         if n.op == "get_attr" or not _is_tensor(n):
@@ -241,6 +283,23 @@ def _delimit(gm: fx.GraphModule, core: fx.Node, add: fx.Node, residual: fx.Node,
                      if n.op == "get_attr" and all(u in members for u in n.users)})
     nodes = sorted((n for n in members if n.op != "get_attr"), key=order.__getitem__)
     return AttentionBranch(-1, add, residual, branch, core, out, norm, scale, gamma, nodes, params)
+
+
+def _shared_context(members: set[fx.Node], add: fx.Node, stream: set[fx.Node],
+                    order: dict[fx.Node, int]) -> set[fx.Node]:
+    """Members that never read the residual stream but are also used outside the branch, with their
+    ancestors: context shared between blocks (an attention mask built from sizes, as Hugging Face
+    builds once per model; a position table several blocks index). It stays when the branch goes,
+    so it is neither removed nor counted; only a *stream-reading* node used elsewhere is an error."""
+    reads: set[fx.Node] = set()
+    for n in sorted(members, key=order.__getitem__):  # graph order: inputs are decided first
+        if any(a in stream or a in reads for a in n.all_input_nodes):
+            reads.add(n)
+    shared: set[fx.Node] = set()
+    for n in members - reads:
+        if n not in shared and any(u not in members and u is not add for u in n.users):
+            shared |= {n} | (ancestors(n) & members)
+    return shared
 
 
 def _layer_scale(gm: fx.GraphModule, branch: fx.Node, members: set[fx.Node]) -> tuple:
@@ -316,7 +375,7 @@ def _activation_site(gm: fx.GraphModule, act: fx.Node, kind: str) -> ActivationS
     for n in (fc1, act, fc2):
         if "tensor_meta" not in n.meta:
             raise UnknownShapeError(f"no propagated shape at `{n.format_node()}`; trace the model with "
-                                    "vitprune.trace_model (or call propagate_shapes) before depth passes")
+                                    "vitprune.capture (or call propagate_shapes) before depth passes")
     src = _arg(fc1, 0, "input")
     norm = src if (isinstance(src, fx.Node) and _key(src, gm) == "layer_norm" and len(src.users) == 1) else None
     return ActivationSite(-1, act, kind, fc1, fc2, between, w1, b1, w2, b2, d_in, hidden, d_out, norm)
@@ -353,10 +412,10 @@ def param_tensor(gm: fx.GraphModule, target: str) -> torch.Tensor:
 def own_module(gm: fx.GraphModule, module_path: str) -> torch.nn.Module:
     """Make ``gm``'s submodule at ``module_path`` private to ``gm`` before a pass edits it in place.
 
-    ``torch.fx.symbolic_trace`` puts the traced model's own leaf modules (``nn.Linear``,
-    ``nn.LayerNorm``) into the GraphModule, so replacing or deleting one of their parameters would
-    also change the eager model the graph was traced from. A shallow copy with its own parameter and
-    buffer dicts takes the module's place in ``gm``; the tensors themselves are not copied.
+    A GraphModule may share submodules with another module (``fx.GraphModule(root, graph)`` keeps
+    references to ``root``'s modules), so replacing or deleting one of their parameters would also
+    change that module. A shallow copy with its own parameter and buffer dicts takes the module's
+    place in ``gm``; the tensors themselves are not copied.
     """
     if not module_path:
         return gm

@@ -11,9 +11,9 @@ from .dims import PROD, AxisTable, DimMismatch
 from .groups import ChannelGroup, GroupMember, classify
 from .rules import RULES, RuleContext, op_key
 
-# Ops whose non-tensor results are plain Python arithmetic on sizes (x.shape[1], B * N, ...).
-_SIZE_OPS = {"getattr", "size", "dim", "numel", "getitem", "add", "sub", "mul", "floordiv", "truediv",
-             "eq", "ne", "lt", "le", "gt", "ge", "neg", "pow"}
+# Ops whose non-tensor results are sizes (sym_size(x, 0)) or arithmetic on them (B * N, ...).
+_SIZE_OPS = {"sym_size", "sym_numel", "sym_stride", "sym_storage_offset", "getitem", "add", "sub", "mul",
+             "floordiv", "truediv", "mod", "eq", "ne", "lt", "le", "gt", "ge", "neg", "pow"}
 
 
 @dataclass
@@ -49,7 +49,7 @@ class DependencyGraph:
         unsupported: list[UnsupportedOp] = []
         for node in gm.graph.nodes:
             ctx.node_dims[node] = _node_dims(ctx, node, param_dims, unsupported)
-        dg = cls(gm, table, ctx.node_dims, param_dims, unsupported=unsupported)
+        dg = cls(gm, table, ctx.node_dims, _in_use_order(gm, param_dims), unsupported=unsupported)
         dg.groups = dg._collect_groups(ctx.param_roles)
         return dg
 
@@ -105,6 +105,20 @@ class DependencyGraph:
             if seen[base] > 1:
                 g.suffix = f"#{seen[base] - 1}"
         return groups
+
+
+def _in_use_order(gm: fx.GraphModule, param_dims: dict[str, list[int]]) -> dict[str, list[int]]:
+    """Parameters ordered by their first use in the graph, not by where export lists them (all
+    ``get_attr`` nodes first): group names then come from the first parameter the data meets
+    (``residual:patch_embed.proj.weight[0]``), whatever the frontend."""
+    position = {n: i for i, n in enumerate(gm.graph.nodes)}
+    first_use: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and node.users:
+            at = min(position[u] for u in node.users)
+            first_use[str(node.target)] = min(first_use.get(str(node.target), at), at)
+    end = len(position)
+    return dict(sorted(param_dims.items(), key=lambda kv: first_use.get(kv[0], end)))
 
 
 def _nontrivial_factors(t: AxisTable, axis: int) -> list[int]:

@@ -14,8 +14,6 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
-from torch import nn
 
 from .dims import CAT, AxisTable
 
@@ -34,49 +32,43 @@ def rule(*keys: str) -> Callable[[Rule], Rule]:
 
 
 # -- naming ops --------------------------------------------------------------------------------
-_FUNCTION_NAMESPACES = (operator, torch, F, torch.Tensor)
-_FUNCTION_NAMES = (
-    "add sub mul truediv floordiv div neg pow matmul getitem abs exp log sqrt rsqrt sigmoid tanh erf "
-    "relu gelu silu softmax log_softmax dropout layer_norm rms_norm group_norm batch_norm linear "
-    "conv2d scaled_dot_product_attention cat stack flatten unflatten reshape permute transpose "
-    "squeeze unsqueeze unbind split chunk bmm mean sum amax clamp maximum minimum where "
-    "zeros ones full arange zeros_like ones_like hardswish hardsigmoid mish leaky_relu elu softplus "
-    "normalize cos sin reciprocal einsum roll flip cumsum topk gather sort argsort"
-).split()
-
-
-def _function_table() -> dict[Any, str]:
-    table: dict[Any, str] = {getattr: "getattr", operator.iadd: "add", operator.imul: "mul"}
-    for name in _FUNCTION_NAMES:
-        for ns in _FUNCTION_NAMESPACES:
-            fn = getattr(ns, name, None)
-            if fn is not None:
-                table.setdefault(fn, name)
-    return table
-
-
-FUNCTION_KEYS = _function_table()
-
-MODULE_KEYS: dict[type, str] = {
-    nn.GELU: "gelu", nn.ReLU: "relu", nn.SiLU: "silu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid",
-    nn.Hardswish: "hardswish", nn.Mish: "mish", nn.LeakyReLU: "leaky_relu", nn.ELU: "elu",
-    nn.Dropout: "dropout", nn.Dropout1d: "dropout", nn.Dropout2d: "dropout", nn.Softmax: "softmax",
+#: ATen ops that are spellings of another op for channel flow (``_unsafe_view`` is a ``view``)
+ALIASES: dict[str, str] = {
+    "_unsafe_view": "view", "contiguous": "clone", "alias": "clone", "lift_fresh_copy": "clone",
+    "_to_copy": "to", "clamp_min": "clamp", "clamp_max": "clamp", "hardtanh": "clamp",
+    "linalg_vector_norm": "norm", "split_with_sizes": "split", "_softmax": "softmax",
+    "_log_softmax": "log_softmax", "rsub": "sub", "true_divide": "div", "multiply": "mul",
+    "swapaxes": "transpose", "constant_pad_nd": "pad", "upsample_bicubic2d": "upsample",
+    "upsample_bilinear2d": "upsample", "upsample_nearest2d": "upsample", "_upsample_bicubic2d_aa": "upsample",
+    "_upsample_bilinear2d_aa": "upsample", "_adaptive_avg_pool2d": "adaptive_avg_pool2d",
+}
+#: Python functions export leaves in the graph (tuple indexing, size arithmetic on SymInts)
+PYTHON_KEYS: dict[Any, str] = {
+    operator.getitem: "getitem", operator.add: "add", operator.sub: "sub", operator.mul: "mul",
+    operator.floordiv: "floordiv", operator.truediv: "truediv", operator.neg: "neg", operator.pow: "pow",
+    operator.mod: "mod", operator.eq: "eq", operator.ne: "ne", operator.lt: "lt", operator.le: "le",
+    operator.gt: "gt", operator.ge: "ge",
 }
 
 
-def op_key(node: fx.Node, gm: fx.GraphModule) -> str:
-    """A stable name for the op a node performs (``linear``, ``reshape``, ``module:Foo`` ...)."""
+def op_key(node: fx.Node, gm: fx.GraphModule | None = None) -> str:
+    """The op a node performs, by its ATen overload packet (``aten.view.default`` → ``view``).
+
+    Read from ``node.target`` (an ``OpOverload``), never from the node's printed name; aliases map
+    to the op they spell. Other callables get a qualified name that no rule knows (reported)."""
+    target = node.target
     if node.op == "call_function":
-        key = FUNCTION_KEYS.get(node.target)
+        if isinstance(target, torch._ops.OpOverload):
+            name = target.overloadpacket.__name__
+            return ALIASES.get(name, name)
+        key = PYTHON_KEYS.get(target)
         if key is not None:
             return key
-        return f"{getattr(node.target, '__module__', '?')}.{getattr(node.target, '__name__', node.target)}"
-    if node.op == "call_method":
-        return str(node.target)
-    if node.op == "call_module":
-        cls = type(gm.get_submodule(node.target))
-        return MODULE_KEYS.get(cls, f"module:{cls.__module__}.{cls.__qualname__}")
-    return node.op
+        return f"{getattr(target, '__module__', '?')}.{getattr(target, '__name__', target)}"
+    if node.op == "call_module" and gm is not None:
+        cls = type(gm.get_submodule(str(target)))
+        return f"module:{cls.__module__}.{cls.__qualname__}"
+    return node.op if node.op != "call_method" else f"method:{target}"
 
 
 # -- context -----------------------------------------------------------------------------------
@@ -143,22 +135,17 @@ def _tensor_inputs(ctx: RuleContext, items: Sequence[Any]) -> list[tuple[Dims, t
 
 
 @rule("add", "sub", "mul", "truediv", "div", "floordiv", "pow", "maximum", "minimum", "where",
-      "masked_fill", "add_", "mul_", "sub_", "div_", "__add__", "__mul__", "__radd__", "__rmul__")
+      "masked_fill", "add_", "mul_", "sub_", "div_", "eq", "ne", "lt", "le", "gt", "ge",
+      "logical_and", "logical_or", "bitwise_and", "bitwise_or", "fmod", "remainder", "atan2", "lerp")
 def elementwise_nary(ctx: RuleContext, node: fx.Node) -> Dims:
     items = list(node.args) + list(node.kwargs.values())
     return broadcast(ctx, ctx.shape(node), _tensor_inputs(ctx, items))
 
 
-@rule("normalize")
-def normalize(ctx: RuleContext, node: fx.Node) -> Dims:
-    """L2-normalise along a dim: channel-wise like LayerNorm's statistics (pruning renormalises)."""
-    return list(ctx.dims(ctx.arg(node, 0, "input")))
-
-
 @rule("batch_norm")
 def batch_norm(ctx: RuleContext, node: fx.Node) -> Dims:
     xd = ctx.dims(ctx.arg(node, 0, "input"))
-    for i, name in enumerate(("running_mean", "running_var", "weight", "bias"), start=1):
+    for i, name in enumerate(("weight", "bias", "running_mean", "running_var"), start=1):
         p = ctx.arg(node, i, name)
         if ctx.dims(p) is not None:
             ctx.t.unify(ctx.dims(p)[0], xd[1])
@@ -167,9 +154,11 @@ def batch_norm(ctx: RuleContext, node: fx.Node) -> Dims:
 
 
 @rule("neg", "abs", "exp", "log", "sqrt", "rsqrt", "sigmoid", "tanh", "erf", "relu", "gelu", "silu",
-      "dropout", "clamp", "contiguous", "clone", "detach", "float", "half", "to", "type_as", "type",
-      "zeros_like", "ones_like", "hardswish", "hardsigmoid", "mish", "leaky_relu", "elu", "softplus",
-      "cos", "sin", "reciprocal", "softmax", "log_softmax", "relu_", "clamp_", "requires_grad_")
+      "dropout", "clamp", "clone", "detach", "to", "type_as", "zeros_like", "ones_like", "full_like",
+      "empty_like", "hardswish", "hardsigmoid", "mish", "leaky_relu", "elu", "softplus", "cos", "sin",
+      "reciprocal", "softmax", "log_softmax", "relu_", "gelu_", "silu_", "clamp_", "square", "sign",
+      "log1p", "expm1", "logical_not", "bitwise_not", "erfinv", "tan", "atan", "sigmoid_", "tanh_",
+      "feature_dropout", "alpha_dropout", "quick_gelu", "fill", "fill_", "zero_", "masked_fill_", "nan_to_num")
 def elementwise_unary(ctx: RuleContext, node: fx.Node) -> Dims:
     """Channel-wise ops on the first argument; softmax too (its normalised dim is never a channel
     pruned without intent: LayerNorm-like renormalisation is what pruning that dim means)."""
@@ -217,7 +206,7 @@ def layer_norm(ctx: RuleContext, node: fx.Node) -> Dims:
     x = ctx.arg(node, 0, "input")
     xd = ctx.dims(x)
     k = len(ctx.value(ctx.arg(node, 1, "normalized_shape")))
-    params = [ctx.arg(node, 2, "weight"), ctx.arg(node, 3, "bias")] if node.target is not F.rms_norm \
+    params = [ctx.arg(node, 2, "weight"), ctx.arg(node, 3, "bias")] if op_key(node) != "rms_norm" \
         else [ctx.arg(node, 2, "weight")]
     for p in params:
         pd = ctx.dims(p)
@@ -248,7 +237,7 @@ def _batch_broadcast(ctx: RuleContext, node: fx.Node, items: list[Any], keep_las
     return broadcast(ctx, out_shape, inputs)
 
 
-@rule("matmul", "bmm", "__matmul__")
+@rule("matmul", "bmm", "mm")
 def matmul(ctx: RuleContext, node: fx.Node) -> Dims:
     a, b = ctx.arg(node, 0, "input"), ctx.arg(node, 1, "other")
     ad, bd = ctx.dims(a), ctx.dims(b)
@@ -277,15 +266,15 @@ def sdpa(ctx: RuleContext, node: fx.Node) -> Dims:
 
 
 # -- reductions --------------------------------------------------------------------------------
-@rule("mean", "sum", "amax", "amin", "std", "var", "logsumexp", "norm")
+@rule("mean", "sum", "amax", "amin", "std", "var", "logsumexp", "norm", "prod", "any", "all")
 def reduction(ctx: RuleContext, node: fx.Node) -> Dims:
+    """``op(x, dim, keepdim)`` (``norm``: ``op(x, ord, dim, keepdim)``); no/empty dim reduces all."""
     xd = ctx.dims(node.args[0])
     ndim = len(xd)
-    dim = ctx.value(ctx.arg(node, 1, "dim"))
-    if node.target == "norm" or node.target is torch.norm:
-        dim = ctx.value(node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else None))
-    keepdim = bool(ctx.value(node.kwargs.get("keepdim", False)))
-    if dim is None:
+    at = 2 if op_key(node) == "norm" else 1
+    dim = ctx.value(ctx.arg(node, at, "dim"))
+    keepdim = bool(ctx.value(ctx.arg(node, at + 1, "keepdim", False)))
+    if dim is None or (isinstance(dim, (list, tuple)) and not dim):
         return [] if not keepdim else ctx.fresh([1] * ndim)
     dims = {d % ndim for d in (dim if isinstance(dim, (list, tuple)) else [dim])}
     out = []
@@ -307,7 +296,7 @@ def reshape_axes(ctx: RuleContext, in_dims: Dims, in_shape: Sequence[int], out_s
     return [next(it) if s != 1 else ctx.t.new(1) for s in out_shape]
 
 
-@rule("reshape", "view", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as")
+@rule("reshape", "view", "flatten", "unflatten", "squeeze", "unsqueeze")
 def reshape(ctx: RuleContext, node: fx.Node) -> Dims:
     x = node.args[0]
     return reshape_axes(ctx, ctx.dims(x), ctx.shape(x), ctx.shape(node))
@@ -326,18 +315,15 @@ def permute(ctx: RuleContext, node: fx.Node) -> Dims:
     return [xd[p] for p in _perm_arg(ctx, node)]
 
 
-@rule("transpose", "swapaxes", "t")
+@rule("transpose", "t")
 def transpose(ctx: RuleContext, node: fx.Node) -> Dims:
     xd = list(ctx.dims(node.args[0]))
-    if node.target in ("t",) or len(node.args) < 3:
-        d0, d1 = (0, 1) if len(xd) == 2 else (ctx.value(node.args[1]), ctx.value(node.args[2]))
-    else:
-        d0, d1 = ctx.value(node.args[1]), ctx.value(node.args[2])
+    d0, d1 = (0, -1) if len(node.args) < 3 else (ctx.value(node.args[1]), ctx.value(node.args[2]))
     xd[d0], xd[d1] = xd[d1], xd[d0]
     return xd
 
 
-@rule("expand", "expand_as", "broadcast_to")
+@rule("expand")
 def expand(ctx: RuleContext, node: fx.Node) -> Dims:
     x = node.args[0]
     xd, xs, out_shape = ctx.dims(x), ctx.shape(x), ctx.shape(node)
@@ -410,7 +396,7 @@ def split(ctx: RuleContext, node: fx.Node) -> list[Dims]:
     dim = _dim_arg(ctx, node, 2, len(xd))
     sizes = [tm.shape[dim] for tm in node.meta["tensor_meta"]]
     pieces = ctx.t.split(xd[dim], sizes, CAT)
-    equal_pieces = node.target == "chunk" or isinstance(ctx.value(node.args[1]), int)
+    equal_pieces = op_key(node) == "chunk" or isinstance(ctx.value(node.args[1]), int)
     if equal_pieces:  # one size for all pieces: they must stay equal after pruning
         if len(set(sizes)) > 1:
             ctx.t.freeze(xd[dim], "uneven equal-size split")
@@ -425,7 +411,7 @@ def topk(ctx: RuleContext, node: fx.Node) -> list[Dims]:
     """(values, indices) along ``dim``: that dim is reordered/selected, so it is frozen."""
     xd = ctx.dims(ctx.arg(node, 0, "input"))
     default = -1
-    dim = ctx.value(ctx.arg(node, 2, "dim", default)) if node.target in ("topk", torch.topk) \
+    dim = ctx.value(ctx.arg(node, 2, "dim", default)) if op_key(node) == "topk" \
         else ctx.value(ctx.arg(node, 1, "dim", default))
     dim = dim % len(xd)
     ctx.t.freeze(xd[dim], f"ordered by {op_key(node, ctx.gm)}")
@@ -451,43 +437,200 @@ def gather(ctx: RuleContext, node: fx.Node) -> Dims:
 
 @rule("getitem")
 def getitem(ctx: RuleContext, node: fx.Node) -> Any:
+    """An element of a tuple output (``unbind``, ``split``, ``topk``)."""
     src, index = node.args
     sd = ctx.dims(src)
     if sd is None:
         return None
-    if sd and isinstance(sd[0], list):  # element of a tuple output (unbind/split)
+    if sd and isinstance(sd[0], list):
         return sd[ctx.value(index)]
-    return _index_tensor(ctx, node, sd, ctx.shape(src), index)
+    raise TypeError("getitem on a tensor (indexing is select/slice/index in ATen graphs)")
 
 
-def _index_tensor(ctx: RuleContext, node: fx.Node, sd: Dims, shape: tuple[int, ...], index: Any) -> Dims:
-    items = list(index) if isinstance(index, tuple) else [index]
-    items = [slice(*(ctx.value(v) for v in (i.start, i.stop, i.step))) if isinstance(i, slice) else i
-             for i in items]
-    tensor_index = [i for i in items if isinstance(i, fx.Node) and ctx.dims(i) is not None]
-    if tensor_index or any(isinstance(i, (list, torch.Tensor)) for i in items):
-        # gather-like: neither the source's nor the index tensor's channels can be pruned
-        for a in sd + [a for i in tensor_index for a in ctx.dims(i)]:
-            ctx.t.freeze(a, "advanced indexing")
-        return ctx.fresh(ctx.shape(node), frozen="advanced indexing")
-    items = [ctx.value(i) if isinstance(i, fx.Node) else i for i in items]
-    if Ellipsis in items:
-        at = items.index(Ellipsis)
-        used = sum(1 for i in items if i is not None and i is not Ellipsis)
-        items[at:at + 1] = [slice(None)] * (len(sd) - used)
-    out, pos = [], 0
-    for item in items:
-        if item is None:
-            out.append(ctx.t.new(1))
-            continue
-        a, size = sd[pos], shape[pos]
-        pos += 1
-        if isinstance(item, int):
-            ctx.t.freeze(a, "indexed by an integer")
-        elif isinstance(item, slice) and item.indices(size) == (0, size, 1):
-            out.append(a)
-        else:
-            ctx.t.freeze(a, "sliced")
-            out.append(ctx.t.new(len(range(*item.indices(size))), frozen="sliced"))
-    out.extend(sd[pos:])
+@rule("select")
+def select(ctx: RuleContext, node: fx.Node) -> Dims:
+    """``x[:, i]``: one position of ``dim`` is read, so that dim is frozen and dropped."""
+    xd = ctx.dims(node.args[0])
+    dim = ctx.value(node.args[1]) % len(xd)
+    ctx.t.freeze(xd[dim], "indexed by an integer")
+    return xd[:dim] + xd[dim + 1:]
+
+
+@rule("slice")
+def slice_(ctx: RuleContext, node: fx.Node) -> Dims:
+    """``x[:, a:b:s]``: a full slice keeps the axis; any other freezes it."""
+    x = node.args[0]
+    xd, shape = list(ctx.dims(x)), ctx.shape(x)
+    dim = ctx.value(ctx.arg(node, 1, "dim", 0)) % len(xd)
+    start, end, step = (ctx.value(ctx.arg(node, i, n, d))
+                        for i, n, d in ((2, "start", None), (3, "end", None), (4, "step", 1)))
+    if slice(start, end, step).indices(shape[dim]) != (0, shape[dim], 1):
+        ctx.t.freeze(xd[dim], "sliced")
+        xd[dim] = ctx.t.new(ctx.shape(node)[dim], frozen="sliced")
+    return xd
+
+
+@rule("index")
+def index(ctx: RuleContext, node: fx.Node) -> Dims:
+    """``x[idx]``, ``x[:, idx]`` (``aten.index.Tensor(x, [None, idx])``): the indexed dims are read at
+    data-given positions, so they (and the indices) are frozen; every other dim passes through
+    channel-wise. A relative-position table ``(positions, heads)`` thus keeps its per-head column
+    coupled to the heads it biases (Swin, BEiT), and a decomposed rel-pos table its head-dim (SAM)."""
+    x, indices = node.args[0], list(node.args[1])
+    xd = ctx.dims(x)
+    picked = [i for i, t in enumerate(indices) if t is not None]
+    tensors = [indices[i] for i in picked]
+    if not picked or any(ctx.dims(t) is None or _dtype(t) in (torch.bool, torch.uint8) for t in tensors):
+        return advanced_index(ctx, node)  # boolean masks select data-dependent positions
+    gathered = ctx.fresh(torch.broadcast_shapes(*(ctx.shape(t) for t in tensors)),
+                         frozen="positions gathered by index")
+    rest = [a for i, a in enumerate(xd) if i not in picked]
+    if picked == list(range(picked[0], picked[-1] + 1)):  # adjacent: the result takes their place
+        out = xd[:picked[0]] + gathered + xd[picked[-1] + 1:]
+    else:  # separated indices: broadcast dims go first (numpy's rule)
+        out = gathered + rest
+    if [ctx.t.size(a) for a in out] != list(ctx.shape(node)):
+        raise ValueError(f"unexpected index result shape {ctx.shape(node)}")
+    for i in picked:
+        ctx.t.freeze(xd[i], "indexed by index")
+    for t in tensors:
+        for a in ctx.dims(t):
+            ctx.t.freeze(a, "index tensor")
+    return out
+
+
+def _dtype(x: Any) -> torch.dtype | None:
+    tm = x.meta.get("tensor_meta") if isinstance(x, fx.Node) else None
+    return getattr(tm, "dtype", None)
+
+
+@rule("index_select")
+def index_select(ctx: RuleContext, node: fx.Node) -> Dims:
+    """``index_select(x, dim, idx)``: ``dim`` is gathered (frozen), the other dims pass through."""
+    xd = list(ctx.dims(node.args[0]))
+    dim = ctx.value(node.args[1]) % len(xd)
+    ctx.t.freeze(xd[dim], "indexed by index_select")
+    for a in ctx.dims(node.args[2]) or []:
+        ctx.t.freeze(a, "index tensor")
+    xd[dim] = ctx.t.new(ctx.shape(node)[dim], frozen="positions gathered by index_select")
+    return xd
+
+
+@rule("embedding")
+def embedding(ctx: RuleContext, node: fx.Node) -> Dims:
+    """``embedding(W, ids)``: rows of W are looked up (W's dim 0 frozen); the embedding width W's
+    dim 1 is the output's channel dim (CLIP's position embedding joins the residual stream)."""
+    w, ids = node.args[0], node.args[1]
+    wd = ctx.dims(w)
+    ctx.t.freeze(wd[0], "embedding rows (looked up by index)")
+    id_dims = ctx.dims(ids) or ctx.fresh(ctx.shape(ids))
+    for a in id_dims:
+        ctx.t.freeze(a, "index tensor")
+    return list(id_dims) + [wd[1]]
+
+
+@rule("meshgrid")
+def meshgrid(ctx: RuleContext, node: fx.Node) -> list[Dims]:
+    """Coordinate grids (relative-position index tables): positions, never channels."""
+    for x in ctx.arg(node, 0, "tensors"):
+        for a in ctx.dims(x) or []:
+            ctx.t.freeze(a, "position grid")
+    return [ctx.fresh(tm.shape, frozen="position grid") for tm in node.meta["tensor_meta"]]
+
+
+@rule("copy_", "copy")
+def copy_(ctx: RuleContext, node: fx.Node) -> Dims:
+    """``dst.copy_(src)`` (also into a view of ``dst``): src broadcasts into dst channel-wise."""
+    dst, src = node.args[0], node.args[1]
+    return broadcast(ctx, ctx.shape(dst), _tensor_inputs(ctx, [dst, src]))
+
+
+@rule("einsum")
+def einsum(ctx: RuleContext, node: fx.Node) -> Dims:
+    """``einsum(eq, operands)``: dims sharing a subscript are one axis (summed or not), as ``matmul``
+    couples its contracted dims; size-1 dims broadcast freely; ``...`` dims align from the right."""
+    equation = str(ctx.value(node.args[0])).replace(" ", "")
+    operands = list(node.args[1])
+    lhs, arrow, rhs = equation.partition("->")
+    specs = lhs.split(",")
+    labelled = [_subscripts(spec, len(ctx.dims(x))) for spec, x in zip(specs, operands, strict=True)]
+    width = max((sum(isinstance(l, int) for l in ls) for ls in labelled), default=0)
+    if not arrow:  # implicit output: ``...`` then the subscripts used once, alphabetically
+        letters = [c for c in lhs if c.isalpha()]
+        rhs = "..." * ("..." in lhs) + "".join(sorted(c for c in set(letters) if letters.count(c) == 1))
+    axis_of: dict[Any, int] = {}
+    for label, items in _by_label(ctx, labelled, operands).items():
+        size = max(n for _, n in items)
+        full = [a for a, n in items if n == size]
+        for a in full[1:]:
+            ctx.t.unify(full[0], a)
+        axis_of[label] = full[0]
+    out_shape = ctx.shape(node)
+    out_labels = _subscripts(rhs, len(out_shape), width)
+    out = [axis_of[l] if l in axis_of and ctx.t.size(axis_of[l]) == s else ctx.t.new(s)
+           for l, s in zip(out_labels, out_shape, strict=True)]
+    return out
+
+
+def _subscripts(spec: str, ndim: int, ellipsis: int | None = None) -> list[Any]:
+    """One label per dim: a letter, or for ``...`` dims a negative int counted from the right of the
+    ellipsis (so operands with fewer broadcast dims align like numpy)."""
+    head, dots, tail = spec.partition("...")
+    n = ndim - len(head) - len(tail) if ellipsis is None else ellipsis
+    if n < 0 or (not dots and n and ellipsis is None):
+        raise ValueError(f"einsum subscripts {spec!r} do not fit {ndim} dims")
+    return list(head) + list(range(-n, 0)) * bool(dots) + list(tail)
+
+
+def _by_label(ctx: RuleContext, labelled: list[list[Any]], operands: list[Any]) -> dict[Any, list]:
+    found: dict[Any, list[tuple[int, int]]] = {}
+    for labels, x in zip(labelled, operands):
+        for label, a, n in zip(labels, ctx.dims(x), ctx.shape(x), strict=True):
+            found.setdefault(label, []).append((a, n))
+    return found
+
+
+@rule("index_put", "masked_select", "take")
+def advanced_index(ctx: RuleContext, node: fx.Node) -> Dims:
+    """Gather-like reads: neither the source's nor the index tensors' channels can be pruned."""
+    for x in _flat(node.args):
+        for a in ctx.dims(x) or []:
+            if isinstance(a, int):
+                ctx.t.freeze(a, f"indexed by {op_key(node)}")
+    return ctx.fresh(ctx.shape(node), frozen=f"output of {op_key(node)}")
+
+
+@rule("roll", "flip", "pad", "upsample", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
+      "avg_pool1d", "avg_pool2d", "avg_pool3d", "max_pool1d", "max_pool2d", "max_pool3d")
+def spatial(ctx: RuleContext, node: fx.Node) -> Dims:
+    """Ops that move positions along some dims (swin's shifted windows, padding, resizing): the
+    dims they act on are frozen, every other dim passes through channel-wise."""
+    x = node.args[0]
+    xd, xs, out = list(ctx.dims(x)), ctx.shape(x), ctx.shape(node)
+    moved = set(_moved_dims(ctx, node, len(xd)))
+    for i in range(len(xd)):
+        if i in moved or xs[i] != out[i]:
+            ctx.t.freeze(xd[i], f"moved by {op_key(node)}")
+            xd[i] = ctx.t.new(out[i], frozen=f"moved by {op_key(node)}")
+    return xd
+
+
+def _moved_dims(ctx: RuleContext, node: fx.Node, ndim: int) -> list[int]:
+    key = op_key(node)
+    if key == "roll":
+        dims = ctx.value(ctx.arg(node, 2, "dims", []))
+        return list(range(ndim)) if not dims else [d % ndim for d in dims]
+    if key == "flip":
+        return [d % ndim for d in ctx.value(ctx.arg(node, 1, "dims"))]
+    if key == "pad":
+        pad = ctx.value(node.args[1])
+        return [ndim - 1 - i // 2 for i, p in enumerate(pad) if p]
+    if key[-2:] in ("1d", "2d", "3d"):  # pools: the last 1, 2 or 3 dims are spatial
+        return list(range(ndim - int(key[-2]), ndim))
+    return list(range(2, ndim))  # upsample: the spatial dims of (N, C, H, W)
+
+
+def _flat(args: Any) -> list[fx.Node]:
+    out: list[fx.Node] = []
+    fx.node.map_arg(args, out.append)
     return out

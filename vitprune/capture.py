@@ -1,0 +1,349 @@
+"""Capture: one ATen-level FX graph for every model, through ``torch.export``.
+
+``capture(model, example_input)`` exports a copy of the model (non-strict, batch dynamic, every other
+size static from the example input) and returns the unlifted ``GraphModule``: parameters and buffers
+are ``get_attr`` nodes, every op is an ATen ``OpOverload`` (``aten.linear.default``,
+``aten.view.default``, ``aten.scaled_dot_product_attention.default`` ...), and sizes that depend on the
+batch are ``aten.sym_size.int`` nodes. The same graph comes out whether the model is timm,
+Hugging Face transformers, torchvision, einops-based, hand-written, or a ``.pt2`` someone exported.
+
+Normalisation keeps what the passes need and nothing else:
+
+* the graph takes the image tensor and returns the first tensor of the model's output (HF
+  ``ModelOutput.logits``, the first element of a tuple) through plain FX code generation;
+* export's runtime guards and metadata asserts are dropped (the passes re-check shapes themselves);
+* eval-mode dropout (the identity) is dropped;
+* a ``-1`` in a ``view``/``reshape`` whose size is static is written out as that size, and a lone
+  batch-dependent size becomes the ``-1``. Then no channel or token count hides in SymInt
+  arithmetic: SAM reshapes to ``(B·heads, N, -1)`` and torchvision's attention to
+  ``(N·B, C)``, with ``B·heads`` and ``N·B`` computed products that no pass could rewrite;
+* attention masks that mask nothing are dropped: Hugging Face builds an all-true mask (an all-zero
+  additive one for eager attention) from sizes alone, even for images. Found by value (the
+  mask's data-free subgraph is evaluated once), they would otherwise pin the sequence length
+  and block token pruning, and they cost ONNX nodes.
+
+Shape propagation records, at a concrete batch of 2, ``node.meta["tensor_meta"]`` for tensors and
+``node.meta["value"]`` for sizes (``sym_size(x, 0)`` → 2), so rules read plain integers; export's own
+symbolic ``node.meta["val"]`` stays as it was captured.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+import traceback
+from typing import Any, Iterator
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
+from torch.utils import _pytree as pytree
+
+from .errors import UnsupportedModelError
+
+#: export-inserted checks with no data output; the passes re-verify shapes after every rewrite
+_ASSERT_OPS = frozenset({
+    torch.ops.aten._assert_tensor_metadata.default, torch.ops.aten._assert_scalar.default,
+    torch.ops.aten.sym_constrain_range_for_size.default, torch.ops.aten._assert_async.msg,
+})
+
+
+def capture(model: nn.Module, example_input: torch.Tensor) -> fx.GraphModule:
+    """Export a copy of ``model`` (eval mode) into a normalised ATen GraphModule with shapes in
+    ``node.meta``. The GraphModule owns its parameters: passes never touch the caller's model."""
+    if example_input.shape[0] < 2:
+        # export specialises a batch of 1; batch 2 also keeps the batch dim recognisable in shapes
+        example_input = example_input.expand(2, *example_input.shape[1:]).clone()
+    model = copy.deepcopy(model).eval()
+    gm = _export(model, example_input)
+    normalize(gm)
+    propagate_shapes(gm, example_input)
+    if drop_neutral_masks(gm, example_input):
+        propagate_shapes(gm, example_input)
+    gm.meta["example_input"] = example_input
+    return gm.eval()
+
+
+def _export(model: nn.Module, x: torch.Tensor) -> fx.GraphModule:
+    batch = torch.export.Dim("batch", min=1)
+    try:
+        with torch.no_grad(), _quiet_torch_logs():
+            ep = torch.export.export(model, (x,), strict=False, dynamic_shapes=({0: batch},))
+    except Exception as e:  # export raises many types; the message and the user's line say what
+        raise UnsupportedModelError(
+            f"torch.export cannot capture {type(model).__name__}: {type(e).__name__}: {_one_line(e)}"
+            f"{_model_frame(e)}") from e
+    return ep.module()
+
+
+@contextlib.contextmanager
+def _quiet_torch_logs() -> Iterator[None]:
+    """export logs warnings and prints graph dumps of its own when it fails; the error we raise says
+    what failed and where, in one line."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        logging.disable(previous)
+
+
+def _model_frame(e: BaseException) -> str:
+    """Where in the model's own code capture stopped (the innermost frame outside torch)."""
+    frames = [f for f in traceback.extract_tb(e.__traceback__)
+              if "/torch/" not in f.filename and "/vitprune/" not in f.filename]
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f" (at {f.filename.rsplit('site-packages/', 1)[-1]}:{f.lineno}: `{(f.line or '').strip()}`)"
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).split("\n\nThe error above occurred")[0]
+    return " ".join(text.split())[:400]
+
+
+def normalize(gm: fx.GraphModule) -> fx.GraphModule:
+    """Plain signature (image in, first output tensor out), no guards or asserts (in place)."""
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op == "call_module" and not node.users and str(node.target).startswith("_guards"):
+            graph.erase_node(node)
+        elif node.op == "call_function" and node.target in _ASSERT_OPS and not node.users:
+            graph.erase_node(node)
+        elif node.target is torch.ops.aten.dropout.default and not _arg(node, 2, "train", False):
+            # eval-mode dropout is the identity; left in, it would also survive dead-code
+            # elimination (random ops count as impure) and keep removed branches alive
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+    _explicit_static_sizes(graph)
+    _first_tensor_output(graph)
+    graph._codegen = fx.graph.CodeGen()  # positional image in, tensor out: no pytree specs to keep
+    eliminate_dead_code(graph)
+    graph.lint()
+    gm.recompile()
+    gm.delete_all_unused_submodules()
+    # ep.module() forbids train()/eval(); the captured graph is the eval-mode function either way
+    # (dropout off, norms on running statistics), which is what fine-tuning a pruned ViT uses
+    for attr in ("_in_spec", "_out_spec", "train", "eval"):
+        gm.__dict__.pop(attr, None)
+    # export's input-spec check hook reads the pytree specs dropped above
+    gm._forward_pre_hooks.clear()
+    gm._forward_pre_hooks_with_kwargs.clear()
+    return gm
+
+
+_VIEWS = frozenset({torch.ops.aten.view.default, torch.ops.aten.reshape.default,
+                    torch.ops.aten._unsafe_view.default})
+
+
+def _explicit_static_sizes(graph: fx.Graph) -> None:
+    """``view(x, [s0, 5, -1])`` → ``view(x, [-1, 5, 64])`` when export proved the last dim static."""
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target not in _VIEWS or len(node.args) != 2:
+            continue
+        sizes, val = node.args[1], node.meta.get("val")
+        if not isinstance(sizes, (list, tuple)) or not hasattr(val, "shape"):
+            continue
+        sizes = list(sizes)
+        if -1 in sizes and len(val.shape) == len(sizes):
+            i = sizes.index(-1)
+            if type(val.shape[i]) is int:  # a SymInt stays inferred
+                sizes[i] = val.shape[i]
+        symbolic = [i for i, v in enumerate(sizes) if isinstance(v, fx.Node)]
+        if len(symbolic) == 1 and -1 not in sizes:
+            sizes[symbolic[0]] = -1  # the one batch-dependent size: inferred from numel
+        node.args = (node.args[0], sizes)
+
+
+_SDPA = torch.ops.aten.scaled_dot_product_attention.default
+
+
+def drop_neutral_masks(gm: fx.GraphModule, example_input: torch.Tensor) -> bool:
+    """Drop attention masks computed without the image or parameters that mask nothing: an all-true
+    boolean ``attn_mask`` of SDPA, an all-zero additive one (SDPA, or ``softmax(scores + mask)``).
+    In place; True if the graph changed. Needs ``tensor_meta`` (run :func:`propagate_shapes`)."""
+    uses = _mask_uses(gm)
+    if not uses:
+        return False
+    values = _evaluate(gm, {mask for _, mask in uses}, example_input)
+    changed = False
+    for user, mask in uses:
+        value = values[mask]
+        neutral = bool(value.all()) if value.dtype == torch.bool else bool((value == 0).all())
+        if not neutral:
+            continue
+        if user.target is _SDPA:
+            if len(user.args) > 3:
+                user.args = (*user.args[:3], None, *user.args[4:])
+            else:
+                user.kwargs = {k: v for k, v in user.kwargs.items() if k != "attn_mask"}
+        else:  # scores + mask, with the scores' own shape: the scores themselves
+            user.replace_all_uses_with(user.args[0] if user.args[1] is mask else user.args[1])
+        changed = True
+    if changed:
+        eliminate_dead_code(gm.graph)
+        gm.graph.lint()
+        gm.recompile()
+    return changed
+
+
+def _mask_uses(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node]]:
+    """(user, mask) pairs: SDPA's ``attn_mask``, and an operand of an ``add`` feeding a softmax
+    whose other operand already has the sum's shape; only data-free masks are candidates."""
+    out = []
+    for node in gm.graph.nodes:
+        if node.target is _SDPA:
+            mask = _arg(node, 3, "attn_mask")
+            if isinstance(mask, fx.Node) and _data_free(gm, mask):
+                out.append((node, mask))
+        elif node.target is torch.ops.aten.softmax.int and isinstance(node.args[0], fx.Node):
+            add = node.args[0]
+            if add.target is not torch.ops.aten.add.Tensor or len(add.args) != 2 or add.kwargs:
+                continue
+            for mask, other in (add.args, add.args[::-1]):
+                if isinstance(mask, fx.Node) and isinstance(other, fx.Node) and _data_free(gm, mask) \
+                        and tensor_shape(other) == tensor_shape(add):
+                    out.append((add, mask))
+                    break
+    return out
+
+
+def _data_free(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Computed from sizes, factories and buffers only: no image values, no parameters. Sizes
+    (``sym_size(x, 0)``) read no values, so the walk does not go through them."""
+    stack, seen = [node], set()
+    while stack:
+        n = stack.pop()
+        if n in seen or "value" in n.meta:
+            continue
+        seen.add(n)
+        if n.op == "placeholder":
+            return False
+        if n.op == "get_attr" and isinstance(_attr(gm, str(n.target)), nn.Parameter):
+            return False
+        stack.extend(n.all_input_nodes)
+    return True
+
+
+def _attr(gm: fx.GraphModule, target: str) -> Any:
+    module_path, _, name = target.rpartition(".")
+    return getattr(gm.get_submodule(module_path) if module_path else gm, name)
+
+
+def _evaluate(gm: fx.GraphModule, targets: set[fx.Node], x: torch.Tensor) -> dict[fx.Node, Any]:
+    """Real values of ``targets``, running only the nodes they depend on."""
+    needed = set(targets)
+    for t in targets:
+        stack = [t]
+        while stack:
+            for a in stack.pop().all_input_nodes:
+                if a not in needed:
+                    needed.add(a)
+                    stack.append(a)
+    interp = fx.Interpreter(gm)
+    with torch.no_grad():
+        for n in gm.graph.nodes:
+            if n in needed:
+                interp.env[n] = x if n.op == "placeholder" else interp.run_node(n)
+    return {t: interp.env[t] for t in targets}
+
+
+def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
+
+
+def _first_tensor_output(graph: fx.Graph) -> None:
+    """The first tensor among the outputs (logits of a ModelOutput, element 0 of a tuple)."""
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    leaves = pytree.tree_leaves(output.args[0])
+    tensors = [a for a in leaves if isinstance(a, fx.Node) and _is_tensor_val(a)]
+    if not tensors:
+        raise UnsupportedModelError("the model returns no tensor")
+    output.args = (tensors[0],)
+
+
+def _is_tensor_val(node: fx.Node) -> bool:
+    val = node.meta.get("val", node.meta.get("tensor_meta"))
+    return val is None or hasattr(val, "shape")
+
+
+def eliminate_dead_code(graph: fx.Graph) -> bool:
+    """Dead-code elimination for inference graphs.
+
+    FX keeps every op tagged ``nondeterministic_seeded`` (SDPA, dropout: they *may* draw random
+    numbers), which would keep a removed attention branch alive. In a captured eval-mode graph they
+    draw none, so only in-place ops and module calls count as side effects."""
+    def impure(node: fx.Node) -> bool:
+        if node.op in ("placeholder", "output", "call_module"):
+            return True
+        schema = getattr(node.target, "_schema", None)
+        return node.op == "call_function" and schema is not None and schema.is_mutable
+    return graph.eliminate_dead_code(is_impure_node=impure)
+
+
+class _ShapeAndValueProp(fx.Interpreter):
+    """Runs the graph on fake tensors; records ``tensor_meta`` for tensors, ``value`` for sizes."""
+
+    def run_node(self, n: fx.Node) -> Any:
+        try:
+            result = super().run_node(n)
+        except Exception as e:
+            raise UnsupportedModelError(
+                f"shape propagation failed at `{n.format_node()}`: {type(e).__name__}: {_one_line(e)}"
+            ) from e
+        found = False
+
+        def meta(obj: Any) -> Any:
+            nonlocal found
+            if isinstance(obj, torch.Tensor):
+                found = True
+                return _extract_tensor_metadata(obj)
+            return obj
+
+        tm = fx.node.map_aggregate(result, meta)
+        if found:
+            n.meta["tensor_meta"] = tm
+        else:
+            n.meta.pop("tensor_meta", None)
+        if not isinstance(result, torch.Tensor) and _is_small_value(result):
+            n.meta["value"] = result
+        else:
+            n.meta.pop("value", None)
+        return result
+
+
+def _is_small_value(v: Any) -> bool:
+    if isinstance(v, (int, float, bool, str, type(None), torch.Size, torch.dtype, torch.device)):
+        return True
+    if isinstance(v, (tuple, list)):
+        return all(_is_small_value(x) for x in v)
+    return False
+
+
+def propagate_shapes(gm: fx.GraphModule, example_input: torch.Tensor) -> None:
+    """Fill ``node.meta['tensor_meta']`` (and ``meta['value']``) for ``example_input``'s shape.
+
+    Runs on fake tensors (shapes and dtypes only, no arithmetic), so it costs milliseconds even for
+    ViT-B while still failing on any shape inconsistency.
+    """
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with torch.no_grad(), fake_mode:
+        x = fake_mode.from_tensor(example_input)
+        _ShapeAndValueProp(gm).run(x)
+
+
+def tensor_shape(node: fx.Node) -> tuple[int, ...] | None:
+    """The propagated shape of a tensor-valued node, or None."""
+    tm = node.meta.get("tensor_meta")
+    return tuple(tm.shape) if tm is not None and hasattr(tm, "shape") else None
+
+
+def example_input_for(input_size: tuple[int, int, int], batch: int = 2, seed: int = 0) -> torch.Tensor:
+    """A deterministic example image batch of shape ``(batch, *input_size)``."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((batch, *input_size), generator=g)
