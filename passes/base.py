@@ -67,13 +67,19 @@ class Pass:
 
 
 def set_tensor(gm: fx.GraphModule, qualified_name: str, value: torch.Tensor) -> None:
-    """Replace a parameter or buffer in place, keeping its kind (Parameter/buffer, requires_grad)."""
+    """Replace a parameter or buffer in place, keeping its kind (Parameter/buffer, requires_grad).
+
+    A view is copied so the new tensor owns its storage; a fresh tensor (``index_select``'s result)
+    is taken as is, which saves a second copy of every sliced weight."""
     module_path, _, attr = qualified_name.rpartition(".")
     owner = gm.get_submodule(module_path) if module_path else gm
     old = getattr(owner, attr)
+    value = value.detach()
+    if value._is_view():
+        value = value.clone()
     if isinstance(old, torch.nn.Parameter):
-        setattr(owner, attr, torch.nn.Parameter(value.detach().clone(), requires_grad=old.requires_grad))
+        setattr(owner, attr, torch.nn.Parameter(value, requires_grad=old.requires_grad))
     elif attr in getattr(owner, "_buffers", {}):
-        owner._buffers[attr] = value.detach().clone()
+        owner._buffers[attr] = value
     else:
-        setattr(owner, attr, value.detach().clone())
+        setattr(owner, attr, value)

@@ -94,7 +94,7 @@ def compress(model: nn.Module, spec: CompressSpec | None = None, *,
     groups_before = {g.name: g.size for g in dg.groups}
     batches = methods.calibration(spec, input_size, calib_data)
     search_data = train_data if spec.depth_selection == "search" else None
-    teacher = methods.copy_teacher(model)
+    teacher = methods.copy_teacher(model) if methods.needs_teacher(spec, train_data) else None
     recipe: list[dict[str, Any]] = []
     stages: dict[str, Any] = {}
     if not (spec.target_flops is not None and spec.target_flops >= 1.0):

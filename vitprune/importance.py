@@ -19,13 +19,21 @@ import torch.nn.functional as F
 from .deps import ChannelGroup, DependencyGraph
 
 
-def _per_position(t: torch.Tensor, dim: int) -> np.ndarray:
-    return t.detach().float().movedim(dim, 0).reshape(t.shape[dim], -1).sum(1).cpu().numpy()
+def _per_position(t: torch.Tensor, dim: int, squared: bool = False) -> np.ndarray:
+    """Sum (of squares, when ``squared``) over every dim but ``dim``, with no temporary copy."""
+    others = [d for d in range(t.dim()) if d != dim]
+    t = t.detach().float()
+    if not others:
+        return (t * t if squared else t).cpu().numpy()
+    if squared:
+        return torch.linalg.vector_norm(t, 2, dim=others).square().cpu().numpy()
+    return t.sum(others).cpu().numpy()
 
 
 def group_scores(dg: DependencyGraph, group: ChannelGroup, tensors: dict[str, torch.Tensor],
-                 transform: str, cache: dict | None = None) -> np.ndarray:
-    """Sum, over the group's members, of a per-element statistic gathered per channel."""
+                 transform: str, cache: dict | None = None, squared: bool = False) -> np.ndarray:
+    """Sum, over the group's members, of a per-element statistic (its square when ``squared``)
+    gathered per channel."""
     cache = {} if cache is None else cache
     total = np.zeros(group.size)
     for m in group.members:
@@ -33,7 +41,7 @@ def group_scores(dg: DependencyGraph, group: ChannelGroup, tensors: dict[str, to
         if values is None:
             continue
         if (m.param, m.dim) not in cache:  # qkv rows serve the head and head-dim groups alike
-            cache[m.param, m.dim] = _per_position(values, m.dim)
+            cache[m.param, m.dim] = _per_position(values, m.dim, squared)
         per_pos = cache[m.param, m.dim]
         valid = m.coords >= 0
         total += np.bincount(m.coords[valid], weights=per_pos[valid], minlength=group.size)
@@ -42,9 +50,9 @@ def group_scores(dg: DependencyGraph, group: ChannelGroup, tensors: dict[str, to
 
 def l2_importance(dg: DependencyGraph, groups: list[ChannelGroup]) -> dict[str, np.ndarray]:
     names = {m.param for g in groups for m in g.members}
-    squares = {name: _get(dg.gm, name).detach() ** 2 for name in names}
+    weights = {name: _get(dg.gm, name) for name in names}
     cache: dict = {}
-    return {g.name: group_scores(dg, g, squares, "sqrt", cache) for g in groups}
+    return {g.name: group_scores(dg, g, weights, "sqrt", cache, squared=True) for g in groups}
 
 
 def taylor_importance(dg: DependencyGraph, groups: list[ChannelGroup],

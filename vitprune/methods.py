@@ -159,6 +159,14 @@ def token_stage(gm: fx.GraphModule, spec: CompressSpec, base_flops: int, batches
     return result.graph_module, recipe + ([result.recipe] if result.recipe else []), info
 
 
+def needs_teacher(spec: CompressSpec, train_data: Any) -> bool:
+    """Whether any stage runs the original model: depth selection by score or search (not explicit
+    lists) and recovery fine-tuning. Copying a ViT-B costs ~0.4 s, so it is skipped otherwise."""
+    explicit = spec.remove_attention is not None or spec.remove_activation is not None
+    selects_depth = spec.method in ("boundarydpt", "boundarydpt+") and not explicit
+    return selects_depth or (train_data is not None and spec.epochs > 0)
+
+
 def copy_teacher(model: nn.Module) -> nn.Module:
     teacher = copy.deepcopy(model).eval()
     for p in teacher.parameters():
