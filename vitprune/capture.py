@@ -347,3 +347,13 @@ def example_input_for(input_size: tuple[int, int, int], batch: int = 2, seed: in
     """A deterministic example image batch of shape ``(batch, *input_size)``."""
     g = torch.Generator().manual_seed(seed)
     return torch.randn((batch, *input_size), generator=g)
+
+
+def first_tensor(output: Any) -> torch.Tensor:
+    """What a model's output stands for, at run time: the first tensor leaf in pytree order (the
+    tensor itself, HF ``ModelOutput.logits``, element 0 of a tuple). The same rule as the captured
+    graph's output, so an eager teacher and its captured student are compared like for like."""
+    for leaf in pytree.tree_leaves(output):
+        if isinstance(leaf, torch.Tensor):
+            return leaf
+    raise UnsupportedModelError(f"the model returned no tensor (got {type(output).__name__})")

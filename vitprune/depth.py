@@ -34,6 +34,7 @@ from torch import nn
 from passes.activation import ActivationRemoval
 from passes.attention import AttentionRemoval
 
+from .capture import first_tensor
 from .deps.branches import ActivationSite, AttentionBranch, find_activations, find_attention_branches
 from .errors import InputError
 from .flops import node_flops  # (importing flops also registers the CPU SDPA FLOP formula)
@@ -197,10 +198,6 @@ def _device(gm: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def _logits(out: Any) -> torch.Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
 # -- one-shot ------------------------------------------------------------------------------------
 def one_shot_scores(gm: fx.GraphModule, batches: Iterable, *, variant: str = "identity_norm",
                     max_batches: int | None = None,
@@ -226,7 +223,7 @@ def one_shot_scores(gm: fx.GraphModule, batches: Iterable, *, variant: str = "id
     for batch in source:
         x, y = _split(batch)
         x = x.to(device)
-        logits = _logits(model(x))
+        logits = first_tensor(model(x))
         target = y.to(device) if y is not None else logits.detach().argmax(-1)
         F.cross_entropy(logits, target, reduction="sum").backward()
         for key, gate in gates.items():
@@ -366,8 +363,8 @@ def gated_search(gm: fx.GraphModule, teacher: nn.Module | None, train_batches: I
             x = x.to(device)
             y = y.to(device) if y is not None else None
             with torch.no_grad():
-                t = _logits(teacher(x))
-            loss = distillation_loss(_logits(student(x)), t, y, tau=tau, ce_weight=ce_weight)
+                t = first_tensor(teacher(x))
+            loss = distillation_loss(first_tensor(student(x)), t, y, tau=tau, ce_weight=ce_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -405,7 +402,7 @@ def _fold(student: fx.GraphModule, pruned: dict[str, list[int]], variant: str, m
     x, _ = _split(batch)
     x = x.to(_device(student))
     with torch.no_grad():
-        gated = _logits(student(x))
+        gated = first_tensor(student(x))
     _remove_gates(student)
     for p in student.parameters():
         p.requires_grad_(False)
@@ -414,7 +411,7 @@ def _fold(student: fx.GraphModule, pruned: dict[str, list[int]], variant: str, m
     for p in model.parameters():
         p.requires_grad_(True)
     with torch.no_grad():
-        folded = _logits(model(x))
+        folded = first_tensor(model(x))
     tol = 1e-3 * (1.0 + float(gated.abs().max()))
     if not torch.allclose(gated, folded, atol=tol, rtol=0):
         raise RuntimeError(f"gated_search: folding the gates changed the outputs by "

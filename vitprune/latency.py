@@ -18,7 +18,7 @@ from torch import nn
 
 from .bench import compare
 from .export import export_onnx
-from .capture import example_input_for
+from .capture import capture, example_input_for
 
 
 def compress_to_latency(model: nn.Module, spec: Any, *, example_input_size: tuple[int, int, int],
@@ -32,7 +32,8 @@ def compress_to_latency(model: nn.Module, spec: Any, *, example_input_size: tupl
     best = None
     with tempfile.TemporaryDirectory(prefix="vitprune-latency-") as tmp:
         original = os.path.join(tmp, "original.onnx")
-        export_onnx(model, x, original, parity_batches=(1,))
+        # the original goes through the same capture as the candidates: one IR, one exporter path
+        export_onnx(capture(model, example_input_for(example_input_size)), x, original, parity_batches=(1,))
         flops_target = target
         for _ in range(max_rounds):
             flops_spec = dataclasses.replace(spec, target_latency=None, target_flops=flops_target)

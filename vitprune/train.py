@@ -60,6 +60,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, RandomSampler, Sampler
 
+from .capture import first_tensor
 from .errors import InputError, VitpruneError
 
 log = logging.getLogger(__name__)
@@ -304,7 +305,7 @@ def _count_correct(model: nn.Module, loader: Iterable, device: torch.device,
         if labels is None:
             raise InputError("evaluation data must give (images, labels) batches")
         with autocast():
-            logits = _logits(model(images.to(device, non_blocking=True)))
+            logits = first_tensor(model(images.to(device, non_blocking=True)))
         correct += (logits.argmax(dim=-1) == labels.to(device)).sum()
         total += len(labels)
     return int(correct), total
@@ -329,13 +330,6 @@ def evaluate(model: nn.Module, loader: Iterable, *, device: str | torch.device |
         raise InputError("evaluation data is empty")
     return 100.0 * correct / total
 
-
-def _logits(out: Any) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    raise InputError(f"the model must return logits (a tensor), got {type(out).__name__}")
 
 
 # -- optimisation -------------------------------------------------------------------------------------
@@ -592,8 +586,8 @@ class _Run:
                 teacher_logits = None
                 if self.teacher is not None and cfg.kd_weight > 0:
                     with torch.no_grad():
-                        teacher_logits = _logits(self.teacher(images))
-                logits = _logits(self.model(images))
+                        teacher_logits = first_tensor(self.teacher(images))
+                logits = first_tensor(self.model(images))
                 if teacher_logits is not None and teacher_logits.shape != logits.shape:
                     raise InputError(f"teacher logits {tuple(teacher_logits.shape)} and student logits "
                                      f"{tuple(logits.shape)} differ in shape")
