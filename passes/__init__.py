@@ -5,12 +5,14 @@
 from .activation import ActivationRemoval
 from .attention import AttentionRemoval
 from .base import Pass, PassError, PassResult
+from .cleanup import Cleanup
+from .manager import PassFailure, PassManager
 from .tokens import TokenPruning
 from .width import WidthPruning
 
 PASSES: dict[str, type[Pass]] = {
-    cls.name: cls for cls in (WidthPruning, AttentionRemoval, ActivationRemoval, TokenPruning)
+    cls.name: cls for cls in (WidthPruning, AttentionRemoval, ActivationRemoval, TokenPruning, Cleanup)
 }
 
-__all__ = ["PASSES", "ActivationRemoval", "AttentionRemoval", "Pass", "PassError", "PassResult",
-           "TokenPruning", "WidthPruning"]
+__all__ = ["PASSES", "ActivationRemoval", "AttentionRemoval", "Cleanup", "Pass", "PassError", "PassFailure",
+           "PassManager", "PassResult", "TokenPruning", "WidthPruning"]

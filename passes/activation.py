@@ -75,7 +75,6 @@ class ActivationRemoval(Pass):
         if not self.blocks:
             return PassResult(gm, modified=False)
         sites = {s.index: s for s in find_activations(gm)}
-        self._expected = len(sites) - len(self.blocks)
         before = {name: p.numel() for name, p in gm.named_parameters()}
         candidates: set[str] = set()
         merged, folded = [], []
@@ -99,14 +98,15 @@ class ActivationRemoval(Pass):
                    "parameters": {n: before[n] for n in deleted}}
         recipe = {"pass": self.name, "blocks": self.blocks, "merge": self.merge,
                   "fold_norm": self.fold_norm}
-        return PassResult(gm, modified=True, removed=removed, recipe=recipe)
+        return PassResult(gm, modified=True, removed=removed, recipe=recipe,
+                          expect={"remaining": len(sites) - len(self.blocks)})
 
-    def ensures(self, gm: fx.GraphModule) -> None:
+    def ensures(self, result: PassResult) -> None:
         """The graph runs, and exactly the requested activations are gone."""
-        super().ensures(gm)
-        left = find_activations(gm)
-        if len(left) != self._expected or any(s.index in self.blocks for s in left):
-            raise RuntimeError(f"activation: expected {self._expected} activations after removing "
+        super().ensures(result)
+        left, want = find_activations(result.graph_module), result.expect["remaining"]
+        if len(left) != want or any(s.index in self.blocks for s in left):
+            raise RuntimeError(f"activation: expected {want} activations after removing "
                                f"{self.blocks}, found {[s.index for s in left]}")
 
 

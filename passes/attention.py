@@ -77,7 +77,6 @@ class AttentionRemoval(Pass):
         if not self.blocks:
             return PassResult(gm, modified=False)
         branches = {b.index: b for b in find_attention_branches(gm)}
-        self._expected = len(branches) - len(self.blocks)
         before = {name: p.numel() for name, p in gm.named_parameters()}
         candidates: set[str] = set()
         folded: list[int] = []
@@ -97,14 +96,15 @@ class AttentionRemoval(Pass):
         removed = {"blocks": self.blocks, "parameters": {n: before[n] for n in deleted},
                    "layer_scale_folded": folded}
         recipe = {"pass": self.name, "blocks": self.blocks, "variant": self.variant}
-        return PassResult(gm, modified=True, removed=removed, recipe=recipe)
+        return PassResult(gm, modified=True, removed=removed, recipe=recipe,
+                          expect={"remaining": len(branches) - len(self.blocks)})
 
-    def ensures(self, gm: fx.GraphModule) -> None:
+    def ensures(self, result: PassResult) -> None:
         """The graph runs, and exactly the requested branches are gone."""
-        super().ensures(gm)
-        left = find_attention_branches(gm)
-        if len(left) != self._expected or any(b.index in self.blocks for b in left):
-            raise RuntimeError(f"attention: expected {self._expected} attention branches after removing "
+        super().ensures(result)
+        left, want = find_attention_branches(result.graph_module), result.expect["remaining"]
+        if len(left) != want or any(b.index in self.blocks for b in left):
+            raise RuntimeError(f"attention: expected {want} attention branches after removing "
                                f"{self.blocks}, found {[b.index for b in left]}")
 
 

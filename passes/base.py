@@ -24,17 +24,22 @@ class PassError(VitpruneError):
 
 @dataclass
 class PassResult:
+    """What a pass did: the rewritten graph, whether anything changed, what was removed, the recipe
+    that replays it, and ``expect``: what the rewritten graph must show (checked by ``ensures``)."""
+
     graph_module: fx.GraphModule
     modified: bool
     removed: dict[str, Any] = field(default_factory=dict)
     recipe: dict[str, Any] | None = None
+    expect: dict[str, Any] = field(default_factory=dict)
 
 
 class Pass:
     """Base class: subclasses implement :meth:`call` and may extend ``requires``/``ensures``.
 
-    ``preserves_computation`` declares whether outputs stay equal (to 1e-5); the shared test suite
-    holds every pass to its declaration.
+    A pass keeps no state between ``call`` and ``ensures``: what the result must show travels in
+    ``PassResult.expect``. ``preserves_computation`` declares whether outputs stay equal (to 1e-5);
+    tests/test_pass_contract.py holds every pass that claims it to the claim.
     """
 
     name: str = "pass"
@@ -51,7 +56,8 @@ class Pass:
     def call(self, gm: fx.GraphModule) -> PassResult:
         raise NotImplementedError
 
-    def ensures(self, gm: fx.GraphModule) -> None:
+    def ensures(self, result: PassResult) -> None:
+        gm = result.graph_module
         gm.graph.lint()
         try:
             propagate_shapes(gm, gm.meta["example_input"])
@@ -62,7 +68,7 @@ class Pass:
         self.requires(gm)
         result = self.call(gm)
         if result.modified:
-            self.ensures(result.graph_module)
+            self.ensures(result)
         return result
 
 

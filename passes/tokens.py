@@ -313,12 +313,12 @@ class TokenPruning(Pass):
         constants = find_length_constants(gm, layout)
         score: fx.Node | None = None
         last = max(cuts)
-        self._expected = {}
+        lengths: dict[str, int] = {}
         for block in layout.blocks[:last + 1]:
             if block.index in cuts:
                 k = cuts[block.index]
                 stream, score = _insert_cut(g, block.stream, score, layout.prefix, k, block.index)
-                self._expected[stream.name] = layout.prefix + k
+                lengths[stream.name] = layout.prefix + k
             if block.index < last:
                 score = _insert_score(g, explicit_attention(gm, block), layout.prefix, score, block.index)
         rewrite_length_constants(gm, layout, cuts, constants)
@@ -329,13 +329,13 @@ class TokenPruning(Pass):
         removed = {"patch_tokens": {f"block{b}": [counts[b - 1], k] for b, k in cuts.items()},
                    "explicit_attention_blocks": list(range(last))}
         recipe = {"pass": self.name, "keep": list(self.keep)}
-        return PassResult(gm, modified=True, removed=removed, recipe=recipe)
+        return PassResult(gm, modified=True, removed=removed, recipe=recipe, expect={"tokens": lengths})
 
-    def ensures(self, gm: fx.GraphModule) -> None:
+    def ensures(self, result: PassResult) -> None:
         """The graph runs and each shortened stream has exactly prefix + K tokens."""
-        super().ensures(gm)
-        for node in gm.graph.nodes:
-            want = self._expected.get(node.name)
+        super().ensures(result)
+        for node in result.graph_module.graph.nodes:
+            want = result.expect["tokens"].get(node.name)
             if want is not None and tensor_shape(node)[1] != want:
                 raise RuntimeError(f"tokens: `{node.format_node()}` has {tensor_shape(node)[1]} tokens, "
                                    f"expected {want}")

@@ -45,7 +45,7 @@ class WidthPruning(Pass):
         masks = self._leaf_masks(dg)
         if not masks:
             return PassResult(gm, modified=False)
-        self._predicted = {
+        predicted = {
             node.name: [int(dg.dim_mask(a, masks).sum()) for a in dims]
             for node, dims in dg.node_dims.items()
             if dims and not isinstance(dims[0], list)
@@ -55,13 +55,14 @@ class WidthPruning(Pass):
         eliminate_dead_code(gm.graph)
         gm.recompile()
         recipe = {"pass": self.name, "keep": {k: v for k, v in self.keep.items()}}
-        return PassResult(gm, modified=True, removed=removed, recipe=recipe)
+        return PassResult(gm, modified=True, removed=removed, recipe=recipe, expect={"shapes": predicted})
 
-    def ensures(self, gm: fx.GraphModule) -> None:
+    def ensures(self, result: PassResult) -> None:
         """The graph runs, and every tensor has exactly the shape the dependency graph predicted."""
-        super().ensures(gm)
+        super().ensures(result)
+        gm, predicted = result.graph_module, result.expect["shapes"]
         for node in gm.graph.nodes:
-            want = self._predicted.get(node.name)
+            want = predicted.get(node.name)
             tm = node.meta.get("tensor_meta")
             if want is not None and tm is not None and hasattr(tm, "shape") and list(tm.shape) != want:
                 raise RuntimeError(f"width: `{node.format_node()}` has shape {list(tm.shape)}, "

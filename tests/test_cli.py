@@ -1,10 +1,13 @@
 """The vitprune CLI: parsing, spec merging, exit codes (0 / 2 one line / 1 + --debug), no files left on
 failure. The API it calls is faked where only the CLI's own behaviour is tested; the end-to-end tests
 at the bottom run the real API and are skipped only while ``vitprune.api`` is not importable."""
+import concurrent.futures
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 import types
 
 import pytest
@@ -12,8 +15,10 @@ import timm
 import torch
 
 import vitprune
-from vitprune import cli
-from vitprune.errors import InputError, PlanError
+from vitprune import cli, outputs
+from vitprune.errors import InputError, OutputError, PlanError
+from vitprune.outputs import (Interrupted, OutputSet, file_mode, output_paths, signals_deferred,
+                              termination_as_interrupt)
 from vitprune.spec import CompressSpec
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,21 +62,24 @@ def fake_api(monkeypatch):
         return types.SimpleNamespace(model=model, report=report)
 
     def write_outputs(result, prefix, export=True, opset=17):
+        """The real commit protocol (vitprune.outputs) around stand-in file contents."""
         calls["write"] = dict(prefix=prefix, export=export, opset=opset)
-        if "write" in api.fail:
-            raise api.fail["write"]
-        paths = {}
-        for ext in (["onnx"] if export else []) + ["pt2", "json"]:
-            with open(f"{prefix}.{ext}", "w") as f:
-                f.write("x")
-            paths[ext] = f"{prefix}.{ext}"
-        return paths
+        files, stale = output_paths(prefix, export)
+        with OutputSet(files, stale=stale) as out:
+            for kind in files:
+                with open(out.path(kind), "w") as f:
+                    f.write("x")
+            if "write" in api.fail:
+                raise api.fail["write"]
+            out.commit()
+        return files
 
     def inspect_model(model, size):
         calls["inspect"] = dict(model=model, size=size)
         return {"groups": [{"name": "residual", "size": 192}]}
 
     api.compress, api.write_outputs, api.inspect_model = compress, write_outputs, inspect_model
+    api.check_input_size = lambda model, size: calls.setdefault("check_input_size", size)
     api.format_inspect = lambda d: "GROUPS: " + ", ".join(g["name"] for g in d["groups"])
     api.calls = calls
     monkeypatch.setitem(sys.modules, "vitprune.api", api)
@@ -234,10 +242,14 @@ def test_api_error_leaves_nothing(capsys, tmp_path, fake_api):
 
 
 def test_write_failure_removes_the_new_folder(capsys, tmp_path, fake_api):
-    fake_api.fail["write"] = OSError("disk full")
+    fake_api.fail["write"] = OSError(28, "No space left on device")  # the environment: exit 2
     rc, err = _bad_compress(capsys, tmp_path, TINY, "--img-size", "32")
-    assert rc == 1 and "disk full" in err and "--debug" in err and len(err.splitlines()) == 1
-    assert files_under(tmp_path) == []
+    assert_bad_input(rc, err, "No space left", "left as they were")
+    assert files_under(tmp_path) == [] and os.listdir(tmp_path) == []
+    fake_api.fail["write"] = RuntimeError("kaboom")  # a bug: exit 1, still nothing left
+    rc, err = _bad_compress(capsys, tmp_path, TINY, "--img-size", "32")
+    assert rc == 1 and "kaboom" in err and "--debug" in err and len(err.splitlines()) == 1
+    assert os.listdir(tmp_path) == []
 
 
 # ------------------------------------------------------------------------------------------ exit codes
@@ -321,15 +333,18 @@ def test_export_calls_export_onnx(capsys, tmp_path, monkeypatch):
     def export_onnx(model, example_input, path, *, opset=17, dynamic_batch=True, parity_batches=(1, 4),
                     atol=1e-4):
         seen.update(shape=tuple(example_input.shape), path=path, opset=opset)
+        with open(path, "w") as f:  # staged beside the final file, moved there after
+            f.write("onnx")
         return {"max_abs_err": 1e-6}
 
     mod.export_onnx = export_onnx
+    mod.check_opset = lambda opset, name="opset": opset
     monkeypatch.setitem(sys.modules, "vitprune.export", mod)
     monkeypatch.setattr(vitprune, "export", mod, raising=False)
     out = tmp_path / "m.onnx"
     rc, stdout, _ = run(capsys, "export", TINY, "--img-size", "32", "--out", out, "--opset", "18")
-    assert rc == 0 and seen == dict(shape=(1, 3, 32, 32), path=str(out), opset=18)
-    assert "max_abs_err" in stdout
+    assert rc == 0 and seen.pop("path") != str(out) and seen == dict(shape=(1, 3, 32, 32), opset=18)
+    assert "max_abs_err" in stdout and out.read_text() == "onnx" and os.listdir(tmp_path) == ["m.onnx"]
     rc, _, err = run(capsys, "export", TINY, "--out", tmp_path / "m.pt")
     assert_bad_input(rc, err, ".onnx")
 
@@ -386,3 +401,243 @@ def test_e2e_trusted_pickle_inspects(capsys, tmp_path, real_api):
     rc, out, err = run(capsys, "inspect", p, "--trust-pickle")
     assert rc == 0, err
     assert "group" in out.lower()
+
+
+def test_e2e_no_export_removes_a_stale_onnx(capsys, tmp_path, real_api):
+    """--no-export onto a prefix with an older PREFIX.onnx: the set on disk is one model's, and the
+    files get the umask's mode (the exporter's temp files are 0600)."""
+    out = tmp_path / "m"
+    for ext in ("onnx", "pt2", "json"):
+        (tmp_path / f"m.{ext}").write_text("another model")
+    rc, stdout, err = run(capsys, "compress", TINY, "--img-size", "32", "--target-flops", "0.5", "--no-export",
+                          "--out", out)
+    assert rc == 0, err
+    assert sorted(os.listdir(tmp_path)) == ["m.json", "m.pt2"]
+    assert f"removed {out}.onnx" in stdout
+    assert all((tmp_path / f).stat().st_mode & 0o777 == file_mode() for f in os.listdir(tmp_path))
+
+
+# ------------------------------------------------------------------------------------------ outputs
+def _old_set(folder):
+    folder.mkdir(exist_ok=True)
+    for ext in ("onnx", "pt2", "json"):
+        (folder / f"m.{ext}").write_text(f"old {ext}")
+    return {f"m.{ext}": f"old {ext}" for ext in ("onnx", "pt2", "json")}
+
+
+def _contents(folder):
+    """Every entry of ``folder``: a file's text, or "folder"."""
+    return {p.name: "folder" if p.is_dir() else p.read_text() for p in folder.iterdir()}
+
+
+def _stage_new(out, kinds):
+    for kind in kinds:
+        with open(out.path(kind), "w") as f:
+            f.write(f"new {kind}")
+
+
+def test_output_set_swaps_all_and_removes_stale(tmp_path):
+    old = _old_set(tmp_path)
+    files, stale = output_paths(tmp_path / "m", export=False)
+    with OutputSet(files, stale=stale) as out:
+        _stage_new(out, files)
+        staged = _contents(tmp_path)
+        out.commit()
+    assert {k: v for k, v in staged.items() if not k.startswith(".")} == old  # nothing visible before
+    assert _contents(tmp_path) == {"m.pt2": "new pt2", "m.json": "new json"}
+
+
+def test_output_set_rolls_back_a_failed_rename(tmp_path, monkeypatch):
+    """The second rename fails: the first new file is taken back and every old file restored."""
+    old = _old_set(tmp_path)
+    files, stale = output_paths(tmp_path / "m")
+    real_replace, staged_moves = os.replace, []
+
+    def replace(src, dst):
+        if os.path.dirname(dst) == str(tmp_path) and ".vitprune-" in src and "/.old/" not in src:
+            staged_moves.append(dst)
+            if len(staged_moves) == 2:
+                raise OSError(5, "Input/output error")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(outputs.os, "replace", replace)
+    with pytest.raises(OutputError, match="left as they were"):
+        with OutputSet(files, stale=stale) as out:
+            _stage_new(out, files)
+            out.commit()
+    assert _contents(tmp_path) == old and len(staged_moves) == 2
+
+
+def test_output_set_keeps_old_files_it_could_not_restore(tmp_path, monkeypatch):
+    """Rename in fails, and so does putting an old file back: the old files stay in the staging
+    folder, which the error names, instead of being deleted with it."""
+    old = _old_set(tmp_path)
+    files, stale = output_paths(tmp_path / "m")
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if "/.old/" in os.fspath(src) or (".vitprune-" in os.fspath(src) and os.fspath(dst).endswith(".pt2")):
+            raise OSError(5, "Input/output error")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(outputs.os, "replace", replace)
+    with pytest.raises(OutputError, match="restoring the old files failed too") as e:
+        with OutputSet(files, stale=stale) as out:
+            _stage_new(out, files)
+            out.commit()
+    staging = str(e.value).rsplit("the old files are in ", 1)[1]
+    monkeypatch.undo()
+    kept = {n: (tmp_path / staging / ".old" / n).read_text() for n in os.listdir(os.path.join(staging, ".old"))}
+    assert kept == old
+
+
+@pytest.mark.parametrize("error", [RuntimeError("bug"), KeyboardInterrupt()])
+def test_output_set_failure_leaves_nothing(tmp_path, error):
+    old = _old_set(tmp_path / "old")
+    for folder, expect in ((tmp_path / "old", old), (tmp_path / "new" / "deeper", None)):
+        files, stale = output_paths(folder / "m")
+        with pytest.raises(type(error)):
+            with OutputSet(files, stale=stale) as out:
+                _stage_new(out, ["onnx"])
+                raise error
+        assert (_contents(folder) == expect) if expect else not (tmp_path / "new").exists()
+
+
+def test_output_set_modes_follow_the_umask(tmp_path):
+    previous = os.umask(0o027)
+    try:
+        with OutputSet({"onnx": tmp_path / "m.onnx"}) as out:
+            fd = os.open(out.path("onnx"), os.O_CREAT | os.O_WRONLY, 0o600)  # as tempfile.mkstemp makes it
+            os.close(fd)
+            out.commit()
+        assert file_mode() == 0o640
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "m.onnx").stat().st_mode & 0o777 == 0o640
+
+
+def test_signals_are_deferred_then_delivered():
+    got = []
+    with termination_as_interrupt():
+        with pytest.raises(Interrupted) as e:
+            with signals_deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.05)
+                got.append("block finished")
+        assert e.value.signum == signal.SIGTERM and got == ["block finished"]
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+# ------------------------------------------------------------------------------------------ signals
+# A real process, stopped by a signal at a chosen point of a compress run: the driver wraps one
+# function so that it announces the point (a marker file) and then waits there for the signal.
+_DRIVER = """
+import os, sys, time
+import vitprune.api, vitprune.export, vitprune.load, vitprune.outputs
+from vitprune import cli
+
+point, argv = sys.argv[1], sys.argv[2:]
+module, name = {"load": (vitprune.load, "load_model"), "compress": (vitprune.api, "compress"),
+                "onnx_written": (vitprune.export, "_check_proto"), "pt2": (vitprune.api, "_save_pt2"),
+                "swap": (vitprune.outputs, "_swap")}[point]
+original = getattr(module, name)
+
+def at_the_point(*args, **kwargs):
+    open(os.environ["MARK"], "w").close()
+    end = time.monotonic() + float(os.environ["HOLD"])
+    while time.monotonic() < end:
+        time.sleep(0.02)
+    return original(*args, **kwargs)
+
+setattr(module, name, at_the_point)
+sys.exit(cli.main(argv))
+"""
+
+# (id, point, signal, where the outputs go: over an older set, or into a folder the run creates)
+SIGNAL_CASES = [
+    ("term_at_load", "load", "SIGTERM", "old"),
+    ("term_in_compress", "compress", "SIGTERM", "new"),
+    ("term_while_onnx_is_written", "onnx_written", "SIGTERM", "old"),
+    ("term_while_pt2_is_written", "pt2", "SIGTERM", "new"),
+    ("term_during_swap", "swap", "SIGTERM", "old"),
+    ("int_in_compress", "compress", "SIGINT", "old"),
+    ("int_while_onnx_is_written", "onnx_written", "SIGINT", "new"),
+    ("hup_while_onnx_is_written", "onnx_written", "SIGHUP", "old"),
+]
+
+
+def _signal_run(root, case):
+    name, point, sig, where = case
+    work = root / name
+    work.mkdir()
+    old = _old_set(work / "out") if where == "old" else None
+    out = work / "out" / "m" if where == "old" else work / "new" / "deeper" / "m"
+    mark = work / "mark"
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), MARK=str(mark),
+               HOLD="2" if point == "swap" else "300")  # the swap holds signals: it must end by itself
+    p = subprocess.Popen([sys.executable, "-c", _DRIVER, point, "compress", TINY, "--img-size", "32",
+                          "--target-flops", "0.5", "--out", str(out)], cwd=work, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    while not mark.exists() and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    staged = [e for e in os.listdir(out.parent) if ".vitprune-" in e] if out.parent.exists() else []
+    p.send_signal(getattr(signal, sig))
+    _, err = p.communicate(timeout=600)
+    return dict(rc=p.returncode, err=err, old=old, work=work, staged_when_signalled=staged)
+
+
+@pytest.fixture(scope="module")
+def signal_runs(tmp_path_factory):
+    """All scenarios at once, three processes at a time (each spends most of its time importing)."""
+    root = tmp_path_factory.mktemp("signals")
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        runs = pool.map(lambda c: _signal_run(root, c), SIGNAL_CASES)
+        return {c[0]: r for c, r in zip(SIGNAL_CASES, runs)}
+
+
+@pytest.mark.parametrize("case", SIGNAL_CASES, ids=[c[0] for c in SIGNAL_CASES])
+def test_signal_leaves_old_outputs_or_none(signal_runs, case):
+    name, point, sig, where = case
+    r = signal_runs[name]
+    signum = getattr(signal, sig)
+    assert r["rc"] == 128 + signum, r["err"]
+    assert r["err"] == f"vitprune: interrupted by {sig}\n"
+    if point in ("onnx_written", "pt2", "swap"):
+        assert r["staged_when_signalled"], "the signal was meant to land while files were staged"
+    left = files_under(r["work"])
+    assert not [f for f in left if ".vitprune-" in f or f.endswith(".tmp")], left
+    if where == "new":
+        assert left == ["mark"] and not (r["work"] / "new").exists()
+    elif point == "swap":  # signals wait for the swap: the complete new set, then the exit
+        assert {f: (r["work"] / "out" / f).read_text(errors="replace")[:3] != "old" for f in r["old"]} == \
+               {f: True for f in r["old"]}
+    else:
+        assert _contents(r["work"] / "out") == r["old"]
+
+
+def test_closed_stdout_ends_quietly(tmp_path):
+    """`vitprune inspect ... | head -0`: the reader is gone; exit 141 (128 + SIGPIPE), no traceback."""
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.Popen([sys.executable, "-m", "vitprune.cli", "inspect", TINY, "--img-size", "32"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path, env=env)
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=300) == 141 and err == ""
+
+
+def test_bench_warns_when_inputs_differ(capsys, tmp_path):
+    """Speedups of models that take different input sizes compare different work: say so."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    for name, side in (("a.onnx", 4), ("b.onnx", 8)):
+        graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, side, side])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3, side, side])])
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(tmp_path / name))
+    rc, out, err = run(capsys, "bench", tmp_path / "a.onnx", tmp_path / "b.onnx", "--batch", "1", "--runs", "2",
+                       "--warmup", "0")
+    assert rc == 0 and "speedup" in out
+    assert err.splitlines() == [f"vitprune: warning: the models take inputs of different sizes ({tmp_path}/a.onnx "
+                                f"3x4x4, {tmp_path}/b.onnx 3x8x8): their speedups compare different amounts of work"]

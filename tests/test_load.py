@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from vitprune.errors import InputError, LoadError
-from vitprune.load import LoadedModel, input_size_of, load_model
+from vitprune.load import LoadedModel, check_weights, input_size_of, load_model
 
 ARCH = "test_vit"  # timm's own tiny ViT (0.4M params)
 
@@ -554,3 +554,57 @@ def test_pt2_damaged_inside(tmp_path, exported, capfd):
     with pytest.raises(LoadError, match="not a loadable torch.export archive") as e:
         load_model(str(bad), trust_pickle=True)
     assert "\n" not in str(e.value) and "Traceback" not in capfd.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ damaged weights
+def _flip_byte_of_largest_member(path):
+    """Change one byte inside the largest zip member's data: the archive still opens, its CRC fails."""
+    import struct
+    import zipfile
+
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as z:
+        info = max(z.infolist(), key=lambda i: i.file_size)
+    name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26:info.header_offset + 30])
+    data[info.header_offset + 30 + name_len + extra_len + info.file_size // 2] ^= 0x40
+    path.write_bytes(bytes(data))
+    return info.filename
+
+
+def test_checkpoint_with_a_bad_crc_is_refused(tmp_path, ref_model):
+    """torch.load reads the damaged tensor without complaint; the CRC check refuses the file."""
+    p = tmp_path / "w.pth"
+    torch.save(ref_model.state_dict(), p)
+    member = _flip_byte_of_largest_member(p)
+    torch.load(p, weights_only=True)  # what vitprune must not rely on
+    with pytest.raises(LoadError, match="CRC-32") as e:
+        load_model(str(p), arch=ARCH)
+    assert member in str(e.value) and "\n" not in str(e.value)
+
+
+def test_pt2_with_a_bad_crc_is_refused(tmp_path, exported):
+    p = tmp_path / "bad.pt2"
+    p.write_bytes(exported[1].read_bytes())
+    _flip_byte_of_largest_member(p)
+    with pytest.raises(LoadError, match="damaged torch.export .pt2 archive"):
+        load_model(str(p), trust_pickle=True)
+
+
+@pytest.mark.parametrize("value,kind", [(float("nan"), "1 NaN and 0 infinite"), (float("-inf"), "0 NaN and 1 infinite")])
+def test_non_finite_weights_are_refused(tmp_path, ref_model, value, kind):
+    sd = {k: v.clone() for k, v in ref_model.state_dict().items()}
+    sd["blocks.0.attn.proj.weight"][1, 2] = value
+    sd["blocks.1.mlp.fc2.weight"][0, 0] = value  # later in the model: the first one is named
+    p = tmp_path / "w.pth"
+    torch.save(sd, p)
+    with pytest.raises(LoadError, match=f"blocks.0.attn.proj.weight .* has {kind}"):
+        load_model(str(p), arch=ARCH)
+
+
+def test_check_weights_allows_a_minus_inf_mask_buffer():
+    m = nn.Linear(2, 2)
+    m.register_buffer("mask", torch.tensor([0.0, float("-inf")]))
+    check_weights(m)
+    m.mask[0] = float("nan")
+    with pytest.raises(LoadError, match="buffer mask"):
+        check_weights(m)

@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from vitprune.errors import InputError, SpecError
-from vitprune.spec import IMPORTANCES, METHODS, RANKINGS, CompressSpec
+from vitprune.spec import IMPORTANCES, METHODS, RANKINGS, CompressSpec, token_parts
 
 
 def test_defaults():
@@ -134,3 +134,59 @@ def test_to_dict_is_json_and_yaml_safe():
     assert set(d) == set(CompressSpec.field_names())
     assert CompressSpec.from_dict(json.loads(json.dumps(d))) == CompressSpec(input_size=(3, 32, 32))
     assert CompressSpec.from_dict(yaml.safe_load(yaml.safe_dump(d))).input_size == (3, 32, 32)
+
+
+# ------------------------------------------------------------------------------------------ no silent ignore
+@pytest.mark.parametrize("name,text,match", [
+    ("d.json", '{"round_to": 8, "target_flops": 0.5, "round_to": 32}', "'round_to' is given twice"),
+    ("d.yaml", "round_to: 8\ntarget_flops: 0.5\nround_to: 32\n", r"'round_to' is given twice \(lines 1 and 3\)"),
+    ("d.yml", "target_flops: 0.5\nmin_keep: 0.2\nmin_keep: 0.2\n", "'min_keep' is given twice"),
+])
+def test_duplicate_keys_are_refused(tmp_path, name, text, match):
+    """JSON and PyYAML both keep the last of two equal keys; a spec file refuses them instead."""
+    p = tmp_path / name
+    p.write_text(text)
+    with pytest.raises(SpecError, match=match) as e:
+        CompressSpec.from_file(p)
+    assert str(p) in str(e.value)
+
+
+@pytest.mark.parametrize("tokens,match", [
+    ("keep=0.5,start=4,start=6", "start is given twice"),
+    ("keep=0.5,keep=0.7,start=4", "keep is given twice"),
+    ("keep=0.5", "keep= and start="),
+    ("start=2,every=2", "keep= and start="),
+    ("keep=0,start=2", r"keep must be a fraction in \(0, 1\]"),
+    ("keep=inf,start=2", "keep must be a fraction"),
+    ("keep=0.5,start=0", "start must be an integer >= 1"),
+    ("keep=0.5,start=2,every=x", "every must be an integer"),
+    ("keep=0.5,begin=2", "cannot read 'begin=2'"),
+    (5, "must be a string"),
+])
+def test_token_syntax_is_checked_without_a_model(tokens, match):
+    with pytest.raises(SpecError, match=match):
+        CompressSpec(tokens=tokens)
+
+
+def test_token_parts():
+    assert token_parts(" keep=0.7 , start=3, every=3 ") == {"keep": 0.7, "start": 3, "every": 3}
+    assert CompressSpec(tokens="keep=0.5,start=4").tokens == "keep=0.5,start=4"
+
+
+@pytest.mark.parametrize("seed", [-1, 2**64, 99999999999999999999999])
+def test_seed_range(seed):
+    with pytest.raises(SpecError, match=r"seed must be an integer in \[0, 2\*\*64\)"):
+        CompressSpec(seed=seed)
+    assert CompressSpec(seed=2**64 - 1).seed == 2**64 - 1
+
+
+def test_requests_that_need_training_data():
+    CompressSpec(epochs=3).check_data(True)
+    CompressSpec().check_data(False)
+    with pytest.raises(SpecError, match="epochs=3 .* --data"):
+        CompressSpec(epochs=3).check_data(False)
+    with pytest.raises(SpecError, match="search"):
+        CompressSpec(depth_selection="search").check_data(False)
+    for kw in (dict(epochs=2), dict(depth_selection="search")):
+        with pytest.raises(SpecError, match="target_latency does not train"):
+            CompressSpec(target_latency=0.5, **kw)

@@ -8,25 +8,27 @@ a fresh capture of the original model.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from passes import PASSES
+from passes import PASSES, Cleanup, PassManager
 
 from .deps import DependencyGraph
-from .errors import InputError, LoadError, PlanError, UnsupportedModelError
+from .errors import InputError, LoadError, PlanError, UnsupportedModelError, VitpruneError
 from .flops import count_flops, count_params, flops_by_block, params_by_block
 from . import methods
 from .spec import CompressSpec
 from .capture import example_input_for, capture
+from .load import check_weights
+from .outputs import OutputSet, atomic_write, check_destination, output_paths
 
 
 @dataclass
@@ -83,6 +85,9 @@ def compress(model: nn.Module, spec: CompressSpec | None = None, *,
     spec = spec or CompressSpec()
     t0 = time.perf_counter()
     input_size = resolve_input_size(model, spec.input_size, example_input_size)
+    spec.check_data(train_data is not None)
+    check_weights(model)
+    check_input_size(model, input_size)
     if spec.target_latency is not None:
         from .latency import compress_to_latency
 
@@ -92,18 +97,8 @@ def compress(model: nn.Module, spec: CompressSpec | None = None, *,
     x = gm.meta["example_input"]
     base_flops, base_params = count_flops(gm, x), count_params(gm)
     groups_before = {g.name: g.size for g in dg.groups}
-    batches = methods.calibration(spec, input_size, calib_data)
-    search_data = train_data if spec.depth_selection == "search" else None
     teacher = methods.copy_teacher(model) if methods.needs_teacher(spec, train_data) else None
-    recipe: list[dict[str, Any]] = []
-    stages: dict[str, Any] = {}
-    if not (spec.target_flops is not None and spec.target_flops >= 1.0):
-        gm, steps, stages["depth"] = methods.depth_stage(gm, teacher, spec, base_flops, batches, search_data)
-        recipe += steps
-        gm, steps, stages["width"] = methods.width_stage(gm, spec, base_flops, batches, calib_data is not None)
-        recipe += steps
-        gm, steps, stages["tokens"] = methods.token_stage(gm, spec, base_flops, batches)
-        recipe += steps
+    gm, recipe, stages = _run_stages(gm, teacher, spec, base_flops, calib_data, train_data)
     flops, params = count_flops(gm, x), count_params(gm)
     if spec.method != "width" or spec.tokens or spec.remove_attention or spec.remove_activation:
         _check_target(spec, flops / base_flops)
@@ -129,6 +124,24 @@ def compress(model: nn.Module, spec: CompressSpec | None = None, *,
         "compile_seconds": round(time.perf_counter() - t0, 3),
     }
     return CompressResult(gm.eval(), report, recipe, source, tuple(input_size))
+
+
+def _run_stages(gm: fx.GraphModule, teacher: nn.Module | None, spec: CompressSpec, base_flops: int,
+                calib_data: Any, train_data: Any) -> tuple[fx.GraphModule, list[dict[str, Any]], dict[str, Any]]:
+    """Depth → width → tokens, every pass through one PassManager (a failure names the passes
+    before it), then a value-preserving cleanup. Returns (graph, recipe, per-stage report)."""
+    if spec.target_flops is not None and spec.target_flops >= 1.0:
+        return gm, [], {}
+    input_size = tuple(gm.meta["example_input"].shape[1:])
+    batches = methods.calibration(spec, input_size, calib_data)
+    search_data = train_data if spec.depth_selection == "search" else None
+    manager = PassManager()
+    stages: dict[str, Any] = {}
+    gm, depth, stages["depth"] = methods.depth_stage(gm, teacher, spec, base_flops, batches, search_data, manager)
+    gm, width, stages["width"] = methods.width_stage(gm, spec, base_flops, batches, calib_data is not None, manager)
+    gm, tokens, stages["tokens"] = methods.token_stage(gm, spec, base_flops, batches, manager)
+    cleanup = manager.apply(Cleanup(), gm)
+    return cleanup.graph_module, depth + width + tokens + ([cleanup.recipe] if cleanup.modified else []), stages
 
 
 def _check_target(spec: CompressSpec, achieved: float) -> None:
@@ -159,6 +172,7 @@ def _group_widths(before: DependencyGraph, after: DependencyGraph, sizes: dict[s
 def inspect_model(model: nn.Module, example_input_size: tuple[int, int, int] | None = None) -> dict[str, Any]:
     """Groups, FLOPs/params per block, and unsupported ops of a model (what `vitprune inspect` prints)."""
     input_size = resolve_input_size(model, None, example_input_size)
+    check_input_size(model, input_size)
     gm, dg = analyse(model, input_size)
     x = gm.meta["example_input"]
     return {
@@ -218,10 +232,14 @@ def save_compressed(result: CompressResult, path: str | os.PathLike) -> None:
 
     ``torch.export.load(path).module()`` runs it with plain torch: no vitprune, timm or transformers
     import, no pickled model class. The report rides along as ``vitprune.json`` in the archive."""
+    atomic_write(path, lambda f: _save_pt2(result, f))
+
+
+def _save_pt2(result: CompressResult, f: Any) -> None:
     program = exported_program(result.model, result.input_size)
     meta = json.dumps({"input_size": list(result.input_size), "recipe": result.recipe,
                        "source": result.source, "report": result.report}, default=str)
-    _atomic_write(path, lambda f: torch.export.save(program, f, extra_files={"vitprune.json": meta}))
+    torch.export.save(program, f, extra_files={"vitprune.json": meta})
 
 
 def load_compressed(path: str | os.PathLike) -> nn.Module:
@@ -237,66 +255,115 @@ def load_compressed(path: str | os.PathLike) -> nn.Module:
 def export_model(model: nn.Module, path: str | os.PathLike, *, input_size: tuple[int, int, int] | None = None,
                  opset: int = 18) -> dict[str, Any]:
     """The (unpruned) model as a checked ONNX file, captured exactly as ``compress`` captures it, so
-    the original and the compressed model go through one IR and one exporter path."""
-    from .export import export_onnx
+    the original and the compressed model go through one IR and one exporter path. The file
+    appears only when every check passed (an :class:`~vitprune.outputs.OutputSet` of one)."""
+    from .export import check_opset, export_onnx
 
+    check_opset(opset)
+    check_destination([path])  # before the capture, which is the slow part
     size = resolve_input_size(model, None, input_size)
+    check_input_size(model, size)
     gm = capture(model, example_input_for(size))
-    return export_onnx(gm, example_input_for(size, batch=1), path, opset=opset)
+    with OutputSet({"onnx": path}) as out:
+        info = export_onnx(gm, example_input_for(size, batch=1), out.path("onnx"), opset=opset)
+        out.commit()
+    info["path"] = os.fspath(path)
+    return info
 
 
 def write_outputs(result: CompressResult, prefix: str | os.PathLike, *, export: bool = True,
                   opset: int = 18) -> dict[str, str]:
-    """Write PREFIX.onnx, PREFIX.pt2 and PREFIX.json; all or nothing (temp files, then rename)."""
-    from .export import export_onnx
+    """Write PREFIX.onnx (unless ``export=False``), PREFIX.pt2 and PREFIX.json as one set.
 
-    prefix = os.fspath(prefix)
-    directory = os.path.dirname(os.path.abspath(prefix))
-    if not os.path.isdir(directory):
-        raise InputError(f"output directory {directory} does not exist")
-    staged: list[tuple[str, str]] = []
-    try:
-        report = dict(result.report)
+    All or nothing (:class:`~vitprune.outputs.OutputSet`): the files are staged in a hidden folder
+    beside PREFIX and swapped in together; on any failure or signal the old files stay as they were.
+    A kind this run does not write (PREFIX.onnx under ``export=False``) is removed with the swap, so
+    the files at PREFIX always describe one model. Returns ``{kind: path}`` of the files written."""
+    from .export import check_opset, export_onnx
+
+    if export:
+        check_opset(opset)
+    files, stale = output_paths(prefix, export)
+    report = dict(result.report)
+    with OutputSet(files, stale=stale) as out:
         if export:
-            tmp_onnx = _temp_name(prefix + ".onnx")
             report["onnx"] = export_onnx(result.model, example_input_for(result.input_size, batch=1),
-                                         tmp_onnx, opset=opset)
-            report["onnx"]["path"] = prefix + ".onnx"
-            staged.append((tmp_onnx, prefix + ".onnx"))
-        result.report = report
-        tmp_pt2 = _temp_name(prefix + ".pt2")
-        save_compressed(result, tmp_pt2)
-        staged.append((tmp_pt2, prefix + ".pt2"))
-        tmp_json = _temp_name(prefix + ".json")
-        with open(tmp_json, "w") as f:
+                                         out.path("onnx"), opset=opset)
+            report["onnx"]["path"] = files["onnx"]
+        _save_pt2(dataclasses.replace(result, report=report), out.path("pt2"))
+        with open(out.path("json"), "w") as f:
             json.dump(report, f, indent=2)
-        staged.append((tmp_json, prefix + ".json"))
-    except BaseException:
-        for tmp, _ in staged:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        raise
-    for tmp, final in staged:
-        os.replace(tmp, final)
-    return {os.path.splitext(final)[1][1:]: final for _, final in staged}
+        out.commit()
+    result.report = report
+    return files
 
 
-def _temp_name(final: str) -> str:
-    directory, base = os.path.split(os.path.abspath(final))
-    fd, path = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp" + os.path.splitext(base)[1], dir=directory)
-    os.close(fd)
-    os.remove(path)
-    return path
+# -- input checks ---------------------------------------------------------------------------------
+def check_input_size(model: nn.Module, input_size: Sequence[int]) -> None:
+    """Refuse an input size the model's first convolution cannot take, before any capture.
+
+    The convolution is the first ``nn.Conv2d`` the forward reaches (found by running the model at
+    its own input size up to that call; the first one registered when that does not work): the
+    patch embedding of a ViT, or the stem of a hybrid. Its ``in_channels`` must equal C, and for a
+    patchifying convolution (kernel = stride, no padding) H and W must be multiples of the patch."""
+    found = first_conv(model)
+    if found is None:
+        return  # e.g. a .pt2 module: its input size is fixed and checked when it is loaded
+    name, conv = found
+    c, h, w = (int(v) for v in input_size)
+    if c != conv.in_channels:
+        raise InputError(f"the model expects {conv.in_channels} input channels (its first convolution, {name}, "
+                         f"takes {conv.in_channels}) but the input size {c}x{h}x{w} has {c}")
+    if conv.padding == "same":
+        return  # any size fits
+    (kh, kw), (sh, sw) = conv.kernel_size, conv.stride
+    pads = conv.padding if isinstance(conv.padding, tuple) else (0, 0)  # "valid" is no padding
+    reach = [conv.dilation[i] * (conv.kernel_size[i] - 1) + 1 - 2 * pads[i] for i in (0, 1)]
+    patchify = (kh, kw) == (sh, sw) and pads == (0, 0) and conv.dilation == (1, 1)
+    px = f"{kh} px" if kh == kw else f"{kh}x{kw} px"
+    what = f"the model's patch is {px}" if patchify else f"the model's first convolution is {px}"
+    if h < reach[0] or w < reach[1]:
+        raise InputError(f"{what} ({name}, stride {sh}x{sw}) and the input {c}x{h}x{w} is smaller than that")
+    if patchify and (h % sh or w % sw):
+        raise InputError(f"{what} ({name}) and the input {c}x{h}x{w} is not a multiple of it: the border "
+                         f"would be cut off; use a multiple of {sh}, e.g. {max(sh, h // sh * sh)}")
 
 
-def _atomic_write(path: str | os.PathLike, write) -> None:
-    path = os.fspath(path)
-    tmp = _temp_name(path)
+def first_conv(model: nn.Module) -> tuple[str, nn.Conv2d] | None:
+    """``(name, conv)`` of the first ``nn.Conv2d`` the model applies to its input, or None."""
+    convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    if not convs:
+        return None
+    reached = _first_called(model, convs)
+    return reached if reached is not None else convs[0]
+
+
+class _Reached(Exception):
+    """Stops the probe forward at the first convolution."""
+
+
+def _first_called(model: nn.Module, convs: list[tuple[str, nn.Conv2d]]) -> tuple[str, nn.Conv2d] | None:
+    """Run the model on a zero image of its own input size until the first Conv2d is called."""
     try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+        size = resolve_input_size(model)
+    except VitpruneError:
+        return None
+    names = {id(m): n for n, m in convs}
+
+    def hook(module: nn.Module, args: Any) -> None:
+        raise _Reached(names[id(module)], module)
+
+    param = next(iter(model.parameters()), None)
+    like = {"device": param.device, "dtype": param.dtype} if param is not None and param.is_floating_point() else {}
+    handles = [m.register_forward_pre_hook(hook) for _, m in convs]
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *size, **like))
+    except _Reached as e:
+        return e.args[0], e.args[1]
+    except Exception:  # the model's own checks refused the probe: fall back to registration order
+        return None
+    finally:
+        for h in handles:
+            h.remove()
+    return None

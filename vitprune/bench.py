@@ -13,6 +13,7 @@ import os
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,9 +23,13 @@ import onnxruntime as ort
 from tqdm import tqdm
 
 from vitprune.errors import InputError
-from vitprune.export import ort_session
+from vitprune.export import _describe, ort_session
 
-__all__ = ["bench_onnx", "compare", "format_table"]
+__all__ = ["bench_onnx", "compare", "format_table", "InputMismatchWarning"]
+
+
+class InputMismatchWarning(UserWarning):
+    """The models compared take inputs of different sizes, so their speedups compare different work."""
 
 _INPUT_SEED = 0
 _NUMPY_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
@@ -115,6 +120,8 @@ def _bench(paths: list[str | os.PathLike], *, batch_sizes: Sequence[int], thread
     for model in models:
         for batch in batch_sizes:
             _check_batch(model, batch)
+            _time_one(model, _feed(model, batch))  # a model that cannot run fails here, not mid-table
+    _warn_if_inputs_differ(models)
     rows: list[dict[str, Any]] = []
     bar = tqdm(total=len(batch_sizes) * (warmup + runs), desc="bench", unit="round",
                disable=not progress, file=sys.stderr)
@@ -153,6 +160,8 @@ def _check_settings(batch_sizes: Sequence[int], threads: int, warmup: int,
 def _open(path: str | os.PathLike, threads: int,
           input_shape: tuple[int, ...] | None) -> _Timed:
     """Load a session and work out the sample shape and dtype it wants."""
+    if os.path.isdir(path):
+        raise InputError(f"{path} is a folder, not an ONNX file")
     session = ort_session(path, threads)  # InputError for a missing / non-ONNX file
     inputs = session.get_inputs()
     if len(inputs) != 1:
@@ -194,9 +203,32 @@ def _feed(model: _Timed, batch: int) -> dict[str, np.ndarray]:
     return {model.input_name: rng.standard_normal((batch, *model.sample_shape)).astype(model.dtype)}
 
 
+def _warn_if_inputs_differ(models: list[_Timed]) -> None:
+    shapes = {m.path: m.sample_shape for m in models}
+    if len(set(shapes.values())) > 1:
+        listed = ", ".join(f"{p} {'x'.join(map(str, s))}" for p, s in shapes.items())
+        warnings.warn(f"the models take inputs of different sizes ({listed}): their speedups compare "
+                      f"different amounts of work", InputMismatchWarning, stacklevel=3)
+
+
+def _run_options() -> ort.RunOptions:
+    # a failing run is reported once, as an InputError; ORT would also log it to stderr itself
+    options = ort.RunOptions()
+    options.log_severity_level = 4
+    return options
+
+
+_QUIET_RUN = _run_options()
+
+
 def _time_one(model: _Timed, feed: dict[str, np.ndarray]) -> float:
     start = time.perf_counter()
-    model.session.run(None, feed)
+    try:
+        model.session.run(None, feed, _QUIET_RUN)
+    except Exception as e:  # ORT's Fail/InvalidArgument/RuntimeException: the file's fault, not ours
+        batch = next(iter(feed.values())).shape[0]
+        raise InputError(f"{model.path}: ONNX Runtime cannot run this model at batch {batch}: "
+                         f"{_describe(e)}") from e
     return (time.perf_counter() - start) * 1e3
 
 

@@ -13,10 +13,13 @@ Normalisation keeps what the passes need and nothing else:
   ``ModelOutput.logits``, the first element of a tuple) through plain FX code generation;
 * export's runtime guards and metadata asserts are dropped (the passes re-check shapes themselves);
 * eval-mode dropout (the identity) is dropped;
-* a ``-1`` in a ``view``/``reshape`` whose size is static is written out as that size, and a lone
-  batch-dependent size becomes the ``-1``. Then no channel or token count hides in SymInt
-  arithmetic: SAM reshapes to ``(B·heads, N, -1)`` and torchvision's attention to
-  ``(N·B, C)``, with ``B·heads`` and ``N·B`` computed products that no pass could rewrite;
+* a batch-dependent size computed in the graph (``B·heads``, ``N·B``) is the one a ``view``/``reshape``
+  infers (``-1``; a static ``-1`` it displaces is written out). Otherwise a channel or token
+  count would hide in SymInt arithmetic that no pass rewrites: SAM reshapes to
+  ``(B·heads, N, -1)``, torchvision's attention to ``(N·B, C)``;
+* ``view`` becomes ``reshape`` (the same values) unless its tensor is written in place: a pass may
+  then change a layout (slice a weight, drop a ``contiguous``) without a later view failing on
+  strides, as torchvision's and swin's views of transposed tensors would;
 * attention masks that mask nothing are dropped: Hugging Face builds an all-true mask (an all-zero
   additive one for eager attention) from sizes alone, even for images. Found by value (the
   mask's data-free subgraph is evaluated once), they would otherwise pin the sequence length
@@ -32,6 +35,7 @@ import contextlib
 import copy
 import io
 import logging
+import operator
 import traceback
 from typing import Any, Iterator
 
@@ -49,6 +53,10 @@ _ASSERT_OPS = frozenset({
     torch.ops.aten._assert_tensor_metadata.default, torch.ops.aten._assert_scalar.default,
     torch.ops.aten.sym_constrain_range_for_size.default, torch.ops.aten._assert_async.msg,
 })
+
+
+#: dropout, out of place or in place (``nn.Dropout(inplace=True)``): the identity in eval mode
+_DROPOUTS = (torch.ops.aten.dropout.default, torch.ops.aten.dropout_.default)
 
 
 def capture(model: nn.Module, example_input: torch.Tensor) -> fx.GraphModule:
@@ -115,12 +123,13 @@ def normalize(gm: fx.GraphModule) -> fx.GraphModule:
             graph.erase_node(node)
         elif node.op == "call_function" and node.target in _ASSERT_OPS and not node.users:
             graph.erase_node(node)
-        elif node.target is torch.ops.aten.dropout.default and not _arg(node, 2, "train", False):
+        elif node.target in _DROPOUTS and not _arg(node, 2, "train", False):
             # eval-mode dropout is the identity; left in, it would also survive dead-code
             # elimination (random ops count as impure) and keep removed branches alive
             node.replace_all_uses_with(node.args[0])
             graph.erase_node(node)
     _explicit_static_sizes(graph)
+    _views_to_reshapes(graph)
     _first_tensor_output(graph)
     graph._codegen = fx.graph.CodeGen()  # positional image in, tensor out: no pytree specs to keep
     eliminate_dead_code(graph)
@@ -142,22 +151,64 @@ _VIEWS = frozenset({torch.ops.aten.view.default, torch.ops.aten.reshape.default,
 
 
 def _explicit_static_sizes(graph: fx.Graph) -> None:
-    """``view(x, [s0, 5, -1])`` → ``view(x, [-1, 5, 64])`` when export proved the last dim static."""
+    """``view(x, [B·H, 5, -1])`` → ``view(x, [-1, 5, 64])``: a lone *computed* batch-dependent size
+    becomes the inferred one, and the static ``-1`` it displaces is written out. A plain batch read
+    (``sym_size(x, 0)``) stays, so ``view(x, [B, -1, C])`` still follows the token count."""
     for node in graph.nodes:
         if node.op != "call_function" or node.target not in _VIEWS or len(node.args) != 2:
             continue
         sizes, val = node.args[1], node.meta.get("val")
-        if not isinstance(sizes, (list, tuple)) or not hasattr(val, "shape"):
+        if not isinstance(sizes, (list, tuple)) or not hasattr(val, "shape") or len(val.shape) != len(sizes):
+            continue
+        symbolic = [i for i, v in enumerate(sizes) if isinstance(v, fx.Node)]
+        if len(symbolic) != 1 or sizes[symbolic[0]].target is torch.ops.aten.sym_size.int:
             continue
         sizes = list(sizes)
-        if -1 in sizes and len(val.shape) == len(sizes):
-            i = sizes.index(-1)
-            if type(val.shape[i]) is int:  # a SymInt stays inferred
-                sizes[i] = val.shape[i]
-        symbolic = [i for i, v in enumerate(sizes) if isinstance(v, fx.Node)]
-        if len(symbolic) == 1 and -1 not in sizes:
-            sizes[symbolic[0]] = -1  # the one batch-dependent size: inferred from numel
+        if -1 in sizes:
+            static = val.shape[sizes.index(-1)]
+            if type(static) is not int:  # two batch-dependent sizes: nothing to infer from
+                continue
+            sizes[sizes.index(-1)] = static
+        sizes[symbolic[0]] = -1
         node.args = (node.args[0], sizes)
+
+
+def _views_to_reshapes(graph: fx.Graph) -> None:
+    """``aten.view`` → ``aten.reshape``, except for tensors that alias an in-place write (a reshape
+    may copy, and the copy would not see the write)."""
+    written = _aliases_of_written(graph)
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target in _VIEW_ONLY and node not in written:
+            node.target = torch.ops.aten.reshape.default
+
+
+_VIEW_ONLY = frozenset({torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default})
+
+
+def _aliases_of_written(graph: fx.Graph) -> set[fx.Node]:
+    """Every node sharing storage (through view-like ops) with a tensor some op writes in place."""
+    parent: dict[fx.Node, fx.Node] = {}
+
+    def root(n: fx.Node) -> fx.Node:
+        while parent.get(n, n) is not n:
+            n = parent[n]
+        return n
+
+    written = []
+    for node in graph.nodes:
+        schema = getattr(node.target, "_schema", None)
+        if node.op != "call_function" or not node.args or not isinstance(node.args[0], fx.Node):
+            continue
+        if node.target is operator.getitem or (schema is not None and schema.returns
+                                                and schema.returns[0].alias_info is not None):
+            parent[root(node)] = root(node.args[0])  # a view (or a piece of unbind/split) of its input
+        if schema is not None and schema.is_mutable:
+            written += [a for a, spec in zip(node.args, schema.arguments)
+                        if isinstance(a, fx.Node) and spec.alias_info is not None and spec.alias_info.is_write]
+    if not written:
+        return set()
+    roots = {root(n) for n in written}
+    return {n for n in graph.nodes if root(n) in roots}
 
 
 _SDPA = torch.ops.aten.scaled_dot_product_attention.default

@@ -1,21 +1,43 @@
 """The ``vitprune`` command line: parse, call the API, print. Nothing here that Python callers need.
 
 Exit codes: 0 success; 2 bad input (any :class:`VitpruneError`, or a usage error), reported on one
-line ``vitprune: error: <message>``; 1 an internal error (one line; ``--debug`` re-raises it).
+line ``vitprune: error: <message>``; 1 an internal error (one line; ``--debug`` re-raises it);
+128 + N when signal N (SIGINT, SIGTERM, SIGHUP) ended the run; 141 when the reader closed stdout.
+Whatever the exit, files at the output location are all new or all as before (:mod:`vitprune.outputs`).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import logging
 import os
+import signal
 import sys
-from typing import Any, Sequence
+import warnings
+from typing import Any, Iterator, Sequence
 
 from vitprune.errors import InputError, VitpruneError
+from vitprune.outputs import check_destination, output_paths, termination_as_interrupt
 
 PROG = "vitprune"
 _OUT_SUFFIXES = (".onnx", ".pt2", ".json")
+_DEFAULT_OPSET = 18  # vitprune.export.DEFAULT_OPSET, without importing torch for --help
+#: Explicit compress flags that would do nothing without another setting: (dest, applies, needs).
+_NEEDS: tuple[tuple[str, Any, str], ...] = (
+    ("prune_heads_cpvit", lambda s: s.method == "cpvit", "--method cpvit"),
+    ("depth_share", lambda s: s.method == "boundarydpt+", "--method boundarydpt+"),
+    ("search_steps", lambda s: s.depth_selection == "search", "--depth-selection search"),
+    ("latency_threads", lambda s: s.target_latency is not None, "--target-latency"),
+    ("lr", lambda s: s.epochs > 0 or s.depth_selection == "search", "--epochs N or --depth-selection search"),
+    ("attention_variant", lambda s: s.method.startswith("boundarydpt") or s.remove_attention is not None,
+     "--method boundarydpt/boundarydpt+ or --remove-attention"),
+    ("merge", lambda s: s.method.startswith("boundarydpt") or s.remove_activation is not None,
+     "--method boundarydpt/boundarydpt+ or --remove-activation"),
+    ("fold_norm", lambda s: s.method.startswith("boundarydpt") or s.remove_activation is not None,
+     "--method boundarydpt/boundarydpt+ or --remove-activation"),
+)
 
 
 class _UsageError(Exception):
@@ -143,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     o = c.add_argument_group("output")
     o.add_argument("--out", required=True, metavar="PREFIX", help="output prefix (writes PREFIX.onnx/.pt2/.json)")
     o.add_argument("--no-export", action="store_true", help="skip ONNX export (writes PREFIX.pt2/.json)")
-    o.add_argument("--opset", type=_positive_int, default=18, metavar="N", help="ONNX opset (default 18)")
+    o.add_argument("--opset", type=_positive_int, metavar="N", help="ONNX opset (default 18)")
     _add_debug(c)
     c.set_defaults(func=cmd_compress)
 
@@ -158,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Export a model to ONNX with a dynamic batch axis, checked against ORT.")
     _add_load_flags(e)
     e.add_argument("--out", required=True, metavar="FILE.onnx")
-    e.add_argument("--opset", type=_positive_int, default=18, metavar="N", help="ONNX opset (default 18)")
+    e.add_argument("--opset", type=_positive_int, default=_DEFAULT_OPSET, metavar="N",
+                   help=f"ONNX opset (default {_DEFAULT_OPSET})")
     _add_debug(e)
     e.set_defaults(func=cmd_export)
 
@@ -231,13 +254,41 @@ def _out_prefix(text: str) -> str:
     return root if ext.lower() in _OUT_SUFFIXES else text
 
 
+def _check_requests(spec: Any, args: argparse.Namespace) -> None:
+    """Refuse, before loading, what would otherwise be silently ignored (README, "Outputs")."""
+    spec.check_data(args.data is not None)
+    if args.no_export and args.opset is not None:
+        raise InputError(f"--opset {args.opset} sets the ONNX export, which --no-export skips; drop one of them")
+    for dest, applies, needs in _NEEDS:
+        if getattr(args, dest) is not None and not applies(spec):
+            flag = "--" + {"prune_heads_cpvit": "prune_heads"}.get(dest, dest).replace("_", "-")
+            raise InputError(f"{flag} has no effect without {needs}; add that, or drop {flag}")
+    if args.data is not None and not os.path.isdir(args.data):
+        raise InputError(f"--data {args.data!r} is not a directory")
+
+
+def _check_opset(opset: int) -> int:
+    from vitprune.export import check_opset
+
+    return check_opset(opset, "--opset")
+
+
 def cmd_compress(args: argparse.Namespace) -> int:
+    # every check that needs no model runs before the (slow) load: output location, spec, opset
     prefix = _out_prefix(args.out)
-    spec = spec_from_args(args)  # bad spec fails before the (slow) load
+    export = not args.no_export
+    files, stale = output_paths(prefix, export)
+    check_destination([*files.values(), *stale], f"--out {args.out}")
+    spec = spec_from_args(args)
+    _check_requests(spec, args)
+    opset = args.opset or _DEFAULT_OPSET
+    if export:
+        _check_opset(opset)
     loaded = _load(args, seed=spec.seed)
     size = spec.input_size if (spec.input_size and args.img_size is None) else loaded.input_size
     from vitprune import api
 
+    api.check_input_size(loaded.model, size)
     calib = train = val = None
     if args.data is not None:
         from vitprune.data import calibration_batches, loader
@@ -252,25 +303,10 @@ def cmd_compress(args: argparse.Namespace) -> int:
                            seed=spec.seed)
     result = api.compress(loaded.model, spec, example_input_size=size, source=loaded.source,
                           calib_data=calib, train_data=train, val_data=val)
-    # PREFIX's folder is created only now that compression succeeded
-    paths = _in_new_folder(prefix, lambda: api.write_outputs(result, prefix, export=not args.no_export,
-                                                             opset=args.opset))
-    print(format_summary(result.report, paths))
+    removed = [p for p in stale if os.path.lexists(p)]
+    paths = api.write_outputs(result, prefix, export=export, opset=opset)
+    print(format_summary(result.report, paths, removed))
     return 0
-
-
-def _in_new_folder(path: str, write: Any) -> Any:
-    """Run ``write()`` after creating ``path``'s folder if needed; remove that folder if it fails empty."""
-    folder = os.path.dirname(os.path.abspath(path))
-    made = not os.path.isdir(folder)
-    if made:
-        os.makedirs(folder)
-    try:
-        return write()
-    except BaseException:
-        if made and os.path.isdir(folder) and not os.listdir(folder):
-            os.rmdir(folder)
-        raise
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -285,26 +321,34 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     if not args.out.lower().endswith(".onnx") or os.path.isdir(args.out):
         raise InputError(f"--out {args.out!r} must be a file name ending in .onnx")
+    check_destination([args.out], f"--out {args.out}")
+    opset = _check_opset(args.opset)
     loaded = _load(args)
     from vitprune import api
 
-    info = _in_new_folder(args.out, lambda: api.export_model(loaded.model, args.out, input_size=loaded.input_size,
-                                                             opset=args.opset))
+    info = api.export_model(loaded.model, args.out, input_size=loaded.input_size, opset=opset)
     print(f"wrote {args.out}")
     for k, v in (info or {}).items():
-        if isinstance(v, (str, int, float, bool)):
+        if isinstance(v, (str, int, float, bool)) and k != "path":
             print(f"  {k}: {v}")
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     for p in args.onnx:
+        if os.path.isdir(p):
+            raise InputError(f"{p} is a folder, not an ONNX file")
         if not os.path.isfile(p):
             raise InputError(f"ONNX file {p} does not exist")
     from vitprune import bench
 
-    rows = bench.compare(args.onnx, batch_sizes=args.batch, threads=args.threads,
-                         runs=args.runs, warmup=args.warmup)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", getattr(bench, "InputMismatchWarning", UserWarning))
+        rows = bench.compare(args.onnx, batch_sizes=args.batch, threads=args.threads,
+                             runs=args.runs, warmup=args.warmup)
+    for w in caught:
+        if issubclass(w.category, getattr(bench, "InputMismatchWarning", ())):
+            print(f"{PROG}: warning: {_one_line(w.message)}", file=sys.stderr)
     print(bench.format_table(rows))
     return 0
 
@@ -364,8 +408,9 @@ def _human(n: Any) -> str:
     return f"{n:g}"
 
 
-def format_summary(report: Any, paths: dict[str, str] | None) -> str:
-    """A few lines: FLOPs before/after and ratio, params before/after, files written.
+def format_summary(report: Any, paths: dict[str, str] | None, removed: Sequence[str] = ()) -> str:
+    """A few lines: FLOPs before/after and ratio, params before/after, plan notes, files written
+    and stale files removed.
 
     The report is expected to hold ``{"flops": {"before": n, "after": n}, "params": {...}}``; a few
     other spellings (``flops_before``, ``original.flops``, ...) are accepted, missing ones skipped.
@@ -387,9 +432,24 @@ def format_summary(report: Any, paths: dict[str, str] | None) -> str:
     target = _find(report, "target_flops", "spec.target_flops")
     if target is not None:
         lines.append(f"target FLOPs ratio: {target}")
+    for note in _notes(report):
+        lines.append(f"note: {note}")
     for p in (paths or {}).values():
         lines.append(f"wrote {p}")
+    for p in removed:
+        lines.append(f"removed {p} (left by an earlier run; this run writes no {os.path.splitext(p)[1]})")
     return "\n".join(lines) if lines else "done"
+
+
+def _notes(report: dict) -> list[str]:
+    """The planners' notes (e.g. a round_to that could not be met), in stage order."""
+    out: list[str] = []
+    stages = report.get("stages") if isinstance(report.get("stages"), dict) else {"width": report.get("plan")}
+    for info in stages.values():
+        if isinstance(info, dict):
+            out += [info["note"]] if isinstance(info.get("note"), str) else []
+            out += [n for n in info.get("notes") or [] if isinstance(n, str)]
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -397,14 +457,41 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+@contextlib.contextmanager
+def _library_logs(debug: bool) -> Iterator[None]:
+    """Silence library logging (the ONNX exporter logs tracebacks before raising what we report on
+    one line); --debug keeps it."""
+    if debug:
+        yield
+        return
+    previous = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
+def _stdout_gone() -> int:
+    """The reader closed stdout (``vitprune inspect ... | head``): end quietly, as a Unix tool killed
+    by SIGPIPE would (128 + 13), and keep Python from failing again when it flushes at exit."""
+    with contextlib.suppress(OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 128 + 13
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit code (0 ok, 2 bad input, 1 internal error)."""
+    """Run the CLI; returns the exit code: 0 ok, 2 bad input, 1 internal error, 128 + N for signal N
+    (130 SIGINT, 143 SIGTERM, 129 SIGHUP; outputs are left as they were), 141 when stdout closed."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:
-        args = build_parser().parse_args(argv)
-        debug = bool(getattr(args, "debug", False))
-        return int(args.func(args))
+        with termination_as_interrupt(), _library_logs(debug):
+            args = build_parser().parse_args(argv)
+            debug = bool(getattr(args, "debug", False))
+            code = int(args.func(args))
+            sys.stdout.flush()  # a closed pipe shows here, where it is handled, not at exit
+            return code
     except SystemExit as e:  # --help / --version
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     except (_UsageError, VitpruneError) as e:
@@ -412,9 +499,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+    except BrokenPipeError:
+        return _stdout_gone()
+    except KeyboardInterrupt as e:  # SIGINT, and SIGTERM/SIGHUP through termination_as_interrupt
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"{PROG}: interrupted by {signal.Signals(signum).name}", file=sys.stderr)
+        return 128 + signum
     except Exception as e:
         if debug:
             raise

@@ -17,6 +17,47 @@ Integration (``--method boundarydpt``)::
     sel = select_depth(gm, n_attention=5, n_activation=5, mode="search", batches=loader, teacher=orig)
     gm, recipe = sel.model, sel.recipe          # pruned, merged, gates folded away
     # or, with explicit lists:  gm, recipe = apply_depth(gm, [0, 3, 7, 8, 11], [2, 7, 8, 10, 11])
+
+The gated search (:func:`gated_search`), choice by choice, and what the HetDPT code
+(``train_stage1_step2.py``, ``hetdpt/search_layers.py``) does:
+
+* **Gates.** ``y = m·f(u) + (1−m)·u`` on every GELU (``u`` = fc1 output) and on every attention
+  module (``u`` = its normalised input LN1(x), before layer-scale, like ``Learnable_Attention``
+  wrapping timm's ``Attention``); for ``variant="drop"`` ``y = m·f``. ``m`` is binary in the
+  forward pass and its gradient is credited to the score (straight-through, HetDPT's
+  ``GetMask``). Lowest score is pruned first.
+* **Score.** HetDPT's score is a parameter (``learn_mask``, init 0) stepped by the weights'
+  AdamW, i.e. a running sum of (Adam-normalised) ``−∂L/∂m``. Here the score is the running sum
+  of the first-order estimates themselves, per image: ``estimator="abs"`` (default) sums
+  ``|∂L_i/∂m|``, ``estimator="signed"`` sums ``−∂L_i/∂m`` (the published signal without Adam's
+  normalisation). Why abs: the signed first-order term says which way the loss moves for a
+  *small* step towards the identity and cancels across images on a trained model. Measured on
+  the 4-block digits ViT of ``tests/test_depth_search.py``, the abs scores rank both kinds
+  exactly as the true single-removal losses do and the search removed the set that keeps 65%
+  accuracy before any fine-tuning, while the signed scores removed attention block 0 or 1 (the
+  two most important by ablation; 11% / 45% before fine-tuning).
+* **Loss.** Soft distillation KL to ``teacher`` (temperature ``tau``) + ``ce_weight`` × CE to the
+  labels, or to the teacher's argmax for unlabelled batches. HetDPT's search script uses CE on
+  labels (distillation off) and its stage 2 hard distillation (α=0.5). Pure KL would give no
+  signal at the start (the student *is* the teacher, so ∂KL/∂m = 0): the CE term provides it.
+  ``teacher=None`` uses a frozen copy of ``gm``.
+* **Event schedule.** :func:`event_order`: alternate kinds, the more numerous first, activation
+  first on a tie (HetDPT's ``get_prune_order``). Each event hard-prunes (``m := 0``) the
+  lowest-scoring remaining candidate *of that kind only* (``Flag_Get``): the kinds are never
+  ranked on one scale. A warm-up window of ``steps_per_event`` precedes the first event.
+* **Recovery asymmetry.** Removing an activation hurts more at first but recovers quickly;
+  removing attention hurts less but recovers slowly. So the window after an attention event is
+  ``attention_recovery``× longer (HetDPT instead lengthens every later stage:
+  ``multi_stage=[3,5,7,...]`` epochs); and scores are reset at each event and collected only
+  after the first ``score_burn_in`` fraction of the window, so the loss spike right after an
+  event (largest after activation events) does not drive the next decision
+  (``reset_scores=False`` keeps accumulating over the whole search, as HetDPT's ``learn_mask``).
+* **Optimiser.** AdamW(``lr``, ``weight_decay``) on the weights, constant learning rate (HetDPT:
+  cosine restarts aligned with the stages). The captured graph is the eval-mode function, so no
+  dropout or drop-path applies.
+* **Folding.** After the last window the gates are removed and :class:`AttentionRemoval`
+  (``variant``) / :class:`ActivationRemoval` (``merge``, ``fold_norm``) rewrite the pruned
+  layers; the folded model must reproduce the gated model's outputs (checked).
 """
 from __future__ import annotations
 
@@ -33,6 +74,7 @@ from torch import nn
 
 from passes.activation import ActivationRemoval
 from passes.attention import AttentionRemoval
+from passes.manager import PassManager
 
 from .capture import first_tensor
 from .deps.branches import ActivationSite, AttentionBranch, find_activations, find_attention_branches
@@ -69,12 +111,14 @@ class Selection(tuple):
 
 
 def apply_depth(gm: fx.GraphModule, attention_blocks: Sequence[int], activation_blocks: Sequence[int], *,
-                variant: str = "identity_norm", merge: str = "auto",
-                fold_norm: bool = False) -> tuple[fx.GraphModule, list[dict[str, Any]]]:
-    """Remove the listed attention branches and activations (in place); returns (gm, recipes)."""
+                variant: str = "identity_norm", merge: str = "auto", fold_norm: bool = False,
+                manager: PassManager | None = None) -> tuple[fx.GraphModule, list[dict[str, Any]]]:
+    """Remove the listed attention branches and activations (in place); returns (gm, recipes).
+    ``manager`` (a fresh one by default) records the passes so failures name what ran before."""
+    manager = manager if manager is not None else PassManager()
     recipe = []
     for p in (AttentionRemoval(attention_blocks, variant), ActivationRemoval(activation_blocks, merge, fold_norm)):
-        result = p(gm)
+        result = manager.apply(p, gm)
         gm = result.graph_module
         if result.recipe:
             recipe.append(result.recipe)
@@ -277,110 +321,96 @@ def gated_search(gm: fx.GraphModule, teacher: nn.Module | None, train_batches: I
                  candidates_activation: Sequence[int] | None = None,
                  log: Callable[[dict[str, Any]], None] | None = None) -> Selection:
     """The HetDPT search stage: gates on every candidate, weights and scores trained together,
-    alternating hard-pruning events. Returns :class:`Selection` ``(attention_blocks,
-    activation_blocks)`` whose ``.model`` is the trained, pruned graph with the gates folded away
-    (the removed layers rewritten by the two passes; no gate module or node is left). ``gm`` is not
-    modified.
-
-    Choices, and what the HetDPT code (``train_stage1_step2.py``, ``hetdpt/search_layers.py``) does:
-
-    * **Gates.** ``y = m·f(u) + (1−m)·u`` on every GELU (``u`` = fc1 output) and on every attention
-      module (``u`` = its normalised input LN1(x), before layer-scale, like ``Learnable_Attention``
-      wrapping timm's ``Attention``); for ``variant="drop"`` ``y = m·f``. ``m`` is binary in the
-      forward pass and its gradient is credited to the score (straight-through, HetDPT's
-      ``GetMask``). Lowest score is pruned first.
-    * **Score.** HetDPT's score is a parameter (``learn_mask``, init 0) stepped by the weights'
-      AdamW, i.e. a running sum of (Adam-normalised) ``−∂L/∂m``. Here the score is the running sum
-      of the first-order estimates themselves, per image: ``estimator="abs"`` (default) sums
-      ``|∂L_i/∂m|``, ``estimator="signed"`` sums ``−∂L_i/∂m`` (the published signal without Adam's
-      normalisation). Why abs: the signed first-order term says which way the loss moves for a
-      *small* step towards the identity and cancels across images on a trained model. Measured on
-      the 4-block digits ViT of ``tests/test_depth_search.py``, the abs scores rank both kinds
-      exactly as the true single-removal losses do and the search removed the set that keeps 65%
-      accuracy before any fine-tuning, while the signed scores removed attention block 0 or 1 (the
-      two most important by ablation; 11% / 45% before fine-tuning).
-    * **Loss.** Soft distillation KL to ``teacher`` (temperature ``tau``) + ``ce_weight`` × CE to the
-      labels, or to the teacher's argmax for unlabelled batches. HetDPT's search script uses CE on
-      labels (distillation off) and its stage 2 hard distillation (α=0.5). Pure KL would give no
-      signal at the start (the student *is* the teacher, so ∂KL/∂m = 0): the CE term provides it.
-      ``teacher=None`` uses a frozen copy of ``gm``.
-    * **Event schedule.** :func:`event_order`: alternate kinds, the more numerous first, activation
-      first on a tie (HetDPT's ``get_prune_order``). Each event hard-prunes (``m := 0``) the
-      lowest-scoring remaining candidate *of that kind only* (``Flag_Get``): the kinds are never
-      ranked on one scale. A warm-up window of ``steps_per_event`` precedes the first event.
-    * **Recovery asymmetry.** Removing an activation hurts more at first but recovers quickly;
-      removing attention hurts less but recovers slowly. So the window after an attention event is
-      ``attention_recovery``× longer (HetDPT instead lengthens every later stage:
-      ``multi_stage=[3,5,7,...]`` epochs); and scores are reset at each event and collected only
-      after the first ``score_burn_in`` fraction of the window, so the loss spike right after an
-      event (largest after activation events) does not drive the next decision
-      (``reset_scores=False`` keeps accumulating over the whole search, as HetDPT's ``learn_mask``).
-    * **Optimiser.** AdamW(``lr``, ``weight_decay``) on the weights, constant learning rate (HetDPT:
-      cosine restarts aligned with the stages). Training mode, so dropout/drop-path apply.
-    * **Folding.** After the last window the gates are removed and :class:`AttentionRemoval`
-      (``variant``) / :class:`ActivationRemoval` (``merge``, ``fold_norm``) rewrite the pruned
-      layers; the folded model must reproduce the gated model's outputs (checked).
-    """
+    alternating hard-pruning events (each choice is explained in the module docstring). Returns
+    :class:`Selection` ``(attention_blocks, activation_blocks)`` whose ``.model`` is the trained,
+    pruned graph with the gates folded away (the removed layers rewritten by the two passes; no gate
+    module or node is left). ``gm`` is not modified; ``teacher=None`` uses a frozen copy of it."""
     if n_attention < 0 or n_activation < 0 or steps_per_event < 1:
         raise InputError("n_attention and n_activation must be >= 0 and steps_per_event >= 1")
+    if estimator not in ("signed", "abs"):
+        raise InputError(f"estimator must be 'signed' or 'abs', got {estimator!r}")
     student = copy.deepcopy(gm)
     branches, sites = _candidates(student, candidates_attention, candidates_activation, variant)
     if n_attention > len(branches) or n_activation > len(sites):
         raise InputError(f"asked to remove {n_attention} attention / {n_activation} activation layers; "
                          f"there are {len(branches)} / {len(sites)} candidates")
-    gates = _insert_gates(student, branches, sites, variant)
-    teacher = (copy.deepcopy(gm) if teacher is None else teacher).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    if estimator not in ("signed", "abs"):
-        raise InputError(f"estimator must be 'signed' or 'abs', got {estimator!r}")
-    weights = list(student.parameters())  # gates hold buffers only
-    for p in weights:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(weights, lr=lr, weight_decay=weight_decay)
-    device = _device(student)
-    data = _cycle(train_batches)
+    run = _SearchRun(student, _frozen(teacher if teacher is not None else copy.deepcopy(gm)),
+                     _insert_gates(student, branches, sites, variant), _cycle(train_batches),
+                     estimator, tau, ce_weight, log)
+    run.opt = torch.optim.AdamW(_trainable(student), lr=lr, weight_decay=weight_decay)
     pruned: dict[str, list[int]] = {k: [] for k in KINDS}
     history: list[dict[str, Any]] = []
     windows = [(None, steps_per_event, 0.0)] + [
         (kind, max(1, round(steps_per_event * (attention_recovery if kind == "attention" else 1.0))),
          score_burn_in) for kind in event_order(n_attention, n_activation)]
-    step = 0
     for i, (kind, length, burn_in) in enumerate(windows):
         if kind is not None:
-            block = _prune_lowest(gates, kind, pruned[kind])
+            block = _prune_lowest(run.gates, kind, pruned[kind])
             pruned[kind].append(block)
-            history.append({"step": step, "kind": kind, "block": block, "scores": _scores(gates)})
+            history.append({"step": run.step, "kind": kind, "block": block, "scores": _scores(run.gates)})
             if log:
                 log(history[-1])
             if reset_scores:
-                for g in gates.values():
+                for g in run.gates.values():
                     g.score.zero_()
-        collect_from = math.floor(length * burn_in)
-        student.train()
-        for s in range(length):
-            x, y = _split(next(data))
-            x = x.to(device)
-            y = y.to(device) if y is not None else None
-            with torch.no_grad():
-                t = first_tensor(teacher(x))
-            loss = distillation_loss(first_tensor(student(x)), t, y, tau=tau, ce_weight=ce_weight)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            for g in gates.values():
-                est = g.estimates()
-                if s >= collect_from and est is not None:
-                    g.score += est.abs().sum() if estimator == "abs" else est.sum()
-                g.clear()
-            step += 1
-            if log and (s == length - 1):
-                log({"step": step, "loss": loss.item(), "window": i})
+        run.train_window(length, math.floor(length * burn_in), i)
     student.eval()
-    scores = _scores(gates)
-    model, recipe = _fold(student, pruned, variant, merge, fold_norm, next(data))
+    scores = _scores(run.gates)
+    model, recipe = _fold(student, pruned, variant, merge, fold_norm, next(run.data))
     return Selection(pruned["attention"], pruned["activation"], model=model, recipe=recipe,
                      scores=scores, history=history)
+
+
+@dataclass
+class _SearchRun:
+    """The state one gated search trains: the gated student, its frozen teacher, the data stream."""
+
+    student: fx.GraphModule
+    teacher: nn.Module
+    gates: dict[tuple[str, int], "DepthGate"]
+    data: Iterator
+    estimator: str
+    tau: float
+    ce_weight: float
+    log: Callable[[dict[str, Any]], None] | None
+    opt: torch.optim.Optimizer | None = None
+    step: int = 0
+
+    def train_window(self, length: int, collect_from: int, window: int) -> None:
+        """``length`` distillation steps; gate scores accumulate from step ``collect_from`` on."""
+        device = _device(self.student)
+        self.student.train()
+        for s in range(length):
+            x, y = _split(next(self.data))
+            x, y = x.to(device), (y.to(device) if y is not None else None)
+            with torch.no_grad():
+                t = first_tensor(self.teacher(x))
+            loss = distillation_loss(first_tensor(self.student(x)), t, y, tau=self.tau, ce_weight=self.ce_weight)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            for g in self.gates.values():
+                est = g.estimates()
+                if s >= collect_from and est is not None:
+                    g.score += est.abs().sum() if self.estimator == "abs" else est.sum()
+                g.clear()
+            self.step += 1
+        if self.log:
+            self.log({"step": self.step, "loss": loss.item(), "window": window})
+
+
+def _frozen(teacher: nn.Module) -> nn.Module:
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def _trainable(student: nn.Module) -> list[torch.nn.Parameter]:
+    weights = list(student.parameters())  # gates hold buffers only
+    for p in weights:
+        p.requires_grad_(True)
+    return weights
 
 
 def _prune_lowest(gates: dict[tuple[str, int], DepthGate], kind: str, done: list[int]) -> int:

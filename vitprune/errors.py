@@ -26,5 +26,10 @@ class PlanError(VitpruneError):
     """No plan meets the requested target (e.g. a FLOPs target below what the floors allow)."""
 
 
+class OutputError(VitpruneError):
+    """An output could not be written (no space left, permissions changed during the run); the
+    files that were there before are left as they were."""
+
+
 class ExportError(VitpruneError):
     """ONNX export, checking or ONNX Runtime parity failed."""

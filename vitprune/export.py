@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import functools
 import os
 import re
 import tempfile
@@ -33,10 +34,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from torch.onnx import _constants as torch_onnx
 
 from vitprune.errors import ExportError, InputError, VitpruneError
 
-__all__ = ["export_onnx", "onnx_op_counts", "run_onnx", "ort_session", "EXPORTER", "DEFAULT_OPSET"]
+__all__ = ["export_onnx", "onnx_op_counts", "run_onnx", "ort_session", "check_opset", "supported_opsets",
+           "EXPORTER", "DEFAULT_OPSET"]
 
 #: Recorded in the export report so a reader knows which code path produced the file.
 EXPORTER = "torch.onnx.export(dynamo=True)"
@@ -176,8 +179,7 @@ def _validate_args(model: Any, example_input: Any, path: str | os.PathLike, opse
         raise InputError("example_input must be a tensor with a leading batch axis")
     if not example_input.is_floating_point():
         raise InputError(f"example_input must be a floating-point tensor, got {example_input.dtype}")
-    if not isinstance(opset, int) or isinstance(opset, bool) or opset < 1:
-        raise InputError(f"opset must be a positive integer, got {opset!r}")
+    check_opset(opset)
     if not parity_batches or any(not isinstance(b, int) or b < 1 for b in parity_batches):
         raise InputError(f"parity_batches must be non-empty integers >= 1, got {parity_batches!r}")
     if not isinstance(atol, (int, float)) or not atol >= 0:
@@ -187,6 +189,55 @@ def _validate_args(model: Any, example_input: Any, path: str | os.PathLike, opse
         raise InputError(f"output folder does not exist: {parent}")
     if Path(path).is_dir():
         raise InputError(f"output path is a folder, not a file: {path}")
+
+
+def check_opset(opset: Any, name: str = "opset") -> int:
+    """``opset`` if the installed exporter can write it and ONNX Runtime can load it, else an
+    InputError naming the range (and ``name``, e.g. the CLI flag); cheap, so callers check it
+    before any work."""
+    if not isinstance(opset, int) or isinstance(opset, bool) or opset < 1:
+        raise InputError(f"{name} must be a positive integer, got {opset!r}")
+    lo, hi = supported_opsets()
+    if not lo <= opset <= hi:
+        raise InputError(
+            f"{name} {opset} is not supported by the installed exporter: it writes opsets {lo} to {hi} "
+            f"({DEFAULT_OPSET} natively, others by conversion; torch {torch.__version__}, onnx {onnx.__version__}, "
+            f"onnxruntime {ort.__version__}); the default is {DEFAULT_OPSET}")
+    return opset
+
+
+@functools.lru_cache(maxsize=1)
+def supported_opsets() -> tuple[int, int]:
+    """(lowest, highest) default-domain opset this installation can export and check.
+
+    Lowest: torch's ``ONNX_MIN_OPSET``; below 18, onnx's version converter is used, and a graph it
+    cannot convert is still refused after export (see the module docstring). Highest: what
+    onnxscript's version converter can reach from 18 (above it the exporter silently stays at 18),
+    capped by what the onnx package knows and what ONNX Runtime loads (probed on a one-node model)."""
+    lo = int(getattr(torch_onnx, "ONNX_MIN_OPSET", 7))
+    try:
+        from onnxscript.version_converter import _version_converter as converter
+
+        hi = int(converter.SUPPORTED_MAX_ONNX_OPSET)
+    except (ImportError, AttributeError):  # private names: fall back to torch's own bound
+        hi = int(getattr(torch_onnx, "ONNX_MAX_OPSET", DEFAULT_OPSET))
+    hi = min(hi, onnx.defs.onnx_opset_version())
+    while hi > DEFAULT_OPSET and not _ort_loads_opset(hi):
+        hi -= 1
+    return lo, hi
+
+
+def _ort_loads_opset(opset: int) -> bool:
+    helper, f32 = onnx.helper, onnx.TensorProto.FLOAT
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe",
+                              [helper.make_tensor_value_info("x", f32, [1])],
+                              [helper.make_tensor_value_info("y", f32, [1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    try:
+        ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    except Exception:  # ORT raises its own Fail/InvalidGraph types
+        return False
+    return True
 
 
 def _materialise_layouts(model: torch.nn.Module) -> torch.nn.Module:

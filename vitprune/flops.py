@@ -113,10 +113,10 @@ class FlopModel:
 
     _OPERANDS = {
         "linear": ("input", "weight"), "conv2d": ("input", "weight"), "matmul": ("input", "other"),
-        "bmm": ("input", "mat2"), "__matmul__": ("input", "other"),
+        "bmm": ("input", "mat2"), "mm": ("input", "mat2"),
         "scaled_dot_product_attention": ("query", "key", "value"),
     }
-    _KINDS = set(_OPERANDS)
+    _KINDS = set(_OPERANDS) | {"einsum"}
 
     def __init__(self, dg: DependencyGraph):
         self.dg = dg
@@ -130,7 +130,10 @@ class FlopModel:
         for node in gm.graph.nodes:
             key = op_key(node, gm) if node.op in ("call_function", "call_method", "call_module") else ""
             if key in self._KINDS:
-                operands = [_operand(node, i, name) for i, name in enumerate(self._OPERANDS[key])]
+                if key == "einsum":  # einsum(equation, [operands]): the equation rides in the key
+                    operands, key = list(node.args[1]), f"einsum:{node.args[0]}"
+                else:
+                    operands = [_operand(node, i, name) for i, name in enumerate(self._OPERANDS[key])]
                 ins = [dg.node_dims[a] for a in operands if isinstance(a, fx.Node) and dg.node_dims.get(a)]
                 op = (key, ins, dg.node_dims[node])
                 at_example = self._op_flops(op, {})
@@ -170,7 +173,23 @@ def _is_parameter(gm: fx.GraphModule, name: str) -> bool:
     return isinstance(getattr(owner, attr, None), torch.nn.Parameter)
 
 
+def _einsum_flops(equation: str, shapes: list[list[int]]) -> int:
+    """2 × the product of every index size (what the counter's bmm decomposition counts for a
+    contraction of two operands); ``...`` is not supported (returns 0: counted as a constant)."""
+    inputs = equation.replace(" ", "").split("->")[0].split(",")
+    if "." in equation or len(inputs) != len(shapes) or len(inputs) != 2:
+        return 0
+    sizes: dict[str, int] = {}
+    for letters, shape in zip(inputs, shapes):
+        if len(letters) != len(shape):
+            return 0
+        sizes.update(zip(letters, shape))
+    return 2 * prod(sizes.values())
+
+
 def _formula(key: str, shapes: list[list[int]], out_shape: list[int]) -> int:
+    if key.startswith("einsum:"):
+        return _einsum_flops(key[len("einsum:"):], shapes)
     if key == "linear":
         x, w = shapes[0], shapes[1]
         return fc.mm_flop([prod(x[:-1]), x[-1]], [w[1], w[0]])

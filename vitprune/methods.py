@@ -25,6 +25,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from passes.manager import PassManager
 from passes.tokens import TokenPruning
 from passes.width import WidthPruning
 
@@ -53,14 +54,15 @@ def calibration(spec: CompressSpec, input_size: tuple[int, int, int], calib_data
 
 # -- depth -------------------------------------------------------------------------------------
 def depth_stage(gm: fx.GraphModule, teacher: nn.Module, spec: CompressSpec, base_flops: int,
-                batches: list, train_batches: Any) -> Stage:
+                batches: list, train_batches: Any, manager: PassManager) -> Stage:
     from .depth import apply_depth, depth_flops_options, event_order, one_shot_scores, select_depth
 
     info: dict[str, Any] = {}
     explicit = spec.remove_attention is not None or spec.remove_activation is not None
     if explicit:
         gm, recipe = apply_depth(gm, spec.remove_attention or [], spec.remove_activation or [],
-                                 variant=spec.attention_variant, merge=spec.merge, fold_norm=spec.fold_norm)
+                                 variant=spec.attention_variant, merge=spec.merge, fold_norm=spec.fold_norm,
+                                 manager=manager)
         info.update(attention=sorted(spec.remove_attention or []),
                     activation=sorted(spec.remove_activation or []), selection="explicit")
         return gm, recipe, info
@@ -97,7 +99,7 @@ def depth_stage(gm: fx.GraphModule, teacher: nn.Module, spec: CompressSpec, base
 
 # -- width -------------------------------------------------------------------------------------
 def width_stage(gm: fx.GraphModule, spec: CompressSpec, base_flops: int, batches: list,
-                user_data: bool) -> Stage:
+                user_data: bool, manager: PassManager) -> Stage:
     if spec.target_flops is None or spec.method not in ("width", "boundarydpt+"):
         return gm, [], {}
     current = count_flops(gm, gm.meta["example_input"])
@@ -114,7 +116,7 @@ def width_stage(gm: fx.GraphModule, spec: CompressSpec, base_flops: int, batches
     scores = taylor_importance(dg, groups, batches) if spec.importance == "taylor" else l2_importance(dg, groups)
     plan = plan_width(dg, FlopModel(dg), scores, groups, relative, round_to=spec.round_to,
                       min_keep=spec.min_keep, ranking=spec.ranking)
-    result = WidthPruning(plan.keep)(gm)
+    result = manager.apply(WidthPruning(plan.keep), gm)
     info = {
         "target_flops": spec.target_flops,
         "planned_flops_ratio": plan.flops / base_flops,
@@ -127,7 +129,8 @@ def width_stage(gm: fx.GraphModule, spec: CompressSpec, base_flops: int, batches
 
 
 # -- tokens and heads (CP-ViT) ---------------------------------------------------------------------
-def token_stage(gm: fx.GraphModule, spec: CompressSpec, base_flops: int, batches: list) -> Stage:
+def token_stage(gm: fx.GraphModule, spec: CompressSpec, base_flops: int, batches: list,
+                manager: PassManager) -> Stage:
     from .tokens import cpvit_head_keep, cpvit_plan, parse_tokens
 
     recipe: list[dict[str, Any]] = []
@@ -137,7 +140,7 @@ def token_stage(gm: fx.GraphModule, spec: CompressSpec, base_flops: int, batches
     images = images_only(batches)
     if spec.method == "cpvit" and spec.prune_heads_cpvit is not None and spec.prune_heads_cpvit < 1.0:
         heads = cpvit_head_keep(gm, images, spec.prune_heads_cpvit)
-        result = WidthPruning(heads)(gm)
+        result = manager.apply(WidthPruning(heads), gm)
         gm = result.graph_module
         recipe += [result.recipe] if result.recipe else []
         info["heads_kept"] = {name: len(kept) for name, kept in heads.items()}
@@ -154,7 +157,7 @@ def token_stage(gm: fx.GraphModule, spec: CompressSpec, base_flops: int, batches
         info["schedule"] = "cp-vit progressive (attention range)"
     else:
         return gm, recipe, info
-    result = TokenPruning(keep)(gm)
+    result = manager.apply(TokenPruning(keep), gm)
     info["keep"] = keep
     return result.graph_module, recipe + ([result.recipe] if result.recipe else []), info
 

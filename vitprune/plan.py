@@ -79,7 +79,26 @@ def plan_width(dg: DependencyGraph, flop_model: FlopModel, scores: dict[str, np.
     if not plan.within_tolerance:
         plan.notes.append(f"nearest achievable FLOPs ratio with round_to={round_to} is {plan.ratio:.4f} "
                           f"(target {target:.4f})")
+    plan.notes.extend(rounding_notes(groups, kept, round_to))
     return plan
+
+
+def rounding_notes(groups: list[ChannelGroup], kept: dict[str, int], round_to: int) -> list[str]:
+    """Say where a pruned width is not a multiple of ``round_to``: a group whose size ``round_to``
+    does not divide (or that is no larger than it) is pruned channel by channel (:func:`unit_size`),
+    and a request that silently did nothing would be worse than an unrounded width."""
+    if round_to <= 1:
+        return []
+    off = [g for g in groups if g.kind != "head" and kept[g.name] < g.size and kept[g.name] % round_to]
+    if not off:
+        return []
+    largest = max(g.size for g in groups if g.kind != "head")
+    shown = ", ".join(f"{g.name} {g.size}->{kept[g.name]}" for g in off[:3])
+    more = f" and {len(off) - 3} more" if len(off) > 3 else ""
+    why = (f"it is not smaller than any group, the largest has {largest} channels" if round_to >= largest
+           else "it does not divide their sizes")
+    return [f"round_to={round_to} cannot be met by {len(off)} pruned group(s) ({why}); they were pruned "
+            f"channel by channel: {shown}{more}"]
 
 
 def _floor(group: ChannelGroup, unit: int, min_keep: float) -> int:

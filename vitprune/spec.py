@@ -14,8 +14,11 @@ import dataclasses
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, fields
 from typing import Any
+
+import yaml
 
 from vitprune.errors import SpecError
 
@@ -29,6 +32,10 @@ IMPORTANCES: tuple[str, ...] = ("l2", "taylor")
 #: How widths are chosen across groups: "global" ranks normalised scores across all groups,
 #: "uniform" removes the same fraction from every group.
 RANKINGS: tuple[str, ...] = ("global", "uniform")
+#: Parts of the explicit token form ``keep=F,start=N[,every=M]``, each given at most once.
+TOKEN_PARTS: tuple[str, ...] = ("keep", "start", "every")
+#: Seeds torch's generators accept.
+SEED_RANGE = (0, 2**64)
 
 
 def _is_int(v: Any) -> bool:
@@ -111,8 +118,8 @@ class CompressSpec:
         h = self.prune_heads_cpvit
         if h is not None and not (_is_real(h) and 0.0 < h <= 1.0):
             raise SpecError(f"prune_heads_cpvit must be the fraction of heads kept, in (0, 1], got {h!r}")
-        if self.tokens is not None and not isinstance(self.tokens, str):
-            raise SpecError(f"tokens must be a string like 'keep=0.5,start=4', got {self.tokens!r}")
+        if self.tokens is not None:
+            token_parts(self.tokens)
         if not (_is_int(self.epochs) and self.epochs >= 0):
             raise SpecError(f"epochs must be an integer >= 0, got {self.epochs!r}")
         if not (_is_real(self.lr) and self.lr > 0):
@@ -137,13 +144,29 @@ class CompressSpec:
             v = getattr(self, name)
             if not (_is_int(v) and v >= 1):
                 raise SpecError(f"{name} must be an integer >= 1, got {v!r}")
-        if not _is_int(self.seed):
-            raise SpecError(f"seed must be an integer, got {self.seed!r}")
+        if not (_is_int(self.seed) and SEED_RANGE[0] <= self.seed < SEED_RANGE[1]):
+            raise SpecError(f"seed must be an integer in [0, 2**64), got {self.seed!r}")
         s = self.input_size
         if s is not None and not (
             isinstance(s, tuple) and len(s) == 3 and all(_is_int(x) and x >= 1 for x in s)
         ):
             raise SpecError(f"input_size must be three positive integers [C, H, W], got {s!r}")
+        if self.target_latency is not None and (self.epochs or self.depth_selection == "search"):
+            # the latency loop compresses and times candidates without training data
+            raise SpecError("target_latency does not train: it cannot be combined with epochs > 0 or "
+                            "depth_selection 'search'")
+
+    def check_data(self, has_data: bool) -> None:
+        """Refuse requests that train when there is no training data: without it they would be
+        silently skipped (``epochs``) or quietly replaced (``depth_selection: search``)."""
+        if has_data:
+            return
+        if self.epochs > 0:
+            raise SpecError(f"epochs={self.epochs} fine-tunes on training data, and none was given "
+                            f"(--data DIR); pass --data, or drop epochs")
+        if self.depth_selection == "search":
+            raise SpecError("depth_selection 'search' trains gates on training data, and none was given "
+                            "(--data DIR); pass --data, or use one_shot")
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -174,13 +197,11 @@ class CompressSpec:
         except (OSError, UnicodeDecodeError) as e:
             raise SpecError(f"cannot read spec file {path}: {e}") from e
         try:
-            if ext == ".json":
-                d = json.loads(text)
-            else:
-                import yaml
-
-                d = yaml.safe_load(text)
-        except Exception as e:  # json.JSONDecodeError, yaml.YAMLError
+            d = json.loads(text, object_pairs_hook=_unique_json_keys) if ext == ".json" else \
+                yaml.load(text, Loader=_UniqueKeyLoader)
+        except _DuplicateKey as e:
+            raise SpecError(f"spec file {path}: {e}") from None
+        except (ValueError, yaml.YAMLError) as e:  # json.JSONDecodeError is a ValueError
             raise SpecError(f"spec file {path} is not valid {ext[1:].upper()}: {e}") from e
         try:
             return cls.from_dict(d)
@@ -202,3 +223,70 @@ class CompressSpec:
         if unknown:
             raise SpecError(f"unknown spec key(s) {', '.join(unknown)}; valid keys: {', '.join(valid)}")
         return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+# ---------------------------------------------------------------------------------------------- tokens
+def token_parts(text: Any) -> dict[str, float | int]:
+    """Check the syntax of the explicit token form ``keep=F,start=N[,every=M]`` without a model.
+
+    Each part at most once (a repeated one is refused, not overwritten), ``keep`` in (0, 1],
+    ``start`` and ``every`` integers >= 1; whether ``start`` is a block of the model is checked when
+    the schedule is built (:func:`vitprune.tokens.parse_tokens`)."""
+    if not isinstance(text, str):
+        raise SpecError(f"tokens must be a string like 'keep=0.5,start=4', got {text!r}")
+    out: dict[str, float | int] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        m = re.fullmatch(r"(\w+)\s*=\s*(\S+)", part)
+        if m is None or m.group(1) not in TOKEN_PARTS:
+            raise SpecError(f"tokens: cannot read {part!r} in {text!r}; expected keep=F,start=N[,every=M]")
+        key, value = m.groups()
+        if key in out:
+            raise SpecError(f"tokens: {key} is given twice in {text!r}; give each of keep, start, every once")
+        out[key] = _token_value(key, value, text)
+    if "keep" not in out or "start" not in out:
+        raise SpecError(f"tokens: {text!r} needs both keep= and start= (e.g. keep=0.5,start=4)")
+    return out
+
+
+def _token_value(key: str, value: str, text: str) -> float | int:
+    try:
+        v: float | int = float(value) if key == "keep" else int(value)
+    except ValueError:
+        kind = "a fraction" if key == "keep" else "an integer"
+        raise SpecError(f"tokens: {key} must be {kind}, got {value!r} in {text!r}") from None
+    if key == "keep" and not (math.isfinite(v) and 0.0 < v <= 1.0):
+        raise SpecError(f"tokens: keep must be a fraction in (0, 1], got {value} in {text!r}")
+    if key != "keep" and v < 1:
+        raise SpecError(f"tokens: {key} must be an integer >= 1, got {value} in {text!r}")
+    return v
+
+
+# ---------------------------------------------------------------------------------------------- files
+class _DuplicateKey(Exception):
+    """A key given twice in a spec file: refused, never last-one-wins."""
+
+
+def _unique_json_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(f"key {key!r} is given twice; give each key once")
+        out[key] = value
+    return out
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a key given twice in one mapping (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, (str, int, float, bool)):
+                continue  # an unhashable key: construct_mapping reports it
+            line = key_node.start_mark.line + 1
+            if key in lines:
+                raise _DuplicateKey(f"key {key!r} is given twice (lines {lines[key]} and {line}); "
+                                    f"give each key once")
+            lines[key] = line
+        return super().construct_mapping(node, deep=deep)

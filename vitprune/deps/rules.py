@@ -39,7 +39,8 @@ ALIASES: dict[str, str] = {
     "linalg_vector_norm": "norm", "split_with_sizes": "split", "_softmax": "softmax",
     "_log_softmax": "log_softmax", "rsub": "sub", "true_divide": "div", "multiply": "mul",
     "swapaxes": "transpose", "constant_pad_nd": "pad", "upsample_bicubic2d": "upsample",
-    "upsample_bilinear2d": "upsample", "upsample_nearest2d": "upsample", "_upsample_bicubic2d_aa": "upsample",
+    "upsample_bilinear2d": "upsample", "upsample_nearest2d": "upsample", "upsample_linear1d": "upsample",
+    "upsample_nearest1d": "upsample", "upsample_trilinear3d": "upsample", "_upsample_bicubic2d_aa": "upsample",
     "_upsample_bilinear2d_aa": "upsample", "_adaptive_avg_pool2d": "adaptive_avg_pool2d",
 }
 #: Python functions export leaves in the graph (tuple indexing, size arithmetic on SymInts)
@@ -323,6 +324,14 @@ def transpose(ctx: RuleContext, node: fx.Node) -> Dims:
     return xd
 
 
+@rule("expand_as")
+def expand_as(ctx: RuleContext, node: fx.Node) -> Dims:
+    """``x.expand_as(other)`` (``F.normalize``'s norm expanded back over ``x``): broadcast x to
+    ``other``'s shape; equal-sized dims are the same channels."""
+    x, other = node.args[0], node.args[1]
+    return broadcast(ctx, ctx.shape(node), _tensor_inputs(ctx, [x, other]))
+
+
 @rule("expand")
 def expand(ctx: RuleContext, node: fx.Node) -> Dims:
     x = node.args[0]
@@ -419,6 +428,35 @@ def topk(ctx: RuleContext, node: fx.Node) -> list[Dims]:
     out = list(xd)
     out[dim] = ctx.t.new(out_shape[dim], frozen=f"ordered by {op_key(node, ctx.gm)}")
     return [list(out), list(out)]
+
+
+@rule("argsort")
+def argsort(ctx: RuleContext, node: fx.Node) -> Dims:
+    """Indices that order ``dim``: that dim is reordered, so it is frozen (MAE's random masking)."""
+    xd = ctx.dims(ctx.arg(node, 0, "input"))
+    dim = ctx.value(ctx.arg(node, 1, "dim", -1)) % len(xd)
+    ctx.t.freeze(xd[dim], "ordered by argsort")
+    out = list(xd)
+    out[dim] = ctx.t.new(ctx.shape(node)[dim], frozen="ordered by argsort")
+    return out
+
+
+@rule("repeat_interleave")
+def repeat_interleave(ctx: RuleContext, node: fx.Node) -> Dims:
+    """Each element of ``dim`` repeated in place (RoPE's sin/cos tables): that dim is frozen, the
+    others pass through channel-wise. Without ``dim`` the input is flattened: all frozen."""
+    x = node.args[0]
+    xd, out_shape = ctx.dims(x), ctx.shape(node)
+    dim = ctx.value(ctx.arg(node, 2, "dim"))
+    if not isinstance(x, fx.Node) or xd is None or dim is None or len(out_shape) != len(xd):
+        for a in xd or []:
+            ctx.t.freeze(a, "flattened by repeat_interleave")
+        return ctx.fresh(out_shape, frozen="output of repeat_interleave")
+    dim %= len(xd)
+    ctx.t.freeze(xd[dim], "repeated by repeat_interleave")
+    out = list(xd)
+    out[dim] = ctx.t.new(out_shape[dim], frozen="repeated by repeat_interleave")
+    return out
 
 
 @rule("gather")
