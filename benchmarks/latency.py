@@ -26,7 +26,7 @@ from vitprune import CompressSpec, compress
 from vitprune.bench import compare
 from vitprune.export import export_onnx
 from vitprune.flops import count_flops
-from vitprune.capture import example_input_for
+from vitprune.capture import capture, example_input_for
 
 
 def run(model_name: str, targets: list[float], batches: list[int], threads: int, runs: int,
@@ -36,7 +36,7 @@ def run(model_name: str, targets: list[float], batches: list[int], threads: int,
     x = example_input_for((3, 224, 224), batch=1)
     base_flops = count_flops(model, x)
     paths = [os.path.join(workdir, f"{model_name}_orig.onnx")]
-    export_onnx(model, x, paths[0], parity_batches=(1,))
+    export_onnx(capture(model, example_input_for((3, 224, 224))), x, paths[0], parity_batches=(1,))
     info = [{"target": 1.0, "flops": base_flops, "params": sum(p.numel() for p in model.parameters()),
              "compile_s": 0.0}]
     for target in targets:

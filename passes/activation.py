@@ -75,7 +75,7 @@ class ActivationRemoval(Pass):
         if not self.blocks:
             return PassResult(gm, modified=False)
         sites = {s.index: s for s in find_activations(gm)}
-        before = {name: p.numel() for name, p in gm.named_parameters()}
+        before = {name: t.numel() for name, t in (*gm.named_parameters(), *gm.named_buffers())}
         candidates: set[str] = set()
         merged, folded = [], []
         for block in self.blocks:

@@ -77,7 +77,7 @@ class AttentionRemoval(Pass):
         if not self.blocks:
             return PassResult(gm, modified=False)
         branches = {b.index: b for b in find_attention_branches(gm)}
-        before = {name: p.numel() for name, p in gm.named_parameters()}
+        before = {name: t.numel() for name, t in (*gm.named_parameters(), *gm.named_buffers())}
         candidates: set[str] = set()
         folded: list[int] = []
         for block in self.blocks:

@@ -1,6 +1,8 @@
 """Shared tiny-model fixtures. Small configs of the real timm classes keep the suite fast."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import timm
@@ -8,6 +10,17 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from vitprune.capture import example_input_for, capture
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small graphs and training steps on a shared 2-core machine: one intra-op thread is about as
+    fast when the machine is idle and many times faster when other processes compete (OpenMP
+    threads spin-wait). Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def tiny(name: str = "deit_tiny_patch16_224", *, fused: bool = True, **kwargs) -> torch.nn.Module:
@@ -78,3 +91,25 @@ def model_name(request) -> str:
 def random_keep(group_size: int, fraction: float, rng: np.random.Generator) -> list[int]:
     k = max(1, int(round(group_size * fraction)))
     return sorted(rng.choice(group_size, k, replace=False).tolist())
+
+
+# -- the command line, as a user meets it ------------------------------------------------------------
+def run_cli(capsys, *argv):
+    """``vitprune.cli.main(argv)`` → (exit code, stdout, stderr)."""
+    from vitprune import cli
+
+    rc = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def files_under(path) -> list[str]:
+    return sorted(os.path.relpath(os.path.join(d, f), path) for d, _, fs in os.walk(path) for f in fs)
+
+
+def assert_bad_input(rc, err, *needles) -> None:
+    """Exit 2 and exactly one line ``vitprune: error: ...`` that contains every needle."""
+    lines = err.splitlines()
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("vitprune: error: "), err
+    for n in needles:
+        assert n in lines[0], lines[0]

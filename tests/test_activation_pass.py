@@ -21,12 +21,7 @@ from vitprune.flops import count_flops
 ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 def identity_act_oracle(gm_or_model: nn.Module, blocks) -> nn.Module:

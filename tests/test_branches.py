@@ -18,13 +18,7 @@ from vitprune.errors import UnsupportedModelError
 from vitprune.capture import capture
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small graphs on a shared 2-core machine: one intra-op thread is several times faster."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 def _scope(node: fx.Node) -> str:

@@ -8,29 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import tiny
-from vitprune import cli
+from conftest import assert_bad_input, files_under, run_cli as run, tiny
 from vitprune.capture import capture, example_input_for
 from vitprune.errors import UnsupportedModelError
 
 aten = torch.ops.aten
-
-
-def run(capsys, *argv):
-    rc = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def files_under(path):
-    return sorted(os.path.relpath(os.path.join(d, f), path) for d, _, fs in os.walk(path) for f in fs)
-
-
-def assert_bad_input(rc, err, *needles):
-    lines = err.splitlines()
-    assert rc == 2 and len(lines) == 1 and lines[0].startswith("vitprune: error: "), err
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 class TupleOut(nn.Module):

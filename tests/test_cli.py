@@ -15,6 +15,7 @@ import timm
 import torch
 
 import vitprune
+from conftest import assert_bad_input, files_under, run_cli as run
 from vitprune import cli, outputs
 from vitprune.errors import InputError, OutputError, PlanError
 from vitprune.outputs import (Interrupted, OutputSet, file_mode, output_paths, signals_deferred,
@@ -24,26 +25,6 @@ from vitprune.spec import CompressSpec
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEIT = "timm:deit_tiny_patch16_224"
 TINY = "timm:test_vit"  # timm's own tiny ViT, for tests where the API is faked
-
-
-def run(capsys, *argv):
-    """main(argv) -> (exit code, stdout, stderr)."""
-    rc = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def files_under(path):
-    return sorted(os.path.relpath(os.path.join(d, f), path) for d, _, fs in os.walk(path) for f in fs)
-
-
-def assert_bad_input(rc, err, *needles):
-    assert rc == 2
-    lines = err.splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("vitprune: error: ")
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 @pytest.fixture
@@ -534,6 +515,7 @@ def test_signals_are_deferred_then_delivered():
 _DRIVER = """
 import os, sys, time
 import vitprune.api, vitprune.export, vitprune.load, vitprune.outputs
+from conftest import assert_bad_input, files_under, run_cli as run
 from vitprune import cli
 
 point, argv = sys.argv[1], sys.argv[2:]

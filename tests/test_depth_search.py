@@ -23,12 +23,7 @@ from vitprune.flops import count_flops
 from vitprune.capture import capture
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 def _rewritten_flops(gm, attention, activation, merge="auto"):

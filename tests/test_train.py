@@ -26,14 +26,7 @@ BASE_EPOCHS = 15
 BASE_MIN_TOP1 = 80.0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Training here is many small ops: on 2 shared cores one intra-op thread is about as fast when the
-    machine is idle and many times faster when other processes compete (OpenMP threads spin-wait)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 # -- tiny models and data -----------------------------------------------------------------------------

@@ -243,6 +243,18 @@ def _device(gm: nn.Module) -> torch.device:
 
 
 # -- one-shot ------------------------------------------------------------------------------------
+def _probe_loss(out: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    """What a candidate's removal is scored against: cross-entropy to the labels (or to the model's
+    own prediction) for class logits; for a backbone whose output is features (``(B, N, C)``, no
+    classes), a fixed random projection of them, whose first-order change still says how much the
+    output moves when the layer becomes the identity."""
+    if out.dim() == 2:
+        target = labels.to(out.device) if labels is not None else out.detach().argmax(-1)
+        return F.cross_entropy(out, target, reduction="sum")
+    probe = torch.randn(out.shape[1:], generator=torch.Generator().manual_seed(0)).to(out)
+    return (out * probe).sum()
+
+
 def one_shot_scores(gm: fx.GraphModule, batches: Iterable, *, variant: str = "identity_norm",
                     max_batches: int | None = None,
                     absolute: bool = True) -> tuple[dict[int, float], dict[int, float]]:
@@ -267,9 +279,7 @@ def one_shot_scores(gm: fx.GraphModule, batches: Iterable, *, variant: str = "id
     for batch in source:
         x, y = _split(batch)
         x = x.to(device)
-        logits = first_tensor(model(x))
-        target = y.to(device) if y is not None else logits.detach().argmax(-1)
-        F.cross_entropy(logits, target, reduction="sum").backward()
+        _probe_loss(first_tensor(model(x)), y).backward()
         for key, gate in gates.items():
             est = gate.estimates()
             if est is not None:

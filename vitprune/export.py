@@ -241,31 +241,49 @@ def _ort_loads_opset(opset: int) -> bool:
 
 
 def _materialise_layouts(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of a captured graph in which every reshape of a transposed tensor reads a contiguous
-    copy first.
+    """A copy of a captured graph rewritten around two exporter limitations, values unchanged:
 
-    The exporter's decomposition turns ``reshape`` into ``view``, and with a symbolic batch it cannot
-    always prove that a transposed attention output may be viewed (beit and relpos ViTs: the strides
-    of its decomposed attention differ from eager's), so it fails on a valid graph. ``reshape`` copies
-    such a tensor anyway, so the explicit contiguous ``clone`` computes the same values."""
+    * every reshape of a transposed tensor reads a contiguous copy first. The exporter turns
+      ``reshape`` into ``view`` and, with a symbolic batch, cannot always prove that a transposed
+      attention output may be viewed (beit and relpos ViTs: the strides of its decomposed attention
+      differ from eager's), so it fails on a valid graph; ``reshape`` copies such a tensor anyway;
+    * a 3-D ``scaled_dot_product_attention`` (SAM: ``(batch·heads, N, D)``) gets a leading unit
+      dim in and out, because the ONNX translation of SDPA takes 4-D operands only."""
     if not isinstance(model, torch.fx.GraphModule):
         return model
     gm = copy.deepcopy(model)
-    graph = gm.graph
-    for node in list(graph.nodes):
-        source = node.args[0] if node.args else None
-        if (node.target is not torch.ops.aten.reshape.default or not isinstance(source, torch.fx.Node)
-                or source.target not in _LAYOUT_VIEWS):
-            continue
-        with graph.inserting_before(node):
-            dense = graph.call_function(torch.ops.aten.clone.default, (source,),
-                                        {"memory_format": torch.contiguous_format})
-        node.replace_input_with(source, dense)
+    for node in list(gm.graph.nodes):
+        if node.target is torch.ops.aten.reshape.default:
+            _contiguous_input(gm.graph, node)
+        elif node.target is torch.ops.aten.scaled_dot_product_attention.default:
+            _as_4d_attention(gm.graph, node)
     gm.recompile()
     return gm
 
 
-_LAYOUT_VIEWS = (torch.ops.aten.transpose.int, torch.ops.aten.permute.default)
+def _contiguous_input(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
+    source = node.args[0]
+    if isinstance(source, torch.fx.Node) and source.target in _LAYOUT_VIEWS:
+        with graph.inserting_before(node):
+            dense = graph.call_function(aten.clone.default, (source,), {"memory_format": torch.contiguous_format})
+        node.replace_input_with(source, dense)
+
+
+def _as_4d_attention(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
+    meta = node.args[0].meta.get("tensor_meta") if isinstance(node.args[0], torch.fx.Node) else None
+    if meta is None or len(meta.shape) != 3:
+        return
+    with graph.inserting_before(node):
+        lifted = [graph.call_function(aten.unsqueeze.default, (a, 0)) if isinstance(a, torch.fx.Node) else a
+                  for a in node.args]
+    node.args = tuple(lifted)
+    with graph.inserting_after(node):
+        out = graph.call_function(aten.squeeze.dim, (node, 0))
+    node.replace_all_uses_with(out, delete_user_cb=lambda user: user is not out)
+
+
+aten = torch.ops.aten
+_LAYOUT_VIEWS = (aten.transpose.int, aten.permute.default)
 
 
 def _to_proto(model: torch.nn.Module, example_input: torch.Tensor, opset: int,
