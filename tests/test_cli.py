@@ -309,7 +309,6 @@ def test_inspect_json(capsys, fake_api):
 
 def test_export_calls_export_onnx(capsys, tmp_path, monkeypatch):
     seen = {}
-    mod = types.ModuleType("vitprune.export")
 
     def export_onnx(model, example_input, path, *, opset=17, dynamic_batch=True, parity_batches=(1, 4),
                     atol=1e-4):
@@ -318,12 +317,13 @@ def test_export_calls_export_onnx(capsys, tmp_path, monkeypatch):
             f.write("onnx")
         return {"max_abs_err": 1e-6}
 
-    mod.export_onnx = export_onnx
-    mod.check_opset = lambda opset, name="opset": opset
-    monkeypatch.setitem(sys.modules, "vitprune.export", mod)
-    monkeypatch.setattr(vitprune, "export", mod, raising=False)
+    import vitprune.export as real
+
+    monkeypatch.setattr(real, "export_onnx", export_onnx)
+    monkeypatch.setattr(real, "check_opset", lambda opset, name="opset": opset)
     out = tmp_path / "m.onnx"
-    rc, stdout, _ = run(capsys, "export", TINY, "--img-size", "32", "--out", out, "--opset", "18")
+    rc, stdout, err = run(capsys, "export", TINY, "--img-size", "32", "--out", out, "--opset", "18")
+    assert rc == 0, err
     assert rc == 0 and seen.pop("path") != str(out) and seen == dict(shape=(1, 3, 32, 32), opset=18)
     assert "max_abs_err" in stdout and out.read_text() == "onnx" and os.listdir(tmp_path) == ["m.onnx"]
     rc, _, err = run(capsys, "export", TINY, "--out", tmp_path / "m.pt")
@@ -515,7 +515,6 @@ def test_signals_are_deferred_then_delivered():
 _DRIVER = """
 import os, sys, time
 import vitprune.api, vitprune.export, vitprune.load, vitprune.outputs
-from conftest import assert_bad_input, files_under, run_cli as run
 from vitprune import cli
 
 point, argv = sys.argv[1], sys.argv[2:]
@@ -623,3 +622,12 @@ def test_bench_warns_when_inputs_differ(capsys, tmp_path):
     assert rc == 0 and "speedup" in out
     assert err.splitlines() == [f"vitprune: warning: the models take inputs of different sizes ({tmp_path}/a.onnx "
                                 f"3x4x4, {tmp_path}/b.onnx 3x8x8): their speedups compare different amounts of work"]
+
+
+def test_a_bad_spec_fails_before_the_model_is_loaded(capsys, tmp_path):
+    """The whole spec, --tokens included, is checked before the (slow) load: the model named here
+    does not even exist, and the error is about the spec."""
+    rc, _, err = run(capsys, "compress", "timm:no_such_model_xyz", "--tokens", "keep=abc,start=2",
+                     "--out", tmp_path / "m")
+    assert_bad_input(rc, err, "keep")
+    assert "no_such_model_xyz" not in err and files_under(tmp_path) == []

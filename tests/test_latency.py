@@ -9,7 +9,7 @@ from vitprune.latency import compress_to_latency
 
 def test_latency_target_measures_and_reports_rounds():
     model = tiny("deit_small_patch16_224", img_size=64, depth=3)
-    result = compress_to_latency(model, CompressSpec(target_latency=0.6), example_input_size=(3, 64, 64),
+    result = compress_to_latency(model, CompressSpec(target_latency=0.6), compress, example_input_size=(3, 64, 64),
                                  runs=8, max_rounds=3, tolerance=0.01)
     plan = result.report["latency_plan"]
     assert 1 <= len(plan["rounds"]) <= 3
@@ -29,12 +29,14 @@ def test_latency_target_measures_and_reports_rounds():
 
 
 def test_compress_dispatches_on_target_latency(monkeypatch):
-    import vitprune.latency as latency
+    """The latency target is a layer above compress: compress hands itself to it (no import cycle)."""
+    import vitprune.api as api
 
     seen = {}
-    monkeypatch.setattr(latency, "compress_to_latency", lambda model, spec, **kw: seen.setdefault("spec", spec))
+    monkeypatch.setattr(api, "compress_to_latency",
+                        lambda model, spec, inner, **kw: seen.update(spec=spec, inner=inner) or spec)
     spec = CompressSpec(target_latency=0.5)
-    assert compress(tiny(), spec) is spec and seen["spec"] is spec
+    assert compress(tiny(), spec) is spec and seen["spec"] is spec and seen["inner"] is api.compress
 
 
 def test_latency_and_flops_targets_are_exclusive():

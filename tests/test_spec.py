@@ -190,3 +190,12 @@ def test_requests_that_need_training_data():
     for kw in (dict(epochs=2), dict(depth_selection="search")):
         with pytest.raises(SpecError, match="target_latency does not train"):
             CompressSpec(target_latency=0.5, **kw)
+
+
+def test_keep_everything_beside_a_removal_is_refused_not_skipped():
+    """target_flops=1.0 used to return an empty recipe, silently dropping what else was asked."""
+    with pytest.raises(SpecError, match=r"target_flops=1.0 keeps the whole model, but remove_attention=\[1\], "
+                                        r"tokens='keep=0.5,start=2'"):
+        CompressSpec(target_flops=1.0, remove_attention=[1], tokens="keep=0.5,start=2").validate()
+    CompressSpec(target_flops=1.0).validate()
+    CompressSpec(remove_attention=[1]).validate()  # explicit removals need no target

@@ -24,6 +24,7 @@ from passes import PASSES, Cleanup, PassManager
 from .deps import DependencyGraph
 from .errors import InputError, LoadError, PlanError, UnsupportedModelError, VitpruneError
 from .flops import count_flops, count_params, flops_by_block, params_by_block
+from .latency import compress_to_latency
 from . import methods
 from .spec import CompressSpec
 from .capture import example_input_for, capture
@@ -89,9 +90,7 @@ def compress(model: nn.Module, spec: CompressSpec | None = None, *,
     check_weights(model)
     check_input_size(model, input_size)
     if spec.target_latency is not None:
-        from .latency import compress_to_latency
-
-        return compress_to_latency(model, spec, example_input_size=input_size, source=source,
+        return compress_to_latency(model, spec, compress, example_input_size=input_size, source=source,
                                    calib_data=calib_data)
     gm, dg = analyse(model, input_size)
     x = gm.meta["example_input"]

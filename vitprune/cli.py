@@ -20,6 +20,7 @@ from typing import Any, Iterator, Sequence
 
 from vitprune.errors import InputError, VitpruneError
 from vitprune.outputs import check_destination, output_paths, termination_as_interrupt
+from vitprune.spec import ATTENTION_VARIANTS, DEPTH_SELECTIONS, IMPORTANCES, MERGES, METHODS, RANKINGS
 
 PROG = "vitprune"
 _OUT_SUFFIXES = (".onnx", ".pt2", ".json")
@@ -112,28 +113,44 @@ def _add_debug(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="A torch.fx compiler that prunes timm Vision Transformers "
-                                            "and exports shape-consistent ONNX.")
+    parser = _Parser(prog=PROG, description="A torch.fx compiler that prunes Vision Transformers (timm, Hugging "
+                                            "Face, torchvision, .pt2) and exports shape-consistent ONNX.")
     parser.add_argument("--debug", action="store_true", help="re-raise errors with the full traceback")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in (_add_compress, _add_inspect, _add_export, _add_bench, _add_sweep):
+        add(sub)
+    return parser
 
+
+def _add_compress(sub: Any) -> None:
     c = sub.add_parser("compress", help="prune a ViT to a FLOPs target; write PREFIX.onnx/.pt2/.json",
                        description="Prune a ViT and write PREFIX.onnx, PREFIX.pt2 and PREFIX.json.")
     _add_load_flags(c)
+    _add_spec_flags(c)
+    o = c.add_argument_group("output")
+    o.add_argument("--out", required=True, metavar="PREFIX", help="output prefix (writes PREFIX.onnx/.pt2/.json)")
+    o.add_argument("--no-export", action="store_true", help="skip ONNX export (writes PREFIX.pt2/.json)")
+    o.add_argument("--opset", type=_positive_int, metavar="N", help="ONNX opset (default 18)")
+    _add_debug(c)
+    c.set_defaults(func=cmd_compress)
+
+
+def _add_spec_flags(c: argparse.ArgumentParser) -> None:
+    """The spec fields as flags; choices come from :mod:`vitprune.spec` (one list of allowed values)."""
     s = c.add_argument_group("spec (flags override --spec)")
     s.add_argument("--spec", metavar="FILE", help="JSON or YAML spec file (see README, 'Spec format')")
     s.add_argument("--target-flops", type=float, metavar="R", help="fraction of the original FLOPs, in (0, 1]")
-    s.add_argument("--method", choices=("width", "boundarydpt", "boundarydpt+", "cpvit"),
+    s.add_argument("--method", choices=METHODS,
                    help="width (default), boundarydpt (depth), boundarydpt+ (depth then width), cpvit (tokens)")
     s.add_argument("--remove-attention", type=_index_list, metavar="I,J", help="remove these attention branches")
     s.add_argument("--remove-activation", type=_index_list, metavar="I,J",
                    help="remove these activations (fc2∘fc1 merged when cheaper)")
-    s.add_argument("--attention-variant", choices=("identity_norm", "drop"),
+    s.add_argument("--attention-variant", choices=ATTENTION_VARIANTS,
                    help="removed attention becomes x + LN1(x) (identity_norm, default) or x (drop)")
-    s.add_argument("--merge", choices=("auto", "always", "never"), help="merge fc2∘fc1 after removing an activation")
+    s.add_argument("--merge", choices=MERGES, help="merge fc2∘fc1 after removing an activation")
     s.add_argument("--fold-norm", dest="fold_norm", action="store_const", const=True,
                    help="fold LN2's affine into a merged linear")
-    s.add_argument("--depth-selection", choices=("one_shot", "search"),
+    s.add_argument("--depth-selection", choices=DEPTH_SELECTIONS,
                    help="how boundarydpt picks layers: one_shot scores, or the gated search (needs --data)")
     s.add_argument("--depth-share", type=float, metavar="F",
                    help="boundarydpt+: most of each kind's layers removed before width (default 0.42)")
@@ -146,8 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--target-latency", type=float, metavar="R",
                    help="fraction of the original ONNX Runtime batch-1 latency, measured here, in (0, 1]")
     s.add_argument("--latency-threads", type=int, metavar="N", help="ORT threads for --target-latency (default 1)")
-    s.add_argument("--importance", choices=("l2", "taylor"))
-    s.add_argument("--ranking", choices=("global", "uniform"))
+    s.add_argument("--importance", choices=IMPORTANCES)
+    s.add_argument("--ranking", choices=RANKINGS)
     s.add_argument("--round-to", type=int, metavar="N", help="pruned widths are multiples of N")
     s.add_argument("--no-residual", dest="prune_residual", action="store_const", const=False,
                    help="keep the residual stream width")
@@ -162,13 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="random seed: random-weight models (timm:, torchvision:, HF config) and calibration")
     s.add_argument("--data", metavar="DIR", help="image folder (DIR/<class>/<image> or DIR/train/...) "
                    "for taylor calibration; without it, taylor uses random images")
-    o = c.add_argument_group("output")
-    o.add_argument("--out", required=True, metavar="PREFIX", help="output prefix (writes PREFIX.onnx/.pt2/.json)")
-    o.add_argument("--no-export", action="store_true", help="skip ONNX export (writes PREFIX.pt2/.json)")
-    o.add_argument("--opset", type=_positive_int, metavar="N", help="ONNX opset (default 18)")
-    _add_debug(c)
-    c.set_defaults(func=cmd_compress)
 
+
+def _add_inspect(sub: Any) -> None:
     i = sub.add_parser("inspect", help="print coupled channel groups and FLOPs/params per block",
                        description="Print the coupled channel groups, their sizes and FLOPs/params per block.")
     _add_load_flags(i)
@@ -176,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_debug(i)
     i.set_defaults(func=cmd_inspect)
 
+
+def _add_export(sub: Any) -> None:
     e = sub.add_parser("export", help="export a model to ONNX (checked, with ORT parity)",
                        description="Export a model to ONNX with a dynamic batch axis, checked against ORT.")
     _add_load_flags(e)
@@ -185,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_debug(e)
     e.set_defaults(func=cmd_export)
 
+
+def _add_bench(sub: Any) -> None:
     b = sub.add_parser("bench", help="time ONNX files in ONNX Runtime, side by side",
                        description="ONNX Runtime latency (median, p90) of one or more ONNX files.")
     b.add_argument("onnx", nargs="+", metavar="ONNX")
@@ -195,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_debug(b)
     b.set_defaults(func=cmd_bench)
 
+
+def _add_sweep(sub: Any) -> None:
     w = sub.add_parser("sweep", help="accuracy/speedup Pareto sweep: methods x FLOPs targets, fine-tuned, timed in ORT",
                        description="For every method x target (x seed): compress, fine-tune with the same budget, "
                                    "evaluate top-1 on DIR/val, export ONNX and time it against the original. "
@@ -214,7 +233,6 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_debug(w)
     w.set_defaults(func=cmd_sweep)
-    return parser
 
 
 # ---------------------------------------------------------------------------------------------- commands

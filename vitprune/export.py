@@ -101,17 +101,16 @@ def export_onnx(
     finally:
         tmp.unlink(missing_ok=True)
         model.train(was_training)
+    return _report(path, proto, errors)
+
+
+def _report(path: Path, proto: onnx.ModelProto, errors: dict[int, float]) -> dict[str, Any]:
     counts = onnx_op_counts(proto)
     return {
-        "path": str(path),
-        "opset": _default_opset(proto),
-        "exporter": EXPORTER,
+        "path": str(path), "opset": _default_opset(proto), "exporter": EXPORTER,
         "parity_max_abs_err": {str(b): err for b, err in errors.items()},
-        "op_counts": counts,
-        "num_nodes": sum(counts.values()),
-        "file_bytes": path.stat().st_size,
-        "input_name": proto.graph.input[0].name,
-        "output_name": proto.graph.output[0].name,
+        "op_counts": counts, "num_nodes": sum(counts.values()), "file_bytes": path.stat().st_size,
+        "input_name": proto.graph.input[0].name, "output_name": proto.graph.output[0].name,
     }
 
 

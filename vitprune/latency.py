@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import tempfile
-from typing import Any
+from typing import Any, Callable
 
 from torch import nn
 
@@ -21,10 +21,11 @@ from .export import export_onnx
 from .capture import capture, example_input_for
 
 
-def compress_to_latency(model: nn.Module, spec: Any, *, example_input_size: tuple[int, int, int],
-                        source: dict | None = None, calib_data: Any = None, runs: int = 20,
-                        tolerance: float = 0.03, max_rounds: int = 5):
-    from .api import compress
+def compress_to_latency(model: nn.Module, spec: Any, compress: Callable[..., Any], *,
+                        example_input_size: tuple[int, int, int], source: dict | None = None,
+                        calib_data: Any = None, runs: int = 20, tolerance: float = 0.03, max_rounds: int = 5):
+    """A layer above ``compress`` (passed in: the FLOPs-targeted compression it steers, so this
+    module never imports the API): FLOPs targets are tried until the measured latency fits."""
 
     target = spec.target_latency
     x = example_input_for(example_input_size, batch=1)

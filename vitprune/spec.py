@@ -151,10 +151,22 @@ class CompressSpec:
             isinstance(s, tuple) and len(s) == 3 and all(_is_int(x) and x >= 1 for x in s)
         ):
             raise SpecError(f"input_size must be three positive integers [C, H, W], got {s!r}")
+        self._check_conflicts()
+
+    def _check_conflicts(self) -> None:
+        """Requests the chosen path would skip are refused, naming both sides: the latency loop never
+        trains, and ``target_flops: 1.0`` keeps every FLOP, so compress removes nothing."""
         if self.target_latency is not None and (self.epochs or self.depth_selection == "search"):
-            # the latency loop compresses and times candidates without training data
             raise SpecError("target_latency does not train: it cannot be combined with epochs > 0 or "
                             "depth_selection 'search'")
+        if self.target_flops != 1.0:
+            return
+        asked = [f"{name}={getattr(self, name)!r}" for name in
+                 ("remove_attention", "remove_activation", "tokens", "prune_heads_cpvit")
+                 if getattr(self, name) not in (None, [], ())]
+        if asked:
+            raise SpecError(f"target_flops=1.0 keeps the whole model, but {', '.join(asked)} asks to remove "
+                            f"part of it; drop target_flops (explicit removals need no target) or lower it")
 
     def check_data(self, has_data: bool) -> None:
         """Refuse requests that train when there is no training data: without it they would be
