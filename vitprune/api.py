@@ -23,7 +23,7 @@ from passes import PASSES, Cleanup, PassManager
 
 from .deps import DependencyGraph
 from .errors import InputError, LoadError, PlanError, UnsupportedModelError, VitpruneError
-from .flops import count_flops, count_params, flops_by_block, params_by_block
+from .flops import FlopModel, count_flops, count_params, flops_by_block, params_by_block
 from .latency import compress_to_latency
 from . import methods
 from .spec import CompressSpec
@@ -94,10 +94,11 @@ def compress(model: nn.Module, spec: CompressSpec | None = None, *,
                                    calib_data=calib_data)
     gm, dg = analyse(model, input_size)
     x = gm.meta["example_input"]
-    base_flops, base_params = count_flops(gm, x), count_params(gm)
+    flop_model = FlopModel(dg)  # per-node FLOPs from torch's counter: the base count and the planner's model
+    base_flops, base_params = flop_model.flops(), count_params(gm)
     groups_before = {g.name: g.size for g in dg.groups}
     teacher = methods.copy_teacher(model) if methods.needs_teacher(spec, train_data) else None
-    gm, recipe, stages = _run_stages(gm, teacher, spec, base_flops, calib_data, train_data)
+    gm, recipe, stages = _run_stages(gm, teacher, spec, flop_model, calib_data, train_data)
     flops, params = count_flops(gm, x), count_params(gm)
     if spec.method != "width" or spec.tokens or spec.remove_attention or spec.remove_activation:
         _check_target(spec, flops / base_flops)
@@ -125,19 +126,22 @@ def compress(model: nn.Module, spec: CompressSpec | None = None, *,
     return CompressResult(gm.eval(), report, recipe, source, tuple(input_size))
 
 
-def _run_stages(gm: fx.GraphModule, teacher: nn.Module | None, spec: CompressSpec, base_flops: int,
+def _run_stages(gm: fx.GraphModule, teacher: nn.Module | None, spec: CompressSpec, flop_model: FlopModel,
                 calib_data: Any, train_data: Any) -> tuple[fx.GraphModule, list[dict[str, Any]], dict[str, Any]]:
     """Depth → width → tokens, every pass through one PassManager (a failure names the passes
     before it), then a value-preserving cleanup. Returns (graph, recipe, per-stage report)."""
     if spec.target_flops is not None and spec.target_flops >= 1.0:
         return gm, [], {}
+    base_flops = flop_model.flops()
     input_size = tuple(gm.meta["example_input"].shape[1:])
     batches = methods.calibration(spec, input_size, calib_data)
     search_data = train_data if spec.depth_selection == "search" else None
     manager = PassManager()
     stages: dict[str, Any] = {}
     gm, depth, stages["depth"] = methods.depth_stage(gm, teacher, spec, base_flops, batches, search_data, manager)
-    gm, width, stages["width"] = methods.width_stage(gm, spec, base_flops, batches, calib_data is not None, manager)
+    unchanged = flop_model if not depth else None  # depth changed the graph: the model must be rebuilt
+    gm, width, stages["width"] = methods.width_stage(gm, spec, base_flops, batches, calib_data is not None,
+                                                     manager, unchanged)
     gm, tokens, stages["tokens"] = methods.token_stage(gm, spec, base_flops, batches, manager)
     cleanup = manager.apply(Cleanup(), gm)
     return cleanup.graph_module, depth + width + tokens + ([cleanup.recipe] if cleanup.modified else []), stages

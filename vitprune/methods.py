@@ -99,14 +99,17 @@ def depth_stage(gm: fx.GraphModule, teacher: nn.Module, spec: CompressSpec, base
 
 # -- width -------------------------------------------------------------------------------------
 def width_stage(gm: fx.GraphModule, spec: CompressSpec, base_flops: int, batches: list,
-                user_data: bool, manager: PassManager) -> Stage:
+                user_data: bool, manager: PassManager, flop_model: FlopModel | None = None) -> Stage:
+    """Width pruning to what is left of the FLOPs target. ``flop_model``: the FLOP model of ``gm``
+    as it is (when no earlier stage changed it), which saves re-counting and re-analysing."""
     if spec.target_flops is None or spec.method not in ("width", "boundarydpt+"):
         return gm, [], {}
-    current = count_flops(gm, gm.meta["example_input"])
+    if flop_model is None:
+        flop_model = FlopModel(DependencyGraph.build(gm))
+    dg, current = flop_model.dg, flop_model.flops()
     relative = spec.target_flops * base_flops / current
     if relative >= 1.0:
         return gm, [], {"note": "the target was already met before width pruning"}
-    dg = DependencyGraph.build(gm)
     kinds = {kind for kind, flag in _KIND_FLAGS.items() if getattr(spec, flag)}
     groups = eligible_groups(dg, kinds)
     if not groups:
@@ -114,7 +117,7 @@ def width_stage(gm: fx.GraphModule, spec: CompressSpec, base_flops: int, batches
             if dg.unsupported else ""
         raise PlanError(f"no prunable channel group of the kinds {sorted(kinds)}{detail}")
     scores = taylor_importance(dg, groups, batches) if spec.importance == "taylor" else l2_importance(dg, groups)
-    plan = plan_width(dg, FlopModel(dg), scores, groups, relative, round_to=spec.round_to,
+    plan = plan_width(dg, flop_model, scores, groups, relative, round_to=spec.round_to,
                       min_keep=spec.min_keep, ranking=spec.ranking)
     result = manager.apply(WidthPruning(plan.keep), gm)
     info = {
