@@ -1,6 +1,7 @@
 """Shared tiny-model fixtures. Small configs of the real timm classes keep the suite fast."""
 from __future__ import annotations
 
+import copy
 import os
 
 import numpy as np
@@ -86,6 +87,21 @@ def _qk(fused: bool = True, **kw):
 @pytest.fixture(params=sorted(MODELS))
 def model_name(request) -> str:
     return request.param
+
+
+def zero_masked(gm, dg, keep: dict[str, list[int]]):
+    """The width pass's oracle: the unpruned graph with every removed channel's parameter slices set
+    to zero (``keep``: group name → kept channels)."""
+    masked = copy.deepcopy(gm)
+    params = dict(masked.named_parameters())
+    with torch.no_grad():
+        for name, idx in keep.items():
+            group = dg.group_by_name(name)
+            removed = np.setdiff1d(np.arange(group.size), idx)
+            for m in group.members:
+                pos = np.nonzero(np.isin(m.coords, removed))[0]
+                params[m.param].index_fill_(m.dim, torch.as_tensor(pos), 0.0)
+    return masked
 
 
 def random_keep(group_size: int, fraction: float, rng: np.random.Generator) -> list[int]:

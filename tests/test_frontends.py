@@ -27,6 +27,7 @@ from einops import rearrange
 from torch import nn
 from torchvision.models.vision_transformer import VisionTransformer as TorchvisionViT
 
+from conftest import zero_masked
 from passes.width import WidthPruning
 from vitprune import CompressSpec, compress
 from vitprune.api import CompressResult
@@ -272,19 +273,6 @@ def test_hf_attention_implementations_capture_differently(zoo: Zoo) -> None:
 
 
 # -- (d) the zero-mask oracle ------------------------------------------------------------------------------
-def zero_masked(gm: torch.fx.GraphModule, dg: DependencyGraph, keep: dict[str, list[int]]) -> torch.fx.GraphModule:
-    """The unpruned graph with every removed channel's parameter slices set to zero."""
-    masked = copy.deepcopy(gm)
-    params = dict(masked.named_parameters())
-    with torch.no_grad():
-        for name, idx in keep.items():
-            group = dg.group_by_name(name)
-            removed = np.setdiff1d(np.arange(group.size), idx)
-            for m in group.members:
-                params[m.param].index_fill_(m.dim, torch.as_tensor(np.nonzero(np.isin(m.coords, removed))[0]), 0.0)
-    return masked
-
-
 def randomized(model: nn.Module) -> nn.Module:
     """Non-trivial norms, biases and tables, so no case passes because a weight is 0 or 1."""
     g = torch.Generator().manual_seed(0)

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.fx as fx
 
-from conftest import randomize, set_fused_attention, tiny, traced
+from conftest import randomize, set_fused_attention, tiny, traced, zero_masked
 from passes import PASSES, PassError
 from passes.tokens import META_KEY, TokenPruning, analyse_tokens, explicit_attention
 from passes.width import WidthPruning
@@ -316,19 +316,6 @@ def test_head_scores_equal_a_plain_reference():
     assert len(got) == 3 and all(n.startswith("head:") for n in got)
 
 
-def _zero_masked(model, dg, keep):
-    masked = copy.deepcopy(model)
-    params = dict(masked.named_parameters())
-    with torch.no_grad():
-        for name, idx in keep.items():
-            group = dg.group_by_name(name)
-            removed = np.setdiff1d(np.arange(group.size), idx)
-            for mem in group.members:
-                pos = np.nonzero(np.isin(mem.coords, removed))[0]
-                params[mem.param].index_fill_(mem.dim, torch.as_tensor(pos), 0.0)
-    return masked
-
-
 @pytest.mark.parametrize("fused", [True, False], ids=["sdpa", "matmul_softmax"])
 def test_composes_with_head_and_width_pruning(fused):
     model = make("deit3_small", fused, depth=3)
@@ -346,7 +333,7 @@ def test_composes_with_head_and_width_pruning(fused):
     assert tuple(pruned.get_parameter("blocks.0.attn.qkv.weight").shape) == (3 * 3 * 64, 384)
     assert sum(p.numel() for p in pruned.parameters()) < 0.8 * sum(p.numel() for p in model.parameters())
     # oracle: removed heads and hidden units zero-masked in eager timm; the score sums kept heads only
-    masked = _zero_masked(model, dg, {**heads, **hidden})
+    masked = zero_masked(model, dg, {**heads, **hidden})
     kept_heads = {int(re.search(r"blocks\.(\d+)\.", k).group(1)): v for k, v in heads.items()}
     want_logits, want_kept = reference(masked, x, keep, heads=kept_heads)
     got = kept_token_ids(pruned, x)

@@ -5,27 +5,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import MODELS, randomize, random_keep, tiny, traced
+from conftest import MODELS, randomize, random_keep, tiny, traced, zero_masked
 from passes.width import WidthPruning
 from passes import PassError
 from vitprune.deps import DependencyGraph
 from vitprune.flops import FlopModel, count_flops
 
 ATOL = 1e-5
-
-
-def zero_masked(gm, dg, keep):
-    """The oracle: the unpruned model with the removed channels' parameter slices set to zero."""
-    masked = copy.deepcopy(gm)
-    params = dict(masked.named_parameters())
-    with torch.no_grad():
-        for name, idx in keep.items():
-            group = dg.group_by_name(name)
-            removed = np.setdiff1d(np.arange(group.size), idx)
-            for m in group.members:
-                pos = np.nonzero(np.isin(m.coords, removed))[0]
-                params[m.param].index_fill_(m.dim, torch.as_tensor(pos), 0.0)
-    return masked
 
 
 def prune_kinds(model, kinds, fraction=0.5, seed=0):
