@@ -27,7 +27,7 @@ from .flops import FlopModel, count_flops, count_params, flops_by_block, params_
 from .latency import compress_to_latency
 from . import methods
 from .spec import CompressSpec
-from .capture import example_input_for, capture
+from .capture import capture, example_input_for, export_program
 from .load import check_weights
 from .outputs import OutputSet, atomic_write, check_destination, output_paths
 
@@ -224,10 +224,7 @@ def replay(model: nn.Module, recipe: list[dict[str, Any]], input_size: tuple[int
 
 def exported_program(model: nn.Module, input_size: tuple[int, int, int]) -> torch.export.ExportedProgram:
     """The compressed model as an ExportedProgram with a dynamic batch (what ``PREFIX.pt2`` holds)."""
-    x = example_input_for(tuple(input_size), batch=2)
-    batch = torch.export.Dim("batch", min=1)
-    with torch.no_grad():
-        return torch.export.export(model, (x,), strict=False, dynamic_shapes=({0: batch},))
+    return export_program(model, example_input_for(tuple(input_size)))
 
 
 def save_compressed(result: CompressResult, path: str | os.PathLike) -> None:

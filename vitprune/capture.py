@@ -62,11 +62,9 @@ _DROPOUTS = (torch.ops.aten.dropout.default, torch.ops.aten.dropout_.default)
 def capture(model: nn.Module, example_input: torch.Tensor) -> fx.GraphModule:
     """Export a copy of ``model`` (eval mode) into a normalised ATen GraphModule with shapes in
     ``node.meta``. The GraphModule owns its parameters: passes never touch the caller's model."""
-    if example_input.shape[0] < 2:
-        # export specialises a batch of 1; batch 2 also keeps the batch dim recognisable in shapes
-        example_input = example_input.expand(2, *example_input.shape[1:]).clone()
+    example_input = _batch_of_two(example_input)
     model = copy.deepcopy(model).eval()
-    gm = _export(model, example_input)
+    gm = export_program(model, example_input).module()
     normalize(gm)
     propagate_shapes(gm, example_input)
     if drop_neutral_masks(gm, example_input):
@@ -75,16 +73,25 @@ def capture(model: nn.Module, example_input: torch.Tensor) -> fx.GraphModule:
     return gm.eval()
 
 
-def _export(model: nn.Module, x: torch.Tensor) -> fx.GraphModule:
+def export_program(model: nn.Module, example_input: torch.Tensor) -> torch.export.ExportedProgram:
+    """``torch.export`` as vitprune uses it everywhere: non-strict, the batch dynamic, every other
+    size static from ``example_input``; a failure is one line naming the user's source line. The one
+    export call behind both the captured IR and the ``.pt2`` output."""
+    x = _batch_of_two(example_input)
     batch = torch.export.Dim("batch", min=1)
     try:
         with torch.no_grad(), _quiet_torch_logs():
-            ep = torch.export.export(model, (x,), strict=False, dynamic_shapes=({0: batch},))
+            return torch.export.export(model, (x,), strict=False, dynamic_shapes=({0: batch},))
     except Exception as e:  # export raises many types; the message and the user's line say what
         raise UnsupportedModelError(
             f"torch.export cannot capture {type(model).__name__}: {type(e).__name__}: {_one_line(e)}"
             f"{_model_frame(e)}") from e
-    return ep.module()
+
+
+def _batch_of_two(x: torch.Tensor) -> torch.Tensor:
+    """export specialises a batch of 1 (it would be baked in); batch 2 also keeps the batch dim
+    recognisable in propagated shapes."""
+    return x if x.shape[0] >= 2 else x.expand(2, *x.shape[1:]).clone()
 
 
 @contextlib.contextmanager
