@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from passes.width import WidthPruning  # noqa: E402
 from vitprune.deps import DependencyGraph  # noqa: E402
 from vitprune import CompressSpec, compress  # noqa: E402
-from vitprune.capture import example_input_for, capture  # noqa: E402
+from vitprune.frontend.capture import example_input_for, capture  # noqa: E402
 
 RATIO = 0.5
 TARGET_S = 5.0

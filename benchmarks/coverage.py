@@ -13,7 +13,7 @@ Three families (``--families``, default all):
 
 For each it records:
 
-* captured?          ``vitprune.capture.capture`` (``torch.export``) succeeded
+* captured?          ``vitprune.frontend.capture.capture`` (``torch.export``) succeeded
 * unsupported ops    ATen ops (``vitprune.deps.rules.op_key``: overload-packet names) the dependency
                      graph has no rule for (they freeze what they touch)
 * groups             prunable groups by kind (R residual, H head, D head_dim, M MLP hidden, O other)
@@ -283,9 +283,9 @@ def _one_path(model, x) -> dict:
     zero-mask equivalence check. The pruned and the masked graphs are deep copies of one capture."""
     import torch
     from passes.width import WidthPruning
-    from vitprune.capture import capture
+    from vitprune.frontend.capture import capture
     from vitprune.deps import DependencyGraph
-    from vitprune.flops import FlopModel, count_flops
+    from vitprune.deps.flops import FlopModel, count_flops
 
     out: dict = {"captured": False, "unsupported": [], "groups": "", "prunable": False,
                  "width_ok": None, "flops_exact": None, "equivalent": None, "error": ""}
@@ -483,7 +483,7 @@ def _hf_plan(row: Row):
 def check_model(row: Row) -> Row:
     """Run both attention paths of one planned architecture (in a worker process)."""
     import torch
-    from vitprune.capture import example_input_for
+    from vitprune.frontend.capture import example_input_for
     torch.set_num_threads(1)
     start = time.perf_counter()
 

@@ -1,7 +1,7 @@
 """BoundaryDPT depth pruning: ONNX Runtime speedup of DeiT-S / DeiT-B against the original.
 
 For each model every variant is exported (checked ONNX, ORT parity) and all of them are timed in one
-interleaved run per batch size (``vitprune.bench.compare``), so a noisy neighbour slows every variant
+interleaved run per batch size (``vitprune.deploy.bench.compare``), so a noisy neighbour slows every variant
 alike; only ratios from the same run are compared. Random weights (latency depends on shapes only).
 
 Variants
@@ -38,11 +38,11 @@ import torch
 from torch import nn
 
 from vitprune import CompressSpec, compress
-from vitprune.bench import compare
-from vitprune.depth import apply_depth
-from vitprune.export import export_onnx
-from vitprune.flops import count_flops
-from vitprune.capture import example_input_for, capture
+from vitprune.deploy.bench import compare
+from vitprune.plan.depth import apply_depth
+from vitprune.deploy.onnx import export_onnx
+from vitprune.deps.flops import count_flops
+from vitprune.frontend.capture import example_input_for, capture
 
 RELEASED_ATTENTION = [0, 3, 7, 8, 11]
 RELEASED_ACTIVATION = [2, 7, 8, 10, 11]

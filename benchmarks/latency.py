@@ -23,10 +23,10 @@ import timm
 import torch
 
 from vitprune import CompressSpec, compress
-from vitprune.bench import compare
-from vitprune.export import export_onnx
-from vitprune.flops import count_flops
-from vitprune.capture import capture, example_input_for
+from vitprune.deploy.bench import compare
+from vitprune.deploy.onnx import export_onnx
+from vitprune.deps.flops import count_flops
+from vitprune.frontend.capture import capture, example_input_for
 
 
 def run(model_name: str, targets: list[float], batches: list[int], threads: int, runs: int,

@@ -2,7 +2,7 @@
 
 1. Trains a base ViT — DeiT-Tiny-like, ``VisionTransformer(img_size=32, patch_size=4, embed_dim=96,
    depth=6, num_heads=3, num_classes=10)`` — on scikit-learn's digits (1,797 real 8×8 images upsampled
-   to 32×32; fixed stratified split: 1,437 train / 360 test, ``vitprune.digits``; nothing downloaded)
+   to 32×32; fixed stratified split: 1,437 train / 360 test, ``vitprune.train.digits``; nothing downloaded)
    and caches it in ``OUT/base_<hash>.pt``.
 2. Sweeps these rows with :func:`vitprune.sweep.run_sweep`, each point fine-tuned with the same budget
    (distillation from the base model, same epochs / lr / batch), evaluated on the test split, exported
@@ -61,10 +61,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from vitprune import sweep as sw
-from vitprune.digits import digits_splits
+from vitprune.train.digits import digits_splits
 from vitprune.errors import PlanError
-from vitprune.flops import count_flops
-from vitprune.train import FinetuneConfig, evaluate, finetune
+from vitprune.deps.flops import count_flops
+from vitprune.train.finetune import FinetuneConfig, evaluate, finetune
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MD_PATH = os.path.join(HERE, "pareto.md")

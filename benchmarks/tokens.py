@@ -1,6 +1,6 @@
 """CP-ViT token pruning on DeiT-S: FLOPs and ONNX Runtime latency against the unpruned model.
 
-One interleaved ORT run (``vitprune.bench.compare``: round-robin, rotating start) times every setting
+One interleaved ORT run (``vitprune.deploy.bench.compare``: round-robin, rotating start) times every setting
 beside the unpruned model, so machine noise hits all of them alike; compare ratios, not absolute ms.
 
 Settings (DeiT-S 224, random weights — latency depends on shapes only):
@@ -35,14 +35,16 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from passes.tokens import TokenPruning, analyse_tokens, explicit_attention  # noqa: E402
+from passes.tokens import TokenPruning, explicit_attention  # noqa: E402
+from vitprune.deps.tokens import analyse_tokens  # noqa: E402
 from passes.width import WidthPruning  # noqa: E402
-from vitprune.bench import compare  # noqa: E402
-from vitprune.export import export_onnx  # noqa: E402
-from vitprune.flops import count_flops, count_params  # noqa: E402
-from vitprune.tokens import (TokenFlops, calibrate, cpvit_head_keep, cpvit_plan,  # noqa: E402
+from vitprune.deploy.bench import compare  # noqa: E402
+from vitprune.deploy.onnx import export_onnx  # noqa: E402
+from vitprune.deps.flops import count_flops, count_params  # noqa: E402
+from vitprune.plan.budget import Budget  # noqa: E402
+from vitprune.plan.tokens import (TokenFlops, calibrate, cpvit_head_keep, cpvit_plan,  # noqa: E402
                              parse_tokens)
-from vitprune.capture import example_input_for, capture  # noqa: E402
+from vitprune.frontend.capture import example_input_for, capture  # noqa: E402
 
 PEERS = [  # ImageNet-1k DeiT-S (79.8% top-1, 4.6 GFLOPs), as published — NOT measured here
     ("EViT (Liang et al., ICLR 2022), keep rate 0.7", "79.5%", "3.0",
@@ -81,17 +83,17 @@ def build(args) -> tuple[list[dict], list[str], torch.Tensor]:
     def heads_and_tokens():
         out = copy.deepcopy(gm)
         WidthPruning(cpvit_head_keep(out, calib, 4 / 6))(out)
-        base_now = count_flops(out, x) / base_flops
-        keep = cpvit_plan(out, calib, 0.60 / base_now).keep  # tokens cut the rest of the way to 0.60
+        keep = cpvit_plan(out, calib, Budget(base_flops, 0.60)).detail["keep"]  # tokens cut the rest of the way
         return TokenPruning(keep)(out).graph_module, keep
 
-    plans = {t: cpvit_plan(gm, calib, t, flop_model=flop_model) for t in (0.5, 0.7)}
+    plans = {t: cpvit_plan(gm, calib, Budget(flop_model.base, t), flop_model=flop_model).detail["keep"]
+             for t in (0.5, 0.7)}
     settings = [
         ("unpruned", [n] * 12, lambda: gm),
         ("unpruned, explicit attention (control)", [n] * 12, explicit),
         ("keep=0.5,start=4", parse_tokens("keep=0.5,start=4", gm), None),
-        ("cpvit @ 0.50 FLOPs", plans[0.5].keep, None),
-        ("cpvit @ 0.70 FLOPs", plans[0.7].keep, None),
+        ("cpvit @ 0.50 FLOPs", plans[0.5], None),
+        ("cpvit @ 0.70 FLOPs", plans[0.7], None),
         ("keep=0.7,start=3,every=3 (EViT-style)", parse_tokens("keep=0.7,start=3,every=3", gm), None),
         ("cpvit @ 0.60 FLOPs + heads 4/6", None, heads_and_tokens),
     ]
@@ -187,7 +189,7 @@ Produced by `python benchmarks/tokens.py` (writes this file). {env}
   the exporter's SDPA lowering, nothing pruned): within noise of the baseline at batch 1, so the
   speedups above come from the shorter sequences; the selection ops (TopK, GatherElements, ReduceMax,
   ReduceSum) cost no FLOPs in the counter and show up only as an efficiency slightly below 1.0.
-* Every model was exported with `vitprune.export.export_onnx` (checker, strict shape inference, ORT
+* Every model was exported with `vitprune.deploy.onnx.export_onnx` (checker, strict shape inference, ORT
   parity at batch 1 ≤ 1e-4; the test suite checks batch 1 and 4).
 * Random weights give near-uniform attention, so every block's attention range is ≈ 1.0
   ({ranges}) and the CP-ViT schedule reduces to a linear ramp from block 1; with trained weights the

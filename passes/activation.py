@@ -28,7 +28,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from vitprune.capture import eliminate_dead_code
+from vitprune.frontend.capture import eliminate_dead_code
 from vitprune.deps.branches import (ActivationSite, delete_unreferenced, find_activations, own_module,
                                     param_tensor, record_removed, removed_layers, set_param)
 

@@ -28,7 +28,7 @@ from typing import Any, Mapping, Sequence
 
 import torch.fx as fx
 
-from vitprune.capture import eliminate_dead_code
+from vitprune.frontend.capture import eliminate_dead_code
 from vitprune.deps.branches import (AttentionBranch, UnknownShapeError, delete_unreferenced,
                                     find_attention_branches, param_tensor, record_removed,
                                     removed_layers, set_param)
@@ -112,7 +112,7 @@ def _check_same_shape(b: AttentionBranch) -> None:
     for n in (b.norm, b.out):
         if "tensor_meta" not in n.meta:
             raise UnknownShapeError(f"attention: no propagated shape at `{n.format_node()}`; trace with "
-                                    "vitprune.capture before removing attention")
+                                    "vitprune.frontend.capture before removing attention")
     if tuple(b.norm.meta["tensor_meta"].shape) != tuple(b.out.meta["tensor_meta"].shape):
         raise PassError(f"attention: the branch output `{b.out.format_node()}` and its normalised input "
                         f"`{b.norm.format_node()}` differ in shape; identity_norm needs them equal")

@@ -15,7 +15,7 @@ import torch
 import torch.fx as fx
 
 from vitprune.errors import VitpruneError
-from vitprune.capture import propagate_shapes
+from vitprune.frontend.capture import propagate_shapes
 
 
 class PassError(VitpruneError):
@@ -47,11 +47,11 @@ class Pass:
 
     def requires(self, gm: fx.GraphModule) -> None:
         if "example_input" not in gm.meta:
-            raise PassError(f"{self.name}: the GraphModule was not traced by vitprune.capture "
+            raise PassError(f"{self.name}: the GraphModule was not traced by vitprune.frontend.capture "
                             "(no example input in gm.meta)")
         first = next(iter(gm.graph.nodes), None)
         if first is None or "tensor_meta" not in first.meta:
-            raise PassError(f"{self.name}: shapes were not propagated (run vitprune.capture)")
+            raise PassError(f"{self.name}: shapes were not propagated (run vitprune.frontend.capture)")
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         raise NotImplementedError

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from vitprune.capture import eliminate_dead_code
+from vitprune.frontend.capture import eliminate_dead_code
 from vitprune.deps.branches import delete_unreferenced
 from vitprune.deps.rules import op_key
 

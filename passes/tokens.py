@@ -5,15 +5,8 @@ patch tokens with the highest cumulative score pass through unchanged, in their 
 order; every other patch token is *removed from the sequence* entering that block and never comes
 back (cascade). With no block pruned the graph is left untouched (outputs identical).
 
-Where things are found (from the graph, never from module names):
-
-* **blocks**: each attention core (``scaled_dot_product_attention``, or ``matmul → softmax →
-  [dropout] → matmul``) and the residual ``add`` its branch ends in; the add's other operand is the
-  residual stream *entering* the block. Blocks are ordered along the graph.
-* **prefix tokens**: the ``cat`` along the token dim nearest before the first block; its inputs
-  before the one computed from the image (the patch tokens) are the prefix. No such ``cat`` (global
-  average pooling models without a class token): no prefix. Tokens appended *after* the patches are
-  refused.
+Where the blocks, the prefix tokens and baked-in sequence lengths are is read by
+:mod:`vitprune.deps.tokens` (from the graph, never from module names).
 
 The score (CP-ViT, Song et al. 2022, arXiv 2203.04570; where the paper is not explicit we follow
 its public code, ok858ok/CP-ViT ``models/modeling.py``):
@@ -46,153 +39,18 @@ blocks and every tensor between blocks are fully static.)
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.fx as fx
 
-from vitprune.deps import DependencyGraph
-from vitprune.deps.branches import ancestors, is_attention_core
-from vitprune.deps.rules import op_key
-from vitprune.capture import eliminate_dead_code, tensor_shape
+from vitprune.deps.tokens import (META_KEY, AttentionBlock, TokenLayout, analyse_tokens, find_length_constants,
+                                  keep_counts, size_args)
+from vitprune.frontend.capture import eliminate_dead_code, tensor_shape
 
 from .base import Pass, PassError, PassResult
 
 aten = torch.ops.aten
-
-#: ``node.meta`` key under which the nodes this pass inserts are tagged: ``(role, block)`` with role
-#: ``"scores"`` (cumulative score after the block's attention, (B, patches)), ``"indices"`` (sorted kept
-#: positions in the incoming patch sequence, (B, K)), ``"tokens"`` (the shortened residual stream
-#: entering the block) or ``"kept_scores"`` (the cumulative score gathered along with the tokens).
-META_KEY = "vitprune_tokens"
-
-
-
-# -- graph analysis ---------------------------------------------------------------------------
-@dataclass
-class AttentionBlock:
-    """One transformer block, found from its attention core and the residual add it feeds."""
-
-    index: int
-    stream: fx.Node       # the residual stream entering the block, (B, N, C)
-    residual_add: fx.Node  # stream + attention branch
-    core: fx.Node          # the SDPA node, or the softmax node of an explicit attention
-    fused: bool
-
-
-@dataclass
-class TokenLayout:
-    """Where the tokens are: the blocks, how many prefix tokens lead the sequence, and the patch grid."""
-
-    blocks: list[AttentionBlock]
-    prefix: int
-    num_patches: int
-    grid: tuple[int, int] | None  # (rows, cols) of the patch grid when a conv2d patch embedding is found
-
-    @property
-    def seq_len(self) -> int:
-        return self.prefix + self.num_patches
-
-
-def analyse_tokens(gm: fx.GraphModule) -> TokenLayout:
-    """Find the blocks, the prefix-token count and the patch grid of a traced ViT."""
-    if any(META_KEY in n.meta for n in gm.graph.nodes):
-        raise PassError("tokens: this graph is already token-pruned; apply TokenPruning once, with the "
-                        "whole keep list")
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    cores = [(n, op_key(n, gm) == "scaled_dot_product_attention") for n in gm.graph.nodes
-             if n.op in ("call_function", "call_method", "call_module") and is_attention_core(n, gm)]
-    if not cores:
-        raise PassError("tokens: no attention found (no scaled_dot_product_attention and no "
-                        "matmul → softmax → matmul)")
-    blocks = []
-    for core, fused in cores:
-        add, stream = _residual_add(core, gm, order)
-        blocks.append((order[stream], stream, add, core, fused))
-    blocks.sort(key=lambda b: b[0])
-    out = [AttentionBlock(i, s, a, c, f) for i, (_, s, a, c, f) in enumerate(blocks)]
-    shapes = {tensor_shape(b.stream) for b in out}
-    if len(shapes) != 1 or len(next(iter(shapes))) != 3:
-        raise PassError(f"tokens: blocks do not share one (batch, tokens, channels) stream shape: {shapes}")
-    seq = next(iter(shapes))[1]
-    prefix, grid = _prefix_and_grid(gm, out[0].stream, order)
-    if prefix >= seq:
-        raise PassError(f"tokens: found {prefix} prefix tokens in a sequence of {seq}")
-    return TokenLayout(out, prefix, seq - prefix, grid)
-
-
-def _residual_add(core: fx.Node, gm: fx.GraphModule, order: dict[fx.Node, int]) -> tuple[fx.Node, fx.Node]:
-    """The first ``add`` downstream of ``core`` whose other operand feeds the core: (add, stream)."""
-    feeds_core = ancestors(core)
-    frontier, seen = [core], {core}
-    while frontier:
-        frontier.sort(key=order.__getitem__)
-        node = frontier.pop(0)
-        for u in node.users:
-            if u in seen:
-                continue
-            seen.add(u)
-            if op_key(u, gm) == "add" and len(u.args) == 2:
-                other = u.args[1] if u.args[0] is node or u.args[0] in seen else u.args[0]
-                if isinstance(other, fx.Node) and other in feeds_core and _is_stream(other):
-                    return u, other
-            frontier.append(u)
-    raise PassError(f"tokens: no residual add found after `{core.format_node()}`")
-
-
-def _is_stream(node: fx.Node) -> bool:
-    shape = tensor_shape(node)
-    return shape is not None and len(shape) == 3
-
-
-def _prefix_and_grid(gm: fx.GraphModule, stream: fx.Node,
-                     order: dict[fx.Node, int]) -> tuple[int, tuple[int, int] | None]:
-    image = next(n for n in gm.graph.nodes if n.op == "placeholder")
-    upstream = _tensor_ancestors(stream) | {stream}
-    convs = [n for n in upstream if op_key(n, gm) == "conv2d" and image in _tensor_ancestors(n) | {n}]
-    grid = None
-    if convs:
-        shape = tensor_shape(max(convs, key=order.__getitem__))
-        grid = (shape[2], shape[3]) if shape is not None and len(shape) == 4 else None
-    cats = [n for n in upstream if op_key(n, gm) == "cat" and _is_stream(n) and _cat_dim(n) == 1]
-    if not cats:
-        return 0, grid
-    cat = max(cats, key=order.__getitem__)
-    items = list(cat.args[0] if cat.args else cat.kwargs["tensors"])
-    from_image = [i for i, t in enumerate(items) if image in _tensor_ancestors(t) | {t}]
-    if len(from_image) != 1:
-        raise PassError(f"tokens: cannot tell the patch tokens in `{cat.format_node()}` "
-                        f"({len(from_image)} inputs are computed from the image)")
-    at = from_image[0]
-    if at != len(items) - 1:
-        raise PassError(f"tokens: `{cat.format_node()}` appends tokens after the patch tokens; only "
-                        "prefix tokens (class, distillation, registers) are supported")
-    return sum(tensor_shape(t)[1] for t in items[:at]), grid
-
-
-def _cat_dim(node: fx.Node) -> int:
-    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-    return dim % 3
-
-
-def _tensor_ancestors(node: fx.Node) -> set[fx.Node]:
-    """Ancestors through tensor-valued arguments only (``expand(cls, x.shape[0])`` is not from x)."""
-    seen: set[fx.Node] = set()
-    stack = [node]
-    while stack:
-        n = stack.pop()
-        for a in n.all_input_nodes:
-            if a not in seen and _carries_tensor(a):
-                seen.add(a)
-                stack.append(a)
-    return seen
-
-
-def _carries_tensor(node: fx.Node) -> bool:
-    tm = node.meta.get("tensor_meta")
-    return tm is not None and (hasattr(tm, "shape") or isinstance(tm, (tuple, list)))
-
 
 # -- rewrites ---------------------------------------------------------------------------------
 def explicit_attention(gm: fx.GraphModule, block: AttentionBlock) -> fx.Node:
@@ -304,6 +162,12 @@ class TokenPruning(Pass):
             cuts[block] = current = k
         return cuts
 
+    def requires(self, gm: fx.GraphModule) -> None:
+        super().requires(gm)
+        if any(META_KEY in n.meta for n in gm.graph.nodes):
+            raise PassError("tokens: this graph is already token-pruned; apply TokenPruning once, with the "
+                            "whole keep list")
+
     def call(self, gm: fx.GraphModule) -> PassResult:
         layout = analyse_tokens(gm)
         cuts = self.cuts(layout)
@@ -342,47 +206,6 @@ class TokenPruning(Pass):
 
 
 # -- sequence lengths written as constants -----------------------------------------------------
-_SIZE_OPS = {"reshape", "view", "expand"}
-
-
-def _size_args(node: fx.Node) -> tuple[list[Any], Callable[[list[Any]], None]]:
-    """The size arguments of a reshape/view/expand, and a setter writing them back in the same form."""
-    for key in ("shape", "size"):
-        if key in node.kwargs:
-            return list(node.kwargs[key]), lambda sizes, key=key: node.update_kwarg(key, tuple(sizes))
-    if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)):
-        return list(node.args[1]), lambda sizes: setattr(node, "args", (node.args[0], list(sizes)))
-    return list(node.args[1:]), lambda sizes: setattr(node, "args", (node.args[0], *sizes))
-
-
-def find_length_constants(gm: fx.GraphModule, layout: TokenLayout) -> dict[fx.Node, list[int]]:
-    """Reshape/view/expand nodes that write the sequence length as a constant: {node: [arg positions]}.
-
-    timm reads the length from ``x.shape`` (it follows the shorter sequence by itself), but a width
-    pass or a model may bake it in (``reshape(B, 197, 3, 6, 64)``). Which constant is the sequence
-    length comes from the dependency graph: the size sits on an axis made of the stream's token axis.
-    """
-    seq = layout.seq_len
-    candidates = [n for n in gm.graph.nodes if n.op in ("call_method", "call_function")
-                  and op_key(n, gm) in _SIZE_OPS and seq in _size_args(n)[0]]
-    if not candidates:
-        return {}
-    dg = DependencyGraph.build(gm)
-    token = sorted(dg.table.leaves(dg.node_dims[layout.blocks[0].stream][1]))
-    out = {}
-    for node in candidates:
-        axes = dg.node_dims.get(node)
-        sizes = _size_args(node)[0]
-        if not axes or isinstance(axes[0], list):
-            continue
-        offset = len(axes) - len(sizes)
-        hits = [i for i, s in enumerate(sizes) if isinstance(s, int) and s == seq and i + offset >= 0
-                and sorted(dg.table.leaves(axes[i + offset])) == token]
-        if hits:
-            out[node] = hits
-    return out
-
-
 def rewrite_length_constants(gm: fx.GraphModule, layout: TokenLayout, cuts: dict[int, int],
                              constants: dict[fx.Node, list[int]]) -> None:
     """Rewrite each baked-in sequence length to the length of the stretch of blocks it sits in
@@ -394,20 +217,10 @@ def rewrite_length_constants(gm: fx.GraphModule, layout: TokenLayout, cuts: dict
     for node in gm.graph.nodes:
         length = length_after.get(node, length)
         if node in constants and length != layout.seq_len:
-            sizes, write = _size_args(node)
+            sizes, write = size_args(node)
             for i in constants[node]:
                 sizes[i] = length
             write(sizes)
 
 
-def keep_counts(keep: Sequence[int | None], num_patches: int) -> list[int]:
-    """The number of patch tokens entering each block under ``keep`` (``None`` carries the last)."""
-    out, current = [], num_patches
-    for k in keep:
-        current = current if k is None else k
-        out.append(current)
-    return out
-
-
-__all__ = ["AttentionBlock", "META_KEY", "TokenLayout", "TokenPruning", "analyse_tokens",
-           "explicit_attention", "find_length_constants", "keep_counts", "rewrite_length_constants"]
+__all__ = ["TokenPruning", "explicit_attention", "rewrite_length_constants"]

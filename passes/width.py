@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from vitprune.capture import eliminate_dead_code
+from vitprune.frontend.capture import eliminate_dead_code
 from vitprune.deps import DependencyGraph
 from vitprune.deps.rules import op_key
 

@@ -10,7 +10,7 @@ import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from vitprune.capture import example_input_for, capture
+from vitprune.frontend.capture import example_input_for, capture
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,8 @@ from passes.width import WidthPruning
 from vitprune.api import replay
 from vitprune.deps import DependencyGraph
 from vitprune.deps.branches import find_activations
-from vitprune.export import export_onnx
-from vitprune.flops import count_flops
+from vitprune.deploy.onnx import export_onnx
+from vitprune.deps.flops import count_flops
 
 ATOL = 1e-5
 

@@ -14,7 +14,7 @@ from conftest import MODELS, randomize, tiny
 from vitprune import CompressSpec, compress
 from vitprune.api import inspect_model, load_compressed, save_compressed, write_outputs
 from vitprune.errors import PlanError, UnsupportedModelError
-from vitprune.flops import count_flops
+from vitprune.deps.flops import count_flops
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from passes.width import WidthPruning
 from vitprune.api import replay
 from vitprune.deps import DependencyGraph
 from vitprune.deps.branches import find_attention_branches
-from vitprune.export import export_onnx, onnx_op_counts
+from vitprune.deploy.onnx import export_onnx, onnx_op_counts
 
 ATOL = 1e-5
 

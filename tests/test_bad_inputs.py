@@ -242,7 +242,7 @@ class _HeadFirst(torch.nn.Module):
 
 
 def test_first_conv_is_the_one_the_forward_reaches():
-    from vitprune.api import check_input_size, first_conv
+    from vitprune.frontend.inputs import check_input_size, first_conv
 
     model = _HeadFirst()
     model.pretrained_cfg = {"input_size": (1, 16, 16)}  # its own size, where the probe forward runs
@@ -257,7 +257,7 @@ def test_first_conv_is_the_one_the_forward_reaches():
 def test_input_size_check_on_a_torchvision_vit():
     from torchvision.models.vision_transformer import VisionTransformer
 
-    from vitprune.api import check_input_size
+    from vitprune.frontend.inputs import check_input_size
 
     model = VisionTransformer(image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=32, mlp_dim=64)
     check_input_size(model, (3, 32, 32))

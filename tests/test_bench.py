@@ -8,10 +8,10 @@ import timm
 import torch
 from onnx import TensorProto, helper
 
-from vitprune import bench
+from vitprune.deploy import bench
 from vitprune.errors import InputError
-from vitprune.export import export_onnx
-from vitprune.capture import capture, example_input_for
+from vitprune.deploy.onnx import export_onnx
+from vitprune.frontend.capture import capture, example_input_for
 
 IMG = 96  # 37 tokens: long enough that depth dominates latency, short enough to stay quick
 KEYS = {"model", "batch", "threads", "median_ms", "p90_ms", "mean_ms", "runs"}

@@ -15,7 +15,7 @@ from vitprune.deps import DependencyGraph
 from vitprune.deps.branches import (BranchError, UnknownShapeError, find_activations,
                                     find_attention_branches, record_removed)
 from vitprune.errors import UnsupportedModelError
-from vitprune.capture import capture
+from vitprune.frontend.capture import capture
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread

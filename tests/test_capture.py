@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from conftest import assert_bad_input, files_under, run_cli as run, tiny
-from vitprune.capture import capture, example_input_for
+from vitprune.frontend.capture import capture, example_input_for
 from vitprune.errors import UnsupportedModelError
 
 aten = torch.ops.aten

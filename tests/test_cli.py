@@ -16,9 +16,10 @@ import torch
 
 import vitprune
 from conftest import assert_bad_input, files_under, run_cli as run
-from vitprune import cli, outputs
+from vitprune import cli
+from vitprune.deploy import outputs
 from vitprune.errors import InputError, OutputError, PlanError
-from vitprune.outputs import (Interrupted, OutputSet, file_mode, output_paths, signals_deferred,
+from vitprune.deploy.outputs import (Interrupted, OutputSet, file_mode, output_paths, signals_deferred,
                               termination_as_interrupt)
 from vitprune.spec import CompressSpec
 
@@ -43,7 +44,7 @@ def fake_api(monkeypatch):
         return types.SimpleNamespace(model=model, report=report)
 
     def write_outputs(result, prefix, export=True, opset=17):
-        """The real commit protocol (vitprune.outputs) around stand-in file contents."""
+        """The real commit protocol (vitprune.deploy.outputs) around stand-in file contents."""
         calls["write"] = dict(prefix=prefix, export=export, opset=opset)
         files, stale = output_paths(prefix, export)
         with OutputSet(files, stale=stale) as out:
@@ -317,7 +318,7 @@ def test_export_calls_export_onnx(capsys, tmp_path, monkeypatch):
             f.write("onnx")
         return {"max_abs_err": 1e-6}
 
-    import vitprune.export as real
+    import vitprune.deploy.onnx as real
 
     monkeypatch.setattr(real, "export_onnx", export_onnx)
     monkeypatch.setattr(real, "check_opset", lambda opset, name="opset": opset)
@@ -332,10 +333,10 @@ def test_export_calls_export_onnx(capsys, tmp_path, monkeypatch):
 
 def test_bench_calls_compare(capsys, tmp_path, monkeypatch):
     seen = {}
-    mod = types.ModuleType("vitprune.bench")
+    mod = types.ModuleType("vitprune.deploy.bench")
     mod.compare = lambda paths, **kw: seen.update(paths=paths, **kw) or [{"row": 1}]
     mod.format_table = lambda rows: f"TABLE {rows}"
-    monkeypatch.setitem(sys.modules, "vitprune.bench", mod)
+    monkeypatch.setitem(sys.modules, "vitprune.deploy.bench", mod)
     monkeypatch.setattr(vitprune, "bench", mod, raising=False)
     a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
     a.write_bytes(b"x")
@@ -514,13 +515,13 @@ def test_signals_are_deferred_then_delivered():
 # function so that it announces the point (a marker file) and then waits there for the signal.
 _DRIVER = """
 import os, sys, time
-import vitprune.api, vitprune.export, vitprune.load, vitprune.outputs
+import vitprune.api, vitprune.deploy.onnx, vitprune.frontend.load, vitprune.deploy.outputs
 from vitprune import cli
 
 point, argv = sys.argv[1], sys.argv[2:]
-module, name = {"load": (vitprune.load, "load_model"), "compress": (vitprune.api, "compress"),
-                "onnx_written": (vitprune.export, "_check_proto"), "pt2": (vitprune.api, "_save_pt2"),
-                "swap": (vitprune.outputs, "_swap")}[point]
+module, name = {"load": (vitprune.frontend.load, "load_model"), "compress": (vitprune.api, "compress"),
+                "onnx_written": (vitprune.deploy.onnx, "_check_proto"), "pt2": (vitprune.api, "write_pt2"),
+                "swap": (vitprune.deploy.outputs, "_swap")}[point]
 original = getattr(module, name)
 
 def at_the_point(*args, **kwargs):

@@ -21,8 +21,8 @@ from timm.models.vision_transformer import VisionTransformer
 
 from passes.width import WidthPruning
 from vitprune.deps import DependencyGraph
-from vitprune.flops import FlopModel, count_flops, count_params
-from vitprune.capture import example_input_for, capture
+from vitprune.deps.flops import FlopModel, count_flops, count_params
+from vitprune.frontend.capture import example_input_for, capture
 
 DEPTH = 2
 NUM_CLASSES = 10

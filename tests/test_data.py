@@ -6,7 +6,7 @@ from PIL import Image
 from conftest import tiny
 from vitprune import CompressSpec, compress
 from vitprune.cli import main
-from vitprune.data import calibration_batches
+from vitprune.train.data import calibration_batches
 from vitprune.errors import InputError
 
 

@@ -16,11 +16,11 @@ from passes.width import WidthPruning
 from vitprune.api import replay
 from vitprune.deps import DependencyGraph
 from vitprune.deps.branches import find_activations, find_attention_branches
-from vitprune.depth import (DepthGate, apply_depth, depth_flops_options, event_order, gated_search,
+from vitprune.plan.depth import (DepthGate, apply_depth, depth_flops_options, event_order, gated_search,
                             one_shot_scores, select_depth)
 from vitprune.errors import InputError
-from vitprune.flops import count_flops
-from vitprune.capture import capture
+from vitprune.deps.flops import count_flops
+from vitprune.frontend.capture import capture
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread

@@ -1,4 +1,4 @@
-"""scikit-learn's digits as ViT-ready tensors and as a timm image folder (vitprune.digits)."""
+"""scikit-learn's digits as ViT-ready tensors and as a timm image folder (vitprune.train.digits)."""
 from __future__ import annotations
 
 import numpy as np
@@ -12,7 +12,7 @@ from vitprune.errors import InputError
 pytest.importorskip("sklearn")
 from sklearn.datasets import load_digits  # noqa: E402
 
-from vitprune.digits import digits_loaders, digits_splits, export_image_folder  # noqa: E402
+from vitprune.train.digits import digits_loaders, digits_splits, export_image_folder  # noqa: E402
 
 MEAN = torch.tensor(IMAGENET_DEFAULT_MEAN).view(3, 1, 1)
 STD = torch.tensor(IMAGENET_DEFAULT_STD).view(3, 1, 1)
@@ -88,7 +88,7 @@ def test_loaders_shuffle_by_seed_and_keep_the_test_order():
 
 
 def test_export_image_folder_round_trips_through_timm(tmp_path, splits):
-    from vitprune.data import image_folder
+    from vitprune.train.data import image_folder
 
     counts = export_image_folder(tmp_path, image_size=32)
     assert counts == {"train": 1437, "val": 360}

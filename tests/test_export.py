@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from passes.base import set_tensor
-from vitprune.capture import capture, example_input_for
+from vitprune.frontend.capture import capture, example_input_for
 from vitprune.errors import ExportError, InputError
-from vitprune.export import export_onnx, onnx_op_counts, run_onnx
+from vitprune.deploy.onnx import export_onnx, onnx_op_counts, run_onnx
 
 IMG = 64
 DEPTH = 2

@@ -31,11 +31,11 @@ from conftest import zero_masked
 from passes.width import WidthPruning
 from vitprune import CompressSpec, compress
 from vitprune.api import CompressResult
-from vitprune.capture import capture
+from vitprune.frontend.capture import capture
 from vitprune.deps import DependencyGraph
 from vitprune.deps.branches import find_attention_branches
 from vitprune.errors import UnsupportedModelError
-from vitprune.export import export_onnx
+from vitprune.deploy.onnx import export_onnx
 
 SIZE = (3, 32, 32)
 ATOL = 1e-5

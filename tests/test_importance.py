@@ -4,7 +4,7 @@ import torch
 
 from conftest import MODELS, traced
 from vitprune.deps import DependencyGraph
-from vitprune.importance import l2_importance
+from vitprune.plan.importance import l2_importance
 
 
 def test_l2_scores_sum_every_owned_weight():

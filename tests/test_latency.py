@@ -4,13 +4,13 @@ import pytest
 from conftest import tiny
 from vitprune import CompressSpec, compress
 from vitprune.errors import SpecError
-from vitprune.latency import compress_to_latency
+from vitprune.driver.latency import compress_to_latency
 
 
 def test_latency_target_measures_and_reports_rounds():
     model = tiny("deit_small_patch16_224", img_size=64, depth=3)
-    result = compress_to_latency(model, CompressSpec(target_latency=0.6), compress, example_input_size=(3, 64, 64),
-                                 runs=8, max_rounds=3, tolerance=0.01)
+    result = compress_to_latency(model, CompressSpec(target_latency=0.6), (3, 64, 64), runs=8, max_rounds=3,
+                                 tolerance=0.01)
     plan = result.report["latency_plan"]
     assert 1 <= len(plan["rounds"]) <= 3
     assert plan["target_latency"] == 0.6
@@ -29,14 +29,17 @@ def test_latency_target_measures_and_reports_rounds():
 
 
 def test_compress_dispatches_on_target_latency(monkeypatch):
-    """The latency target is a layer above compress: compress hands itself to it (no import cycle)."""
+    """The latency target is a layer above the FLOPs pipeline: compress hands the request to it, and it
+    steers the pipeline itself (it never re-enters compress)."""
     import vitprune.api as api
+    import vitprune.driver.latency as latency
 
     seen = {}
     monkeypatch.setattr(api, "compress_to_latency",
-                        lambda model, spec, inner, **kw: seen.update(spec=spec, inner=inner) or spec)
+                        lambda model, spec, size, **kw: seen.update(spec=spec, size=size) or spec)
     spec = CompressSpec(target_latency=0.5)
-    assert compress(tiny(), spec) is spec and seen["spec"] is spec and seen["inner"] is api.compress
+    assert compress(tiny(), spec) is spec and seen["spec"] is spec and len(seen["size"]) == 3
+    assert not hasattr(latency, "compress") and latency.compress_to_flops is api.compress_to_flops
 
 
 def test_latency_and_flops_targets_are_exclusive():

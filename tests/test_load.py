@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from vitprune.errors import InputError, LoadError
-from vitprune.load import LoadedModel, check_weights, input_size_of, load_model
+from vitprune.frontend.load import LoadedModel, check_weights, input_size_of, load_model
 
 ARCH = "test_vit"  # timm's own tiny ViT (0.4M params)
 

@@ -9,7 +9,7 @@ from vitprune import CompressSpec, compress
 from vitprune.api import load_compressed, write_outputs
 from vitprune.cli import main
 from vitprune.errors import PlanError
-from vitprune.export import onnx_op_counts
+from vitprune.deploy.onnx import onnx_op_counts
 
 SOURCE = {"kind": "timm", "arch": "deit_small_patch16_224", "kwargs": {"depth": 4, "img_size": 32, "num_classes": 10}}
 
@@ -47,7 +47,7 @@ def test_cpvit_meets_the_target_with_heads():
     result = compress(model, CompressSpec(method="cpvit", target_flops=0.7, prune_heads_cpvit=0.5,
                                           calib_batches=1, batch_size=2))
     tokens = result.report["stages"]["tokens"]
-    assert all(k == 3 for k in tokens["heads_kept"].values())
+    assert all(k == 3 for k in result.report["stages"]["heads"]["heads_kept"].values())
     assert abs(result.report["flops_ratio"] - 0.7) <= 0.01
     keep = tokens["keep"]
     assert keep == sorted(keep, reverse=True) and keep[-1] < keep[0]
@@ -69,7 +69,7 @@ def test_everything_composes_replays_and_exports(model, tmp_path):
 
 
 def test_cli_compress_with_data_finetunes(tmp_path, capsys):
-    from vitprune.digits import export_image_folder
+    from vitprune.train.digits import export_image_folder
 
     export_image_folder(tmp_path / "digits", image_size=32)
     for split, keep in (("train", 12), ("val", 4)):  # a small folder keeps the test quick

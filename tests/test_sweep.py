@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Subset
 
 from vitprune import sweep as sw
 from vitprune.errors import InputError
-from vitprune.flops import count_flops
+from vitprune.deps.flops import count_flops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,7 +37,7 @@ def _vit(depth=2, embed_dim=96, heads=3, img=32, patch=8, seed=0):
 
 
 def _digits(n_train=64, n_val=64):
-    from vitprune.digits import digits_splits
+    from vitprune.train.digits import digits_splits
 
     train, val = digits_splits(image_size=32)
     return (DataLoader(Subset(train, range(n_train)), batch_size=32, shuffle=True,
@@ -141,7 +141,7 @@ def test_sweep_records_skips_and_resumes(tmp_path):
 
 def test_cli_sweep(tmp_path, capsys):
     from vitprune.cli import main
-    from vitprune.digits import export_image_folder
+    from vitprune.train.digits import export_image_folder
 
     data = tmp_path / "digits"
     export_image_folder(data, image_size=32)

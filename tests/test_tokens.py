@@ -13,13 +13,15 @@ import torch.fx as fx
 
 from conftest import randomize, set_fused_attention, tiny, traced, zero_masked
 from passes import PASSES, PassError
-from passes.tokens import META_KEY, TokenPruning, analyse_tokens, explicit_attention
+from passes.tokens import TokenPruning, explicit_attention
+from vitprune.deps.tokens import META_KEY, analyse_tokens
+from vitprune.plan.budget import Budget
 from passes.width import WidthPruning
 from vitprune.deps import DependencyGraph
 from vitprune.errors import PlanError, SpecError
-from vitprune.export import export_onnx
-from vitprune.flops import count_flops
-from vitprune.tokens import (Calibration, TokenFlops, calibrate, cpvit_head_keep, cpvit_head_scores,
+from vitprune.deploy.onnx import export_onnx
+from vitprune.deps.flops import count_flops
+from vitprune.plan.tokens import (Calibration, TokenFlops, calibrate, cpvit_head_keep, cpvit_head_scores,
                              cpvit_plan, cpvit_schedule, kept_token_ids, parse_tokens, progressive_keep)
 
 ATOL = 1e-5
@@ -371,14 +373,15 @@ def test_cpvit_plan_meets_the_target_and_refuses_the_impossible():
     assert calib.images == 4 and len(calib.ranges) == 6 and all(0 < r < 2 for r in calib.ranges)
     flop_model = TokenFlops(gm)
     for target in (0.85, 0.7):
-        plan = cpvit_plan(gm, calib, target, flop_model=flop_model)
-        assert plan.within_tolerance and plan.keep[0] == 16
-        assert all(a >= b for a, b in zip(plan.keep, plan.keep[1:]))
-        pruned = TokenPruning(plan.keep)(copy.deepcopy(gm)).graph_module
+        plan = cpvit_plan(gm, calib, Budget(flop_model.base, target), flop_model=flop_model)
+        keep = plan.detail["keep"]
+        assert plan.within_tolerance and keep[0] == 16 and plan.passes[0].keep == keep
+        assert all(a >= b for a, b in zip(keep, keep[1:]))
+        pruned = TokenPruning(keep)(copy.deepcopy(gm)).graph_module
         x = gm.meta["example_input"]
         assert abs(count_flops(pruned, x) / count_flops(gm, x) - target) <= 0.01
     with pytest.raises(PlanError, match="no schedule reaches"):
-        cpvit_plan(gm, calib, 0.05, flop_model=flop_model)
+        cpvit_plan(gm, calib, Budget(flop_model.base, 0.05), flop_model=flop_model)
     uniform = Calibration([1.0] * 6, [np.ones(3)] * 6, np.ones(16), 1)
     assert cpvit_schedule(gm, uniform, 0.7, start=3)[:3] == [16, 16, 16]
 

@@ -53,7 +53,7 @@ import torch
 from torch import nn
 
 from vitprune.deps import DependencyGraph
-from vitprune.capture import example_input_for, capture
+from vitprune.frontend.capture import example_input_for, capture
 
 tp = pytest.importorskip("torch_pruning")
 

@@ -1,4 +1,4 @@
-"""Recovery fine-tuning (vitprune.train): a ViT trained from scratch on a real data set (scikit-learn's
+"""Recovery fine-tuning (vitprune.train.finetune): a ViT trained from scratch on a real data set (scikit-learn's
 digits), distillation recovering a pruned copy, exact resume, atomic checkpoints, DDP on Gloo."""
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from vitprune import CompressSpec, compress
 from vitprune.errors import InputError
-from vitprune.capture import example_input_for, capture
-from vitprune.train import FinetuneConfig, evaluate, finetune, load_checkpoint
+from vitprune.frontend.capture import example_input_for, capture
+from vitprune.train.finetune import FinetuneConfig, evaluate, finetune, load_checkpoint
 
 pytest.importorskip("sklearn")
-from vitprune.digits import digits_splits  # noqa: E402
+from vitprune.train.digits import digits_splits  # noqa: E402
 
 # Measured on 2 shared CPU cores, one thread: 89–90% after 15 epochs (~3 s/epoch under load); chance is 10%.
 BASE_EPOCHS = 15
@@ -169,8 +169,8 @@ def test_distillation_recovers_a_pruned_copy(base, digits):
 
 def test_exported_image_folder_feeds_the_same_model(base, tmp_path):
     """digits → PNG folders → timm's image-folder dataset → evaluate: the on-disk path works end to end."""
-    from vitprune.digits import export_image_folder
-    from vitprune.train import folder_datasets
+    from vitprune.train.digits import export_image_folder
+    from vitprune.train.finetune import folder_datasets
 
     model, history = base
     counts = export_image_folder(tmp_path, image_size=32)
@@ -200,7 +200,7 @@ class Crash(Exception):
 
 
 def crash_at_epoch(monkeypatch, epoch: int):
-    from vitprune import train
+    from vitprune.train import finetune as train
 
     real = train._Run._train_epoch
 
@@ -275,7 +275,7 @@ DDP_SCRIPT = textwrap.dedent('''
     from timm.models.vision_transformer import VisionTransformer
     from torch.utils.data import TensorDataset
     from vitprune import CompressSpec, compress
-    from vitprune.train import FinetuneConfig, finetune
+    from vitprune.train.finetune import FinetuneConfig, finetune
 
     def run(batch_size, out):
         torch.manual_seed(0)
@@ -336,7 +336,7 @@ def test_ddp_on_gloo_equals_one_process_on_the_global_batch(tmp_path):
 def test_evaluate_accepts_a_dataset():
     from torch.utils.data import TensorDataset
 
-    from vitprune.train import evaluate
+    from vitprune.train.finetune import evaluate
 
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
     with torch.no_grad():

@@ -9,7 +9,7 @@ from conftest import MODELS, randomize, random_keep, tiny, traced, zero_masked
 from passes.width import WidthPruning
 from passes import PassError
 from vitprune.deps import DependencyGraph
-from vitprune.flops import FlopModel, count_flops
+from vitprune.deps.flops import FlopModel, count_flops
 
 ATOL = 1e-5
 
@@ -200,7 +200,7 @@ def test_pruning_a_trace_never_touches_the_callers_model():
 
 def test_traced_at_batch_one_stays_batch_dynamic():
     model = MODELS["deit_tiny"]()
-    from vitprune.capture import capture
+    from vitprune.frontend.capture import capture
 
     gm = capture(model, torch.randn(1, 3, 32, 32))
     hidden = next(g for g in DependencyGraph.build(gm).prunable_groups() if g.kind == "hidden")
@@ -233,7 +233,7 @@ def test_batch_merged_sizes_stay_dynamic():
             B, N, C = x.shape
             return self.b(torch.relu(self.a(x.reshape(B * N, C)))).reshape(B, N, C)
 
-    from vitprune.capture import capture
+    from vitprune.frontend.capture import capture
 
     gm = capture(Merged(), torch.randn(2, 5, 4))
     hidden = next(g for g in DependencyGraph.build(gm).prunable_groups() if g.kind == "hidden")

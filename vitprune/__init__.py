@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import VitpruneError
+from vitprune.errors import VitpruneError
 
 __version__ = "0.1.0"
 
@@ -19,9 +19,9 @@ _LAZY = {
     "save_compressed": "vitprune.api",
     "load_compressed": "vitprune.api",
     "CompressSpec": "vitprune.spec",
-    "load_model": "vitprune.load",
-    "export_onnx": "vitprune.export",
-    "capture": "vitprune.capture",
+    "load_model": "vitprune.frontend.load",
+    "export_onnx": "vitprune.deploy.onnx",
+    "capture": "vitprune.frontend.capture",
     "DependencyGraph": "vitprune.deps",
 }
 

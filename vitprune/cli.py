@@ -3,7 +3,7 @@
 Exit codes: 0 success; 2 bad input (any :class:`VitpruneError`, or a usage error), reported on one
 line ``vitprune: error: <message>``; 1 an internal error (one line; ``--debug`` re-raises it);
 128 + N when signal N (SIGINT, SIGTERM, SIGHUP) ended the run; 141 when the reader closed stdout.
-Whatever the exit, files at the output location are all new or all as before (:mod:`vitprune.outputs`).
+Whatever the exit, files at the output location are all new or all as before (:mod:`vitprune.deploy.outputs`).
 """
 from __future__ import annotations
 
@@ -19,12 +19,12 @@ import warnings
 from typing import Any, Iterator, Sequence
 
 from vitprune.errors import InputError, VitpruneError
-from vitprune.outputs import check_destination, output_paths, termination_as_interrupt
+from vitprune.deploy.outputs import check_destination, output_paths, termination_as_interrupt
 from vitprune.spec import ATTENTION_VARIANTS, DEPTH_SELECTIONS, IMPORTANCES, MERGES, METHODS, RANKINGS
 
 PROG = "vitprune"
 _OUT_SUFFIXES = (".onnx", ".pt2", ".json")
-_DEFAULT_OPSET = 18  # vitprune.export.DEFAULT_OPSET, without importing torch for --help
+_DEFAULT_OPSET = 18  # vitprune.deploy.onnx.DEFAULT_OPSET, without importing torch for --help
 #: Explicit compress flags that would do nothing without another setting: (dest, applies, needs).
 _NEEDS: tuple[tuple[str, Any, str], ...] = (
     ("prune_heads_cpvit", lambda s: s.method == "cpvit", "--method cpvit"),
@@ -238,7 +238,7 @@ def _add_sweep(sub: Any) -> None:
 # ---------------------------------------------------------------------------------------------- commands
 def _load(args: argparse.Namespace, seed: int = 0):
     """MODEL as the loading flags say; random-weight models are built under ``seed``."""
-    from vitprune.load import load_model
+    from vitprune.frontend.load import load_model
 
     return load_model(args.model, arch=args.arch, trust_pickle=args.trust_pickle,
                       img_size=args.img_size, num_classes=args.num_classes, seed=seed)
@@ -286,7 +286,7 @@ def _check_requests(spec: Any, args: argparse.Namespace) -> None:
 
 
 def _check_opset(opset: int) -> int:
-    from vitprune.export import check_opset
+    from vitprune.deploy.onnx import check_opset
 
     return check_opset(opset, "--opset")
 
@@ -309,12 +309,12 @@ def cmd_compress(args: argparse.Namespace) -> int:
     api.check_input_size(loaded.model, size)
     calib = train = val = None
     if args.data is not None:
-        from vitprune.data import calibration_batches, loader
+        from vitprune.train.data import calibration_batches, loader
 
         calib = list(calibration_batches(args.data, size, batches=spec.calib_batches,
                                          batch_size=spec.batch_size, seed=spec.seed))
         if spec.epochs > 0 or spec.depth_selection == "search":
-            from vitprune.train import folder_datasets
+            from vitprune.train.finetune import folder_datasets
 
             _, val = folder_datasets(args.data, size)  # DIR/val (or validation) when present
             train = loader(args.data, size, batch_size=spec.batch_size, split="train", shuffle=True,
@@ -358,7 +358,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise InputError(f"{p} is a folder, not an ONNX file")
         if not os.path.isfile(p):
             raise InputError(f"ONNX file {p} does not exist")
-    from vitprune import bench
+    from vitprune.deploy import bench
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", getattr(bench, "InputMismatchWarning", UserWarning))
@@ -388,8 +388,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                                epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, threads=args.threads,
                                runs=args.runs, progress=not args.no_progress)
     loaded = _load(args)
-    from vitprune.data import loader
-    from vitprune.train import folder_datasets
+    from vitprune.train.data import loader
+    from vitprune.train.finetune import folder_datasets
 
     size = loaded.input_size
     _, val = folder_datasets(args.data, size)

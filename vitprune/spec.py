@@ -243,7 +243,7 @@ def token_parts(text: Any) -> dict[str, float | int]:
 
     Each part at most once (a repeated one is refused, not overwritten), ``keep`` in (0, 1],
     ``start`` and ``every`` integers >= 1; whether ``start`` is a block of the model is checked when
-    the schedule is built (:func:`vitprune.tokens.parse_tokens`)."""
+    the schedule is built (:func:`vitprune.plan.tokens.parse_tokens`)."""
     if not isinstance(text, str):
         raise SpecError(f"tokens must be a string like 'keep=0.5,start=4', got {text!r}")
     out: dict[str, float | int] = {}

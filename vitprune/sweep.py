@@ -47,7 +47,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from .errors import InputError, PlanError
+from vitprune.errors import InputError, PlanError
 
 __all__ = ["METHODS", "Method", "Pruned", "PointContext", "ScaleModel", "SweepConfig", "format_markdown",
            "pareto_front", "plot_sweep", "rebench", "register", "run_sweep", "scale_recipe", "summarize"]
@@ -165,7 +165,7 @@ def register(method: Method) -> Method:
 
 # ---------------------------------------------------------------------------------------------- vitprune methods
 def _spec(ctx: PointContext, **kw: Any):
-    from .spec import CompressSpec
+    from vitprune.spec import CompressSpec
 
     base = dict(importance=ctx.config.importance, round_to=ctx.config.round_to, seed=ctx.seed,
                 calib_batches=max(1, len(ctx.calib)), input_size=tuple(ctx.input_size))
@@ -174,7 +174,7 @@ def _spec(ctx: PointContext, **kw: Any):
 
 
 def _compress(model: nn.Module, ctx: PointContext, **kw: Any) -> Pruned:
-    from .api import compress
+    from vitprune.api import compress
 
     result = compress(model, _spec(ctx, **kw), example_input_size=ctx.input_size, source=ctx.source,
                       calib_data=ctx.calib)
@@ -198,9 +198,9 @@ def _one_kind(kind: str) -> Callable[[nn.Module, float, PointContext], Pruned]:
     chosen by BoundaryDPT's one-shot scores on the calibration batches."""
 
     def prune(model: nn.Module, target: float, ctx: PointContext) -> Pruned:
-        from .api import analyse
-        from .depth import depth_flops_options, one_shot_scores
-        from .flops import count_flops
+        from vitprune.api import analyse
+        from vitprune.plan.depth import depth_flops_options, one_shot_scores
+        from vitprune.deps.flops import count_flops
 
         gm, _ = analyse(model, ctx.input_size)
         base = count_flops(gm, gm.meta["example_input"])
@@ -226,8 +226,8 @@ def _one_kind(kind: str) -> Callable[[nn.Module, float, PointContext], Pruned]:
 def _combo(model: nn.Module, target: float, ctx: PointContext) -> Pruned:
     """BoundaryDPT+ (depth then width) with a static CP-ViT token cut: the FLOPs target given to the
     depth/width planner is corrected (once) for what the token cut removes afterwards."""
-    from .api import analyse
-    from .flops import count_flops
+    from vitprune.api import analyse
+    from vitprune.deps.flops import count_flops
 
     tokens = ctx.config.combo_tokens
     gm, _ = analyse(model, ctx.input_size)
@@ -310,7 +310,7 @@ def tp_prune(model: nn.Module, ratio: float, input_size: Sequence[int], *, impor
 
 
 def _tp_shapes_ratio(model: nn.Module, ratio: float, input_size: Sequence[int], base: int) -> float:
-    from .flops import count_flops
+    from vitprune.deps.flops import count_flops
 
     m = tp_prune(model, ratio, input_size)
     return count_flops(m, torch.zeros(1, *input_size)) / base
@@ -319,7 +319,7 @@ def _tp_shapes_ratio(model: nn.Module, ratio: float, input_size: Sequence[int], 
 def _tp_width(model: nn.Module, target: float, ctx: PointContext) -> Pruned:
     """Bisect Torch-Pruning's uniform ratio to the FLOPs target (uniform ratios give the same shapes
     whatever the importance, so the search uses magnitudes), then prune with the configured importance."""
-    from .flops import count_flops
+    from vitprune.deps.flops import count_flops
 
     base = count_flops(model, torch.zeros(1, *ctx.input_size))
     lo, hi = 0.0, 0.95
@@ -374,15 +374,15 @@ def _depth_of(model: nn.Module) -> int:
 
 
 def _group_sizes(model: nn.Module, size) -> dict[str, int]:
-    from .api import analyse
+    from vitprune.api import analyse
 
     _, dg = analyse(model, tuple(size))
     return {g.name: g.size for g in dg.groups if g.prunable}
 
 
 def _patches(model: nn.Module, size) -> int:
-    from passes.tokens import analyse_tokens
-    from .api import analyse
+    from vitprune.deps.tokens import analyse_tokens
+    from vitprune.api import analyse
 
     gm, _ = analyse(model, tuple(size))
     return analyse_tokens(gm).num_patches
@@ -456,7 +456,7 @@ def scale_recipe(steps: list[dict[str, Any]], src_model: nn.Module, src_size, ds
 
 def _recipe_scale(arch: dict, src_model: nn.Module, src_size, dst_model: nn.Module, dst_size,
                   config: SweepConfig) -> nn.Module:
-    from .api import replay
+    from vitprune.api import replay
 
     steps = scale_recipe(arch["steps"], src_model, src_size, dst_model, dst_size, round_to=16)
     return replay(dst_model, steps, tuple(dst_size)).eval()
@@ -573,9 +573,9 @@ class _Sweep:
 
     # -- original -------------------------------------------------------------------------------
     def original(self) -> dict[str, Any]:
-        from .export import export_onnx
-        from .flops import count_flops, count_params
-        from .train import evaluate
+        from vitprune.deploy.onnx import export_onnx
+        from vitprune.deps.flops import count_flops, count_params
+        from vitprune.train.finetune import evaluate
 
         path = os.path.join(self.onnx_dir, "original.onnx")
         if self.state.get("original") is None or not os.path.exists(path):
@@ -588,10 +588,10 @@ class _Sweep:
 
     # -- one point ------------------------------------------------------------------------------
     def run_point(self, method: str, target: float, seed: int) -> dict[str, Any]:
-        from .export import export_onnx
-        from .flops import count_flops, count_params
-        from .train import FinetuneConfig, evaluate, finetune
-        from .bench import compare
+        from vitprune.deploy.onnx import export_onnx
+        from vitprune.deps.flops import count_flops, count_params
+        from vitprune.train.finetune import FinetuneConfig, evaluate, finetune
+        from vitprune.deploy.bench import compare
 
         key = point_key(method, target, seed)
         rec: dict[str, Any] = {"key": key, "method": method, "label": METHODS[method].label, "target": target,
@@ -648,9 +648,9 @@ class _Sweep:
 
     def scaled(self, method: str, arch: dict[str, Any]) -> dict[str, Any]:
         """Latency of ``arch`` rebuilt on the scale model (cached by architecture: seeds share it)."""
-        from .bench import compare
-        from .export import export_onnx
-        from .flops import count_flops
+        from vitprune.deploy.bench import compare
+        from vitprune.deploy.onnx import export_onnx
+        from vitprune.deps.flops import count_flops
 
         akey = f"{method}:{arch_key(arch)}"
         cached = self.state["scaled"].get(akey)
@@ -673,8 +673,8 @@ class _Sweep:
         return dict(entry, arch_key=akey)
 
     def _scale_base(self) -> dict[str, Any]:
-        from .export import export_onnx
-        from .flops import count_flops
+        from vitprune.deploy.onnx import export_onnx
+        from vitprune.deps.flops import count_flops
 
         path = os.path.join(self.onnx_dir, "scale_original.onnx")
         info = self.state.get("scale_original")
@@ -743,7 +743,7 @@ def rebench(state: dict[str, Any], out_dir: str | os.PathLike, *, runs: int = 50
     the same conditions. The pairwise numbers are kept under ``"pairwise"``. Skipped (returns False)
     when the same set of points was already re-timed, so a resumed sweep changes nothing.
     """
-    from .bench import compare
+    from vitprune.deploy.bench import compare
 
     done = sorted(k for k, p in state["points"].items() if p["status"] == "done" and os.path.exists(p.get("onnx", "")))
     if not done or (state.get("rebench") or {}).get("points") == done:

@@ -41,7 +41,7 @@ import torch.fx as fx
 
 from vitprune.errors import UnsupportedModelError
 
-from .rules import op_key
+from vitprune.deps.rules import op_key
 
 __all__ = [
     "ActivationSite", "AttentionBranch", "BranchError", "UnknownShapeError", "REMOVED_KEY",
@@ -70,7 +70,7 @@ class BranchError(UnsupportedModelError):
 
 
 class UnknownShapeError(BranchError):
-    """A node a depth pass needs has no propagated shape (run ``vitprune.capture`` first)."""
+    """A node a depth pass needs has no propagated shape (run ``vitprune.frontend.capture`` first)."""
 
 
 @dataclass
@@ -375,7 +375,7 @@ def _activation_site(gm: fx.GraphModule, act: fx.Node, kind: str) -> ActivationS
     for n in (fc1, act, fc2):
         if "tensor_meta" not in n.meta:
             raise UnknownShapeError(f"no propagated shape at `{n.format_node()}`; trace the model with "
-                                    "vitprune.capture (or call propagate_shapes) before depth passes")
+                                    "vitprune.frontend.capture (or call propagate_shapes) before depth passes")
     src = _arg(fc1, 0, "input")
     norm = src if (isinstance(src, fx.Node) and _key(src, gm) == "layer_norm" and len(src.users) == 1) else None
     return ActivationSite(-1, act, kind, fc1, fc2, between, w1, b1, w2, b2, d_in, hidden, d_out, norm)

@@ -7,9 +7,9 @@ from typing import Any
 import numpy as np
 import torch.fx as fx
 
-from .dims import PROD, AxisTable, DimMismatch
-from .groups import ChannelGroup, GroupMember, classify
-from .rules import RULES, RuleContext, op_key
+from vitprune.deps.dims import PROD, AxisTable, DimMismatch
+from vitprune.deps.groups import ChannelGroup, GroupMember, classify
+from vitprune.deps.rules import RULES, RuleContext, op_key
 
 # Ops whose non-tensor results are sizes (sym_size(x, 0)) or arithmetic on them (B * N, ...).
 _SIZE_OPS = {"sym_size", "sym_numel", "sym_stride", "sym_storage_offset", "getitem", "add", "sub", "mul",

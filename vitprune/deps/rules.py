@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 
-from .dims import CAT, AxisTable
+from vitprune.deps.dims import CAT, AxisTable
 
 Dims = list[int]
 Rule = Callable[["RuleContext", fx.Node], Any]

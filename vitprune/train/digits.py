@@ -4,7 +4,7 @@
 bright on a dark background). For a ViT they are upsampled with bilinear interpolation to
 ``image_size`` × ``image_size``, repeated to 3 channels and normalised with timm's ImageNet mean/std
 (the statistics timm's transforms use, so tensors from :func:`digits_splits` and images read back from
-:func:`export_image_folder` through ``vitprune.data`` live on the same scale).
+:func:`export_image_folder` through ``vitprune.train.data`` live on the same scale).
 
 The test split is stratified and fixed by ``seed`` and ``test_fraction`` (defaults: 360 test images,
 36 per class; 1,437 train images)::
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader, TensorDataset
 
-from .errors import InputError
+from vitprune.errors import InputError
 
 NUM_CLASSES = 10
 CLASS_NAMES = tuple(str(i) for i in range(NUM_CLASSES))

@@ -10,7 +10,7 @@ entering each block, non-increasing):
 * a list written by hand.
 
 :class:`TokenFlops` predicts the FLOPs of any keep list exactly (the number
-:func:`vitprune.flops.count_flops` reports for the pruned graph), so schedules are searched without
+:func:`vitprune.deps.flops.count_flops` reports for the pruned graph), so schedules are searched without
 building graphs. :func:`cpvit_head_scores` / :func:`cpvit_head_keep` score heads for static removal
 through :class:`passes.width.WidthPruning` (apply it *before* token pruning).
 
@@ -26,7 +26,7 @@ public code ok858ok/CP-ViT the patch score and nothing for heads or the range-dr
   ``p_l = min(max_prune, α · Σ_{j=start-1}^{l-1} r̂_j)`` with ``r̂`` the ranges normalised to mean 1:
   pruning grows with depth, faster behind blocks that attend globally (their information has already
   been spread across tokens) and slower behind local ones. ``α`` is found by bisection so the FLOPs
-  land on the target (±1% of the original FLOPs, :data:`vitprune.plan.TOLERANCE`).
+  land on the target (±1% of the original FLOPs, :data:`vitprune.plan.budget.TOLERANCE`).
 * **cumulative head score** of head ``h`` in block ``l``: ``Σ_p ŵ_l[p] · max_i A_l[h, i, p]`` averaged
   over images, where ``ŵ_l`` is the cumulative patch score after block ``l`` normalised to mean 1 — a
   head matters when its attention peaks on patches that are informative across the model so far. The
@@ -38,7 +38,7 @@ import copy
 import math
 import operator
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Iterable, Sequence
 
@@ -46,16 +46,16 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from passes.tokens import (META_KEY, TokenLayout, analyse_tokens, explicit_attention, find_length_constants,
-                           keep_counts, rewrite_length_constants)
+from passes.tokens import TokenPruning, explicit_attention, rewrite_length_constants
+from vitprune.deps.tokens import META_KEY, TokenLayout, analyse_tokens, find_length_constants, keep_counts
 
-from .deps import DependencyGraph
-from .flops import node_flops
-from .deps.branches import ancestors
-from .errors import PlanError, SpecError
-from .plan import TOLERANCE
+from vitprune.deps import DependencyGraph
+from vitprune.deps.flops import node_flops
+from vitprune.deps.branches import ancestors
+from vitprune.errors import PlanError, SpecError
+from vitprune.plan.budget import Budget, Plan
 
-__all__ = ["Calibration", "TokenFlops", "TokenPlan", "calibrate", "cpvit_head_keep", "cpvit_head_scores",
+__all__ = ["Calibration", "TokenFlops", "calibrate", "cpvit_head_keep", "cpvit_head_scores",
            "cpvit_plan", "cpvit_schedule", "kept_token_ids", "parse_tokens", "token_keep"]
 
 
@@ -100,7 +100,7 @@ def parse_tokens(spec: str, gm: fx.GraphModule) -> list[int]:
 
 # -- exact FLOPs of any keep list -------------------------------------------------------------
 class TokenFlops:
-    """FLOPs (batch 1, as :func:`vitprune.flops.count_flops`) of ``gm`` under any keep list.
+    """FLOPs (batch 1, as :func:`vitprune.deps.flops.count_flops`) of ``gm`` under any keep list.
 
     Every block's FLOPs are a quadratic in the tokens it processes (linear layers ∝ n, attention ∝ n²,
     pooled heads constant). Three probe graphs, each truncating the sequence entering *every* block to
@@ -249,29 +249,9 @@ def calibrate(gm: fx.GraphModule, batches: Iterable[torch.Tensor]) -> Calibratio
 
 
 # -- the CP-ViT schedule ----------------------------------------------------------------------
-@dataclass
-class TokenPlan:
-    keep: list[int]
-    flops: int
-    base_flops: int
-    target: float
-    alpha: float
-    ranges: list[float]
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def ratio(self) -> float:
-        return self.flops / self.base_flops
-
-    @property
-    def within_tolerance(self) -> bool:
-        return abs(self.ratio - self.target) <= TOLERANCE
-
-    @property
-    def mean_pruned(self) -> float:
-        """Fraction of patch-token × block slots removed (CP-ViT's "patches pruned")."""
-        n = self.keep[0]
-        return 1.0 - sum(self.keep) / (n * len(self.keep))
+def mean_pruned(keep: Sequence[int]) -> float:
+    """Fraction of patch-token × block slots removed (CP-ViT's "patches pruned")."""
+    return 1.0 - sum(keep) / (keep[0] * len(keep))
 
 
 def progressive_keep(num_patches: int, ranges: Sequence[float], alpha: float, start: int,
@@ -289,11 +269,11 @@ def progressive_keep(num_patches: int, ranges: Sequence[float], alpha: float, st
     return out
 
 
-def cpvit_plan(gm: fx.GraphModule, batches: Iterable[torch.Tensor] | Calibration, target_flops: float, *,
-               start: int = 1, max_prune: float = 0.9, flop_model: TokenFlops | None = None) -> TokenPlan:
-    """The CP-ViT progressive schedule whose FLOPs are ``target_flops`` × the original (±1%)."""
-    if not 0.0 < target_flops <= 1.0:
-        raise PlanError(f"target_flops must be in (0, 1], got {target_flops!r}")
+def cpvit_plan(gm: fx.GraphModule, batches: Iterable[torch.Tensor] | Calibration, budget: Budget, *,
+               start: int = 1, max_prune: float = 0.9, flop_model: TokenFlops | None = None) -> Plan:
+    """The CP-ViT progressive schedule meeting ``budget`` (the original model's FLOPs; ``gm`` may be
+    an already pruned graph) within its tolerance. The plan's one pass is a :class:`TokenPruning`;
+    ``detail`` holds ``keep`` (patch tokens entering each attention block), ``alpha`` and ``ranges``."""
     calib = batches if isinstance(batches, Calibration) else calibrate(gm, batches)
     model = flop_model or TokenFlops(gm)
     n, blocks = model.layout.num_patches, len(model.layout.blocks)
@@ -304,7 +284,7 @@ def cpvit_plan(gm: fx.GraphModule, batches: Iterable[torch.Tensor] | Calibration
         keep = progressive_keep(n, calib.ranges, alpha, start, max_prune)
         return keep, model.flops(keep)
 
-    goal = target_flops * model.base
+    goal = budget.limit
     lo, hi = 0.0, 1.0
     while at(hi)[1] > goal and hi < 1e6:
         lo, hi = hi, hi * 2
@@ -313,10 +293,11 @@ def cpvit_plan(gm: fx.GraphModule, batches: Iterable[torch.Tensor] | Calibration
         lo, hi = (mid, hi) if at(mid)[1] > goal else (lo, mid)
     candidates = [(abs(f - goal), keep, f, a) for a in (lo, hi) for keep, f in [at(a)]]
     _, keep, flops, alpha = min(candidates, key=lambda c: c[0])
-    plan = TokenPlan(keep, flops, model.base, target_flops, alpha, list(calib.ranges))
+    plan = Plan("tokens", [TokenPruning(keep)], flops, budget,
+                detail={"keep": keep, "alpha": alpha, "ranges": list(calib.ranges)})
     if not plan.within_tolerance:
-        floor = at(1e6)[1] / model.base
-        raise PlanError(f"cpvit: no schedule reaches {target_flops:.3f} × FLOPs within ±{TOLERANCE:.0%} "
+        floor = budget.ratio(at(1e6)[1])
+        raise PlanError(f"cpvit: no schedule reaches {budget.goal:.3f} × FLOPs within ±{budget.tolerance:.0%} "
                         f"(closest {plan.ratio:.3f}; pruning {max_prune:.0%} of the patches from block "
                         f"{start} on gives {floor:.3f})")
     return plan
@@ -324,11 +305,12 @@ def cpvit_plan(gm: fx.GraphModule, batches: Iterable[torch.Tensor] | Calibration
 
 def cpvit_schedule(gm: fx.GraphModule, batches: Iterable[torch.Tensor] | Calibration, target_flops: float,
                    **kwargs: Any) -> list[int]:
-    """Patch tokens entering each block under the CP-ViT schedule meeting ``target_flops`` (±1%)."""
-    return cpvit_plan(gm, batches, target_flops, **kwargs).keep
+    """Patch tokens entering each block under the CP-ViT schedule meeting ``target_flops`` × the
+    FLOPs of ``gm`` itself (±1%)."""
+    model = kwargs.pop("flop_model", None) or TokenFlops(gm)
+    return cpvit_plan(gm, batches, Budget(model.base, target_flops), flop_model=model, **kwargs).detail["keep"]
 
 
-# -- heads ------------------------------------------------------------------------------------
 def _head_groups_by_block(gm: fx.GraphModule, layout: TokenLayout) -> dict[int, str]:
     dg = DependencyGraph.build(gm)
     out: dict[int, str] = {}

@@ -10,34 +10,15 @@ Uniform ranking keeps the same fraction of every group (bisection on that fracti
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from math import ceil
 
 import numpy as np
 
-from .deps import ChannelGroup, DependencyGraph
-from .errors import PlanError
-from .flops import FlopModel
-
-TOLERANCE = 0.01  # |achieved - target| in fractions of the original FLOPs
-
-
-@dataclass
-class WidthPlan:
-    keep: dict[str, list[int]]
-    counts: dict[int, int]
-    flops: int
-    base_flops: int
-    target: float
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def ratio(self) -> float:
-        return self.flops / self.base_flops
-
-    @property
-    def within_tolerance(self) -> bool:
-        return abs(self.ratio - self.target) <= TOLERANCE
+from passes.width import WidthPruning
+from vitprune.deps import ChannelGroup, DependencyGraph
+from vitprune.deps.flops import FlopModel
+from vitprune.errors import PlanError
+from vitprune.plan.budget import Budget, Plan
 
 
 def eligible_groups(dg: DependencyGraph, kinds: set[str]) -> list[ChannelGroup]:
@@ -52,11 +33,12 @@ def unit_size(group: ChannelGroup, round_to: int) -> int:
 
 
 def plan_width(dg: DependencyGraph, flop_model: FlopModel, scores: dict[str, np.ndarray],
-               groups: list[ChannelGroup], target: float, *, round_to: int = 1, min_keep: float = 0.1,
-               ranking: str = "global") -> WidthPlan:
-    """Plan per-group keeps so FLOPs land at ``target`` × original (within ±1% when units allow)."""
-    base = flop_model.flops()
-    goal = target * base
+               groups: list[ChannelGroup], budget: Budget, *, round_to: int = 1, min_keep: float = 0.1,
+               ranking: str = "global") -> Plan:
+    """Per-group keeps whose FLOPs meet ``budget`` (the original model's; ``flop_model`` counts the
+    graph as it is now, after any depth stage), within its tolerance when units allow. The plan's
+    one pass is a :class:`WidthPruning`; ``detail`` holds ``keep`` and ``counts``."""
+    goal = budget.limit
     orders = {g.name: np.argsort(-scores[g.name], kind="stable") for g in groups}
     units = {g.name: unit_size(g, round_to) for g in groups}
     floors = {g.name: _floor(g, units[g.name], min_keep) for g in groups}
@@ -69,16 +51,16 @@ def plan_width(dg: DependencyGraph, flop_model: FlopModel, scores: dict[str, np.
     else:
         kept = _global(groups, units, floors, scores, orders, flop_model, goal, counts_of)
     counts = counts_of(kept)
-    flops = flop_model.flops(counts)
     keep = {g.name: sorted(orders[g.name][:kept[g.name]].tolist()) for g in groups}
-    plan = WidthPlan(keep, counts, flops, base, target)
+    plan = Plan("width", [WidthPruning(keep)], flop_model.flops(counts), budget,
+                detail={"keep": keep, "counts": counts})
     floor_flops = flop_model.flops(counts_of(floors))
-    if flops > goal * (1 + 1e-9) and floor_flops > goal:
-        raise PlanError(f"target FLOPs {target:.3f} is below what the floors allow "
-                        f"({floor_flops / base:.3f} with min_keep={min_keep}); lower min_keep or raise the target")
+    if not budget.met(plan.flops) and not budget.met(floor_flops):
+        raise PlanError(f"target FLOPs {budget.goal:.3f} is below what the floors allow "
+                        f"({budget.ratio(floor_flops):.3f} with min_keep={min_keep}); lower min_keep or raise the target")
     if not plan.within_tolerance:
         plan.notes.append(f"nearest achievable FLOPs ratio with round_to={round_to} is {plan.ratio:.4f} "
-                          f"(target {target:.4f})")
+                          f"(target {budget.goal:.4f})")
     plan.notes.extend(rounding_notes(groups, kept, round_to))
     return plan
 

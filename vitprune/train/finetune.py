@@ -60,8 +60,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, RandomSampler, Sampler
 
-from .capture import first_tensor
-from .errors import InputError, VitpruneError
+from vitprune.frontend.capture import first_tensor
+from vitprune.errors import InputError, VitpruneError
 
 log = logging.getLogger(__name__)
 
@@ -647,13 +647,13 @@ class _Run:
 # -- image folders ------------------------------------------------------------------------------------
 def folder_datasets(root: str | os.PathLike, input_size: tuple[int, int, int], *,
                     augment: bool = False) -> tuple[Dataset, Dataset | None]:
-    """``(train, val)`` datasets from ``--data DIR`` (timm image folders, see :mod:`vitprune.data`).
+    """``(train, val)`` datasets from ``--data DIR`` (timm image folders, see :mod:`vitprune.train.data`).
 
     ``DIR/train`` and ``DIR/val`` (or ``validation``) when present; otherwise ``DIR`` itself is the
     training set and there is no validation set. ``augment`` uses timm's training transform
     (random-resized crop, flip, colour jitter) instead of the eval transform for the training set.
     """
-    from .data import image_folder
+    from vitprune.train.data import image_folder
 
     root = os.fspath(root)
     train = image_folder(root, input_size, split="train", train=augment)

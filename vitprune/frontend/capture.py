@@ -46,7 +46,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 from torch.utils import _pytree as pytree
 
-from .errors import UnsupportedModelError
+from vitprune.errors import UnsupportedModelError
 
 #: export-inserted checks with no data output; the passes re-verify shapes after every rewrite
 _ASSERT_OPS = frozenset({

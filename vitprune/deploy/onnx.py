@@ -5,7 +5,7 @@ shape inference, then ORT-vs-torch parity at several batch sizes. The file appea
 only after every check passed (temp file + ``os.replace``), so a file at ``path`` is always a good one.
 
 Exporter choice: ``torch.onnx.export(..., dynamo=True)`` (the torch.export-based exporter), the same
-capture vitprune's own IR comes from (:mod:`vitprune.capture`): the captured ATen GraphModule is
+capture vitprune's own IR comes from (:mod:`vitprune.frontend.capture`): the captured ATen GraphModule is
 re-exported as is, with a symbolic batch axis (``Dim("batch")``). On ``deit_tiny_patch16_224`` (12
 blocks) that gives 503 nodes, no Constant/Identity clutter and ORT parity ~1e-6, and pruned graphs
 (qkv rows sliced, reshape constants rewritten, ``topk``/``gather`` token selection) export the same

@@ -76,13 +76,14 @@ from passes.activation import ActivationRemoval
 from passes.attention import AttentionRemoval
 from passes.manager import PassManager
 
-from .capture import first_tensor
-from .deps.branches import ActivationSite, AttentionBranch, find_activations, find_attention_branches
-from .errors import InputError
-from .flops import node_flops  # (importing flops also registers the CPU SDPA FLOP formula)
+from vitprune.frontend.capture import first_tensor
+from vitprune.deps.branches import ActivationSite, AttentionBranch, find_activations, find_attention_branches
+from vitprune.errors import InputError, PlanError
+from vitprune.plan.budget import Budget, Plan
+from vitprune.deps.flops import node_flops  # (importing flops also registers the CPU SDPA FLOP formula)
 
-__all__ = ["DepthGate", "Selection", "apply_depth", "depth_flops_options", "depth_savings",
-           "event_order", "gated_search", "one_shot_scores", "select_depth"]
+__all__ = ["DepthGate", "Selection", "apply_depth", "depth_flops_options", "depth_passes", "depth_savings",
+           "event_order", "gated_search", "one_shot_scores", "plan_depth", "select_depth"]
 
 GATE_ROOT = "depth_gates"
 KINDS = ("attention", "activation")
@@ -117,7 +118,7 @@ def apply_depth(gm: fx.GraphModule, attention_blocks: Sequence[int], activation_
     ``manager`` (a fresh one by default) records the passes so failures name what ran before."""
     manager = manager if manager is not None else PassManager()
     recipe = []
-    for p in (AttentionRemoval(attention_blocks, variant), ActivationRemoval(activation_blocks, merge, fold_norm)):
+    for p in depth_passes(attention_blocks, activation_blocks, variant, merge, fold_norm):
         result = manager.apply(p, gm)
         gm = result.graph_module
         if result.recipe:
@@ -542,3 +543,52 @@ def depth_flops_options(gm: fx.GraphModule, *, attention_order: Sequence[int] | 
     return {(k, j): s.flops(a_order[:k], j_order[:j])
             for k in range(len(a_order) + 1) for j in range(len(j_order) + 1)}
 
+
+
+# -- the depth planner ----------------------------------------------------------------------------
+def plan_depth(gm: fx.GraphModule, budget: Budget, batches: list, *, cap_share: float = 1.0,
+               exact: bool = True, mode: str = "one_shot", train_batches: Iterable | None = None,
+               teacher: nn.Module | None = None, variant: str = "identity_norm", merge: str = "auto",
+               fold_norm: bool = False, search: dict[str, Any] | None = None) -> Plan:
+    """How many attention branches and activations to remove to meet ``budget``, and which.
+
+    Events alternate kinds (:func:`event_order`, as the published schedule) up to ``cap_share`` of
+    each kind's layers, until the FLOPs meet the budget. ``exact``: depth alone must land within the
+    budget's tolerance (BoundaryDPT), else a :class:`PlanError` says how far it gets; otherwise what
+    depth cannot reach is left to a later stage. Which blocks: the lowest one-shot scores on
+    ``batches`` per kind, or (``mode="search"``) the gated search on ``train_batches``, whose trained,
+    pruned graph comes back as ``plan.graph``."""
+    attn_scores, act_scores = one_shot_scores(gm, batches, variant=variant)
+    attn_order = sorted(attn_scores, key=lambda b: (attn_scores[b], b))
+    act_order = sorted(act_scores, key=lambda b: (act_scores[b], b))
+    options = depth_flops_options(gm, attention_order=attn_order, activation_order=act_order,
+                                  merge=merge, variant=variant)
+    cap_a, cap_j = round(cap_share * len(attn_order)), round(cap_share * len(act_order))
+    n_a = n_j = 0
+    for kind in event_order(cap_a, cap_j):
+        if budget.met(options[(n_a, n_j)]):
+            break
+        n_a, n_j = (n_a + 1, n_j) if kind == "attention" else (n_a, n_j + 1)
+    flops = options[(n_a, n_j)]
+    if exact and budget.above(flops):
+        raise PlanError(f"depth alone reaches {budget.ratio(flops):.3f} of the FLOPs at best "
+                        f"(target {budget.goal}); use --method boundarydpt+ to add width pruning")
+    detail: dict[str, Any] = {"selection": mode, "attention": sorted(attn_order[:n_a]),
+                              "activation": sorted(act_order[:n_j])}
+    if (n_a, n_j) == (0, 0):
+        return Plan("depth", [], flops, budget, detail)
+    if mode == "search":
+        chosen = gated_search(gm, teacher, train_batches, n_a, n_j, variant=variant, merge=merge,
+                              fold_norm=fold_norm, **(search or {}))
+        detail.update(attention=chosen.attention, activation=chosen.activation)
+        return Plan("depth", depth_passes(chosen.attention, chosen.activation, variant, merge, fold_norm),
+                    flops, budget, detail, graph=chosen.model, recipe=chosen.recipe)
+    detail["scores"] = {"attention": attn_scores, "activation": act_scores}
+    return Plan("depth", depth_passes(detail["attention"], detail["activation"], variant, merge, fold_norm),
+                flops, budget, detail)
+
+
+def depth_passes(attention: Sequence[int], activation: Sequence[int], variant: str = "identity_norm",
+                 merge: str = "auto", fold_norm: bool = False) -> list:
+    """The two removal passes, attention first (what :func:`apply_depth` runs)."""
+    return [AttentionRemoval(attention, variant), ActivationRemoval(activation, merge, fold_norm)]

@@ -12,7 +12,7 @@ import torch
 from timm.data import create_dataset, create_transform
 from torch.utils.data import DataLoader
 
-from .errors import InputError
+from vitprune.errors import InputError
 
 
 def image_folder(root: str | os.PathLike, input_size: tuple[int, int, int], *, split: str | None = None,

@@ -18,8 +18,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils import flop_counter as fc
 from torch.utils.flop_counter import FlopCounterMode
 
-from .deps import DependencyGraph
-from .deps.rules import op_key
+from vitprune.deps import DependencyGraph
+from vitprune.deps.rules import op_key
 
 
 def _register_cpu_sdpa() -> None:

@@ -23,7 +23,7 @@ import onnxruntime as ort
 from tqdm import tqdm
 
 from vitprune.errors import InputError
-from vitprune.export import _describe, ort_session
+from vitprune.deploy.onnx import _describe, ort_session
 
 __all__ = ["bench_onnx", "compare", "format_table", "InputMismatchWarning"]
 

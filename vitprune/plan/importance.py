@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .deps import ChannelGroup, DependencyGraph
+from vitprune.deps import ChannelGroup, DependencyGraph
 
 
 def _per_position(t: torch.Tensor, dim: int, squared: bool = False) -> np.ndarray:

@@ -12,22 +12,26 @@ from __future__ import annotations
 import dataclasses
 import os
 import tempfile
-from typing import Any, Callable
+from typing import Any
 
 from torch import nn
 
-from .bench import compare
-from .export import export_onnx
-from .capture import capture, example_input_for
+from vitprune.deploy.bench import compare
+from vitprune.deploy.onnx import export_onnx
+from vitprune.driver.pipeline import compress_to_flops
+from vitprune.frontend.capture import capture, example_input_for
+from vitprune.plan.budget import LATENCY_TOLERANCE
+from vitprune.report import CompressResult
+from vitprune.spec import CompressSpec
 
 
-def compress_to_latency(model: nn.Module, spec: Any, compress: Callable[..., Any], *,
-                        example_input_size: tuple[int, int, int], source: dict | None = None,
-                        calib_data: Any = None, runs: int = 20, tolerance: float = 0.03, max_rounds: int = 5):
-    """A layer above ``compress`` (passed in: the FLOPs-targeted compression it steers, so this
-    module never imports the API): FLOPs targets are tried until the measured latency fits."""
-
+def compress_to_latency(model: nn.Module, spec: CompressSpec, input_size: tuple[int, int, int], *,
+                        source: dict | None = None, calib_data: Any = None, runs: int = 20,
+                        tolerance: float = LATENCY_TOLERANCE, max_rounds: int = 5) -> CompressResult:
+    """A layer above the FLOPs pipeline: FLOPs targets are tried until the measured latency fits
+    (``model``'s inputs were checked by :func:`vitprune.driver.pipeline.prepare`)."""
     target = spec.target_latency
+    example_input_size = input_size
     x = example_input_for(example_input_size, batch=1)
     rounds: list[dict[str, float]] = []
     best = None
@@ -38,8 +42,7 @@ def compress_to_latency(model: nn.Module, spec: Any, compress: Callable[..., Any
         flops_target = target
         for _ in range(max_rounds):
             flops_spec = dataclasses.replace(spec, target_latency=None, target_flops=flops_target)
-            result = compress(model, flops_spec, example_input_size=example_input_size, source=source,
-                              calib_data=calib_data)
+            result = compress_to_flops(model, flops_spec, input_size, source=source, calib_data=calib_data)
             candidate = os.path.join(tmp, f"candidate{len(rounds)}.onnx")
             export_onnx(result.model, x, candidate, parity_batches=(1,))
             rows = compare([original, candidate], batch_sizes=(1,), threads=spec.latency_threads,

@@ -1,0 +1,210 @@
+"""Where the tokens are: the attention blocks, the prefix tokens and the patch grid of a captured ViT.
+
+Analysis only (the token pass and the CP-ViT planner read it; nothing here changes a graph):
+
+* **blocks**: each attention core (``scaled_dot_product_attention``, or ``matmul → softmax →
+  [dropout] → matmul``) and the residual ``add`` its branch ends in; the add's other operand is the
+  residual stream *entering* the block. Blocks are ordered along the graph.
+* **prefix tokens**: the ``cat`` along the token dim nearest before the first block; its inputs
+  before the one computed from the image (the patch tokens) are the prefix. No such ``cat`` (global
+  average pooling models without a class token): no prefix. Tokens appended *after* the patches are
+  refused.
+* **sequence lengths written as constants** (``reshape(B, 197, 3, H, D)``): which constant is the
+  sequence length comes from the dependency graph (its axis is the stream's token axis).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch.fx as fx
+
+from vitprune.deps.branches import ancestors, is_attention_core
+from vitprune.deps.graph import DependencyGraph
+from vitprune.deps.rules import op_key
+from vitprune.errors import UnsupportedModelError
+from vitprune.frontend.capture import tensor_shape
+
+
+class TokenLayoutError(UnsupportedModelError):
+    """The token layout of a model cannot be read (names the node)."""
+
+
+#: ``node.meta`` key under which the nodes this pass inserts are tagged: ``(role, block)`` with role
+#: ``"scores"`` (cumulative score after the block's attention, (B, patches)), ``"indices"`` (sorted kept
+#: positions in the incoming patch sequence, (B, K)), ``"tokens"`` (the shortened residual stream
+#: entering the block) or ``"kept_scores"`` (the cumulative score gathered along with the tokens).
+META_KEY = "vitprune_tokens"
+
+
+
+# -- graph analysis ---------------------------------------------------------------------------
+@dataclass
+class AttentionBlock:
+    """One transformer block, found from its attention core and the residual add it feeds."""
+
+    index: int
+    stream: fx.Node       # the residual stream entering the block, (B, N, C)
+    residual_add: fx.Node  # stream + attention branch
+    core: fx.Node          # the SDPA node, or the softmax node of an explicit attention
+    fused: bool
+
+
+@dataclass
+class TokenLayout:
+    """Where the tokens are: the blocks, how many prefix tokens lead the sequence, and the patch grid."""
+
+    blocks: list[AttentionBlock]
+    prefix: int
+    num_patches: int
+    grid: tuple[int, int] | None  # (rows, cols) of the patch grid when a conv2d patch embedding is found
+
+    @property
+    def seq_len(self) -> int:
+        return self.prefix + self.num_patches
+
+
+def analyse_tokens(gm: fx.GraphModule) -> TokenLayout:
+    """Find the blocks, the prefix-token count and the patch grid of a traced ViT."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    cores = [(n, op_key(n, gm) == "scaled_dot_product_attention") for n in gm.graph.nodes
+             if n.op in ("call_function", "call_method", "call_module") and is_attention_core(n, gm)]
+    if not cores:
+        raise TokenLayoutError("tokens: no attention found (no scaled_dot_product_attention and no "
+                        "matmul → softmax → matmul)")
+    blocks = []
+    for core, fused in cores:
+        add, stream = _residual_add(core, gm, order)
+        blocks.append((order[stream], stream, add, core, fused))
+    blocks.sort(key=lambda b: b[0])
+    out = [AttentionBlock(i, s, a, c, f) for i, (_, s, a, c, f) in enumerate(blocks)]
+    shapes = {tensor_shape(b.stream) for b in out}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 3:
+        raise TokenLayoutError(f"tokens: blocks do not share one (batch, tokens, channels) stream shape: {shapes}")
+    seq = next(iter(shapes))[1]
+    prefix, grid = _prefix_and_grid(gm, out[0].stream, order)
+    if prefix >= seq:
+        raise TokenLayoutError(f"tokens: found {prefix} prefix tokens in a sequence of {seq}")
+    return TokenLayout(out, prefix, seq - prefix, grid)
+
+
+def _residual_add(core: fx.Node, gm: fx.GraphModule, order: dict[fx.Node, int]) -> tuple[fx.Node, fx.Node]:
+    """The first ``add`` downstream of ``core`` whose other operand feeds the core: (add, stream)."""
+    feeds_core = ancestors(core)
+    frontier, seen = [core], {core}
+    while frontier:
+        frontier.sort(key=order.__getitem__)
+        node = frontier.pop(0)
+        for u in node.users:
+            if u in seen:
+                continue
+            seen.add(u)
+            if op_key(u, gm) == "add" and len(u.args) == 2:
+                other = u.args[1] if u.args[0] is node or u.args[0] in seen else u.args[0]
+                if isinstance(other, fx.Node) and other in feeds_core and _is_stream(other):
+                    return u, other
+            frontier.append(u)
+    raise TokenLayoutError(f"tokens: no residual add found after `{core.format_node()}`")
+
+
+def _is_stream(node: fx.Node) -> bool:
+    shape = tensor_shape(node)
+    return shape is not None and len(shape) == 3
+
+
+def _prefix_and_grid(gm: fx.GraphModule, stream: fx.Node,
+                     order: dict[fx.Node, int]) -> tuple[int, tuple[int, int] | None]:
+    image = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    upstream = _tensor_ancestors(stream) | {stream}
+    convs = [n for n in upstream if op_key(n, gm) == "conv2d" and image in _tensor_ancestors(n) | {n}]
+    grid = None
+    if convs:
+        shape = tensor_shape(max(convs, key=order.__getitem__))
+        grid = (shape[2], shape[3]) if shape is not None and len(shape) == 4 else None
+    cats = [n for n in upstream if op_key(n, gm) == "cat" and _is_stream(n) and _cat_dim(n) == 1]
+    if not cats:
+        return 0, grid
+    cat = max(cats, key=order.__getitem__)
+    items = list(cat.args[0] if cat.args else cat.kwargs["tensors"])
+    from_image = [i for i, t in enumerate(items) if image in _tensor_ancestors(t) | {t}]
+    if len(from_image) != 1:
+        raise TokenLayoutError(f"tokens: cannot tell the patch tokens in `{cat.format_node()}` "
+                        f"({len(from_image)} inputs are computed from the image)")
+    at = from_image[0]
+    if at != len(items) - 1:
+        raise TokenLayoutError(f"tokens: `{cat.format_node()}` appends tokens after the patch tokens; only "
+                        "prefix tokens (class, distillation, registers) are supported")
+    return sum(tensor_shape(t)[1] for t in items[:at]), grid
+
+
+def _cat_dim(node: fx.Node) -> int:
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    return dim % 3
+
+
+def _tensor_ancestors(node: fx.Node) -> set[fx.Node]:
+    """Ancestors through tensor-valued arguments only (``expand(cls, x.shape[0])`` is not from x)."""
+    seen: set[fx.Node] = set()
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        for a in n.all_input_nodes:
+            if a not in seen and _carries_tensor(a):
+                seen.add(a)
+                stack.append(a)
+    return seen
+
+
+def _carries_tensor(node: fx.Node) -> bool:
+    tm = node.meta.get("tensor_meta")
+    return tm is not None and (hasattr(tm, "shape") or isinstance(tm, (tuple, list)))
+
+
+_SIZE_OPS = {"reshape", "view", "expand"}
+
+
+def size_args(node: fx.Node) -> tuple[list[Any], Callable[[list[Any]], None]]:
+    """The size arguments of a reshape/view/expand, and a setter writing them back in the same form."""
+    for key in ("shape", "size"):
+        if key in node.kwargs:
+            return list(node.kwargs[key]), lambda sizes, key=key: node.update_kwarg(key, tuple(sizes))
+    if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)):
+        return list(node.args[1]), lambda sizes: setattr(node, "args", (node.args[0], list(sizes)))
+    return list(node.args[1:]), lambda sizes: setattr(node, "args", (node.args[0], *sizes))
+
+
+def find_length_constants(gm: fx.GraphModule, layout: TokenLayout) -> dict[fx.Node, list[int]]:
+    """Reshape/view/expand nodes that write the sequence length as a constant: {node: [arg positions]}.
+
+    timm reads the length from ``x.shape`` (it follows the shorter sequence by itself), but a width
+    pass or a model may bake it in (``reshape(B, 197, 3, 6, 64)``). Which constant is the sequence
+    length comes from the dependency graph: the size sits on an axis made of the stream's token axis.
+    """
+    seq = layout.seq_len
+    candidates = [n for n in gm.graph.nodes if n.op in ("call_method", "call_function")
+                  and op_key(n, gm) in _SIZE_OPS and seq in size_args(n)[0]]
+    if not candidates:
+        return {}
+    dg = DependencyGraph.build(gm)
+    token = sorted(dg.table.leaves(dg.node_dims[layout.blocks[0].stream][1]))
+    out = {}
+    for node in candidates:
+        axes = dg.node_dims.get(node)
+        sizes = size_args(node)[0]
+        if not axes or isinstance(axes[0], list):
+            continue
+        offset = len(axes) - len(sizes)
+        hits = [i for i, s in enumerate(sizes) if isinstance(s, int) and s == seq and i + offset >= 0
+                and sorted(dg.table.leaves(axes[i + offset])) == token]
+        if hits:
+            out[node] = hits
+    return out
+
+
+def keep_counts(keep: Sequence[int | None], num_patches: int) -> list[int]:
+    """The number of patch tokens entering each block under ``keep`` (``None`` carries the last)."""
+    out, current = [], num_patches
+    for k in keep:
+        current = current if k is None else k
+        out.append(current)
+    return out

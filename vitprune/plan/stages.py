@@ -1,0 +1,228 @@
+"""The compression stages, and which ones each method runs: depth → width → heads → tokens.
+
+Every stage receives the graph as the stages before it left it and the :class:`Budget` of the
+*original* model, asks its planner for a :class:`Plan`, and applies the plan's passes through the
+one :class:`PassManager`. A stage returns the new graph, the recipes of the passes it ran (for replay)
+and a JSON-able account of what it decided.
+
+:data:`METHOD_STAGES` says which stages plan to the FLOPs target for each method:
+
+* ``width``: width pruning to the target.
+* ``boundarydpt``: depth only; attention and activation removals alternate until the FLOPs meet the
+  target (which blocks: one-shot scores or the gated search, ``depth_selection``).
+* ``boundarydpt+``: depth first, at most ``depth_share`` of each kind's layers, then width pruning
+  takes the rest of the budget.
+* ``cpvit``: heads kept by the cumulative head score (``prune_heads_cpvit``), then the progressive
+  token schedule meeting the target.
+
+Explicit requests compose with every method: ``remove_attention``/``remove_activation`` run the depth
+stage with those blocks, ``tokens`` runs the token stage with that schedule.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from passes.manager import PassManager
+from passes.tokens import TokenPruning
+from passes.width import WidthPruning
+from vitprune.deps import DependencyGraph
+from vitprune.deps.flops import FlopModel
+from vitprune.errors import PlanError
+from vitprune.plan.budget import Budget, Plan
+from vitprune.plan.depth import depth_passes, plan_depth
+from vitprune.plan.importance import l2_importance, random_calibration, taylor_importance
+from vitprune.plan.tokens import TokenFlops, cpvit_head_keep, cpvit_plan, parse_tokens
+from vitprune.plan.width import eligible_groups, plan_width
+from vitprune.spec import CompressSpec
+
+#: The stages that plan to the FLOPs target, per method (in the order they run).
+METHOD_STAGES: dict[str, tuple[str, ...]] = {
+    "width": ("width",),
+    "boundarydpt": ("depth",),
+    "boundarydpt+": ("depth", "width"),
+    "cpvit": ("heads", "tokens"),
+}
+ORDER: tuple[str, ...] = ("depth", "width", "heads", "tokens")
+
+_KIND_FLAGS = {"residual": "prune_residual", "hidden": "prune_mlp", "head": "prune_heads",
+               "head_dim": "prune_head_dim", "other": "prune_mlp"}
+
+Stage = tuple[fx.GraphModule, list[dict[str, Any]], dict[str, Any]]
+
+
+@dataclass
+class StageContext:
+    """What every stage may read: the request, the original model's budget (None without a FLOPs
+    target), calibration batches and whether they are the user's, training data for the depth
+    search, the frozen original (teacher) and the one pass manager."""
+
+    spec: CompressSpec
+    budget: Budget | None
+    batches: list
+    user_data: bool
+    train_batches: Any
+    teacher: nn.Module | None
+    manager: PassManager
+    flop_model: FlopModel | None = None  # of the graph as captured, valid until a stage changes it
+
+
+def explicit_depth(spec: CompressSpec) -> bool:
+    return spec.remove_attention is not None or spec.remove_activation is not None
+
+
+def stages_for(spec: CompressSpec) -> list[str]:
+    """The stages ``spec`` runs, in order: its method's planned stages plus the explicit requests."""
+    wanted = set(METHOD_STAGES[spec.method]) if spec.target_flops is not None else set()
+    if spec.method == "cpvit" and spec.prune_heads_cpvit is not None:
+        wanted.add("heads")
+    if explicit_depth(spec):
+        wanted.add("depth")
+    if spec.tokens is not None:
+        wanted.add("tokens")
+    return [s for s in ORDER if s in wanted]
+
+
+def needs_teacher(spec: CompressSpec, train_data: Any) -> bool:
+    """Whether any stage runs the original model: depth selection by score or search (not explicit
+    lists) and recovery fine-tuning. Copying a ViT-B costs ~0.4 s, so it is skipped otherwise."""
+    selects_depth = "depth" in METHOD_STAGES[spec.method] and not explicit_depth(spec)
+    return selects_depth or (train_data is not None and spec.epochs > 0)
+
+
+def copy_teacher(model: nn.Module) -> nn.Module:
+    """A frozen copy of the original model (distillation target and depth-search reference)."""
+    teacher = copy.deepcopy(model).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def images_only(batches: Iterable) -> list[torch.Tensor]:
+    return [b[0] if isinstance(b, (tuple, list)) else b for b in batches]
+
+
+def calibration(spec: CompressSpec, input_size: tuple[int, int, int], calib_data: Any) -> list:
+    if calib_data is not None:
+        return [b for _, b in zip(range(spec.calib_batches), calib_data)]
+    return random_calibration(input_size, spec.calib_batches, spec.batch_size, spec.seed)
+
+
+def run_stages(gm: fx.GraphModule, ctx: StageContext) -> tuple[fx.GraphModule, list[dict[str, Any]], dict]:
+    """Run every stage ``ctx.spec`` asks for; returns (graph, recipe, {stage: report})."""
+    recipe: list[dict[str, Any]] = []
+    report: dict[str, Any] = {}
+    for name in stages_for(ctx.spec):
+        if recipe:
+            ctx.flop_model = None  # an earlier stage rewrote the graph: its FLOP model is stale
+        gm, steps, report[name] = STAGES[name](gm, ctx)
+        recipe += steps
+    return gm, recipe, report
+
+
+def _apply(plan: Plan, gm: fx.GraphModule, manager: PassManager) -> tuple[fx.GraphModule, list[dict[str, Any]]]:
+    if plan.graph is not None:  # the planner already rewrote (and trained) the graph
+        return plan.graph, plan.recipe
+    recipe = []
+    for p in plan.passes:
+        result = manager.apply(p, gm)
+        gm = result.graph_module
+        recipe += [result.recipe] if result.recipe else []
+    return gm, recipe
+
+
+# -- depth -------------------------------------------------------------------------------------
+def depth_stage(gm: fx.GraphModule, ctx: StageContext) -> Stage:
+    spec = ctx.spec
+    if explicit_depth(spec):
+        attention, activation = sorted(spec.remove_attention or []), sorted(spec.remove_activation or [])
+        plan = Plan("depth", depth_passes(attention, activation, spec.attention_variant, spec.merge,
+                                          spec.fold_norm))
+        gm, recipe = _apply(plan, gm, ctx.manager)
+        return gm, recipe, {"attention": attention, "activation": activation, "selection": "explicit"}
+    mode = spec.depth_selection if ctx.train_batches is not None else "one_shot"
+    plan = plan_depth(gm, ctx.budget, ctx.batches, cap_share=spec.depth_share if "width" in
+                      METHOD_STAGES[spec.method] else 1.0, exact="width" not in METHOD_STAGES[spec.method],
+                      mode=mode, train_batches=ctx.train_batches, teacher=ctx.teacher,
+                      variant=spec.attention_variant, merge=spec.merge, fold_norm=spec.fold_norm,
+                      search={"steps_per_event": spec.search_steps, "lr": spec.lr})
+    gm, recipe = _apply(plan, gm, ctx.manager)
+    info = {k: plan.detail[k] for k in ("attention", "activation", "selection")}
+    info["scored_on"] = _scored_on(ctx, mode)
+    if plan.passes:
+        info["planned_flops_ratio"] = plan.ratio
+    return gm, recipe, info
+
+
+def _scored_on(ctx: StageContext, mode: str) -> str:
+    if mode == "search":
+        return "training data (gated search)"
+    return "calibration data" if ctx.user_data else "random images labelled by the model itself"
+
+
+# -- width -------------------------------------------------------------------------------------
+def width_stage(gm: fx.GraphModule, ctx: StageContext) -> Stage:
+    """Width pruning to what is left of the budget."""
+    spec, budget = ctx.spec, ctx.budget
+    flop_model = ctx.flop_model or FlopModel(DependencyGraph.build(gm))
+    if budget.met(flop_model.flops()):
+        return gm, [], {"note": "the target was already met before width pruning"}
+    dg = flop_model.dg
+    kinds = {kind for kind, flag in _KIND_FLAGS.items() if getattr(spec, flag)}
+    groups = eligible_groups(dg, kinds)
+    if not groups:
+        detail = f"; unsupported ops froze channels: {', '.join(sorted({u.op for u in dg.unsupported}))}" \
+            if dg.unsupported else ""
+        raise PlanError(f"no prunable channel group of the kinds {sorted(kinds)}{detail}")
+    scores = taylor_importance(dg, groups, ctx.batches) if spec.importance == "taylor" else l2_importance(dg, groups)
+    plan = plan_width(dg, flop_model, scores, groups, budget, round_to=spec.round_to,
+                      min_keep=spec.min_keep, ranking=spec.ranking)
+    gm, recipe = _apply(plan, gm, ctx.manager)
+    info = {
+        "target_flops": spec.target_flops,
+        "planned_flops_ratio": plan.ratio,
+        "within_tolerance": plan.within_tolerance,
+        "importance": spec.importance,
+        "calibration": "user data" if ctx.user_data else ("random images" if spec.importance == "taylor" else "none"),
+        "notes": plan.notes,
+    }
+    return gm, recipe, info
+
+
+# -- heads and tokens (CP-ViT) -------------------------------------------------------------------
+def head_stage(gm: fx.GraphModule, ctx: StageContext) -> Stage:
+    """Keep ``prune_heads_cpvit`` of each block's heads, by the cumulative head score."""
+    keep = ctx.spec.prune_heads_cpvit
+    if keep is None or keep >= 1.0:
+        return gm, [], {}
+    heads = cpvit_head_keep(gm, images_only(ctx.batches), keep)
+    gm, recipe = _apply(Plan("heads", [WidthPruning(heads)]), gm, ctx.manager)
+    return gm, recipe, {"heads_kept": {name: len(kept) for name, kept in heads.items()}}
+
+
+def token_stage(gm: fx.GraphModule, ctx: StageContext) -> Stage:
+    """The explicit token schedule, or the CP-ViT progressive one meeting the budget."""
+    spec = ctx.spec
+    if spec.tokens is not None:
+        keep = parse_tokens(spec.tokens, gm)
+        plan = Plan("tokens", [TokenPruning(keep)], detail={"keep": keep})
+        info = {"schedule": f"explicit: {spec.tokens}"}
+    else:
+        flop_model = TokenFlops(gm)
+        if ctx.budget.met(flop_model.base):
+            return gm, [], {}
+        plan = cpvit_plan(gm, images_only(ctx.batches), ctx.budget, flop_model=flop_model)
+        info = {"schedule": "cp-vit progressive (attention range)"}
+    gm, recipe = _apply(plan, gm, ctx.manager)
+    info["keep"] = plan.detail["keep"]
+    return gm, recipe, info
+
+
+STAGES: dict[str, Callable[[fx.GraphModule, StageContext], Stage]] = {
+    "depth": depth_stage, "width": width_stage, "heads": head_stage, "tokens": token_stage,
+}
