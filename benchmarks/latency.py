@@ -8,6 +8,16 @@ Prints a Markdown table with FLOPs ratio, median/p90 latency, speedup and the la
     python benchmarks/latency.py --models deit_small_patch16_224,deit_base_patch16_224 \\
         --targets 0.75,0.5,0.3 --batches 1,8 --threads 1 --runs 20
 Random weights (no hub access here): latency depends on shapes only.
+
+``--variants`` adds, at each target, width plans of the same graph timed in the same run (issue 13):
+``shrink`` (head_dim narrowed too, the old default), ``keep`` (whole heads only, the new default),
+``latency`` (``keep`` planned against the measured per-op ORT cost model of vitprune.plan.cost at
+batch 1 and the run's threads, to the same fraction of the model's estimated latency), and ``ref``
+(hand-built uniform: the same head count in every block, head_dim whole, residual a multiple of 32,
+MLP hidden a multiple of 64). ``proxy`` is the summed normalised L2 importance kept, relative to
+``shrink``.
+
+    python benchmarks/latency.py --targets 0.5 --variants --threads 1,2 --batches 1,8 --runs 10
 """
 from __future__ import annotations
 
@@ -18,6 +28,9 @@ import platform
 import tempfile
 import time
 
+import copy
+
+import numpy as np
 import onnxruntime as ort
 import timm
 import torch
@@ -25,12 +38,73 @@ import torch
 from vitprune import CompressSpec, compress
 from vitprune.deploy.bench import compare
 from vitprune.deploy.onnx import export_onnx
-from vitprune.deps.flops import count_flops
+from vitprune.deps.flops import FlopModel, count_flops
+from vitprune.driver.pipeline import analyse
 from vitprune.frontend.capture import capture, example_input_for
+from vitprune.plan.budget import Budget
+from vitprune.plan.cost import LatencyModel, LatencyTable
+from vitprune.plan.importance import l2_importance
+from vitprune.plan.width import eligible_groups, kept_importance, plan_width
+from passes.width import WidthPruning
+
+KINDS = {"residual", "hidden", "head", "head_dim"}
+
+
+def uniform_reference(dg, fm: FlopModel, groups, scores, goal: float) -> dict[str, list[int]]:
+    """Same head count everywhere, head_dim whole, residual a multiple of 32 and hidden of 64, heads
+    in proportion to the residual: the largest such shape within ``goal`` FLOPs (best channels by L2)."""
+    by_kind = {k: [g for g in groups if g.kind == k] for k in KINDS}
+    width, heads = by_kind["residual"][0].size, by_kind["head"][0].size
+    hidden_full = by_kind["hidden"][0].size
+    best = None
+    for r in range(width // 4 // 32 * 32, width + 1, 32):
+        h = max(1, round(heads * r / width))
+        for hid in range(hidden_full, 0, -64):
+            n = {"residual": r, "head": h, "hidden": hid}
+            counts = {g.axis: n[g.kind] for g in groups if g.kind in n}
+            flops = fm.flops(counts)
+            if flops <= goal:
+                if best is None or abs(hid / r - hidden_full / width) + (goal - flops) / goal < best[0]:
+                    best = (abs(hid / r - hidden_full / width) + (goal - flops) / goal, n)
+                break
+    n = best[1]
+    return {g.name: sorted(np.argsort(-scores[g.name])[:n[g.kind]].tolist()) for g in groups if g.kind in n}
+
+
+def variant_rows(model, name: str, target: float, threads: int, round_to: int, workdir: str) -> list[tuple]:
+    """(label, path, flops, params, proxy, plan seconds, estimated ms) per width plan at ``target``."""
+    gm, dg = analyse(model, (3, 224, 224))
+    fm = FlopModel(dg)
+    groups = eligible_groups(dg, KINDS)
+    scores = l2_importance(dg, groups)
+    budget = Budget(fm.flops(), target)
+    keeps, times = {}, {}
+    for policy in ("shrink", "keep"):
+        t0 = time.perf_counter()
+        keeps[policy] = plan_width(dg, fm, scores, groups, budget, round_to=round_to,
+                                   head_dim_policy=policy).detail["keep"]
+        times[policy] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    lm = LatencyModel(dg, LatencyTable(threads, 1))
+    keeps["latency"] = plan_width(dg, lm, scores, groups, Budget.latency(lm.cost(), target),
+                                  round_to=round_to).detail["keep"]
+    times["latency"] = time.perf_counter() - t0
+    keeps["ref"], times["ref"] = uniform_reference(dg, fm, groups, scores, budget.limit), 0.0
+    x = example_input_for((3, 224, 224), batch=1)
+    out = []
+    for label, keep in keeps.items():
+        pruned = copy.deepcopy(gm)
+        WidthPruning(keep)(pruned)
+        path = os.path.join(workdir, f"{name}_{target}_{label}_t{threads}.onnx")
+        export_onnx(pruned, x, path, parity_batches=(1,))
+        out.append((label, path, count_flops(pruned, x), sum(p.numel() for p in pruned.parameters()),
+                    kept_importance(scores, keep, groups) / kept_importance(scores, keeps["shrink"], groups),
+                    times[label], lm.cost({g.axis: len(keep.get(g.name, range(g.size))) for g in groups})))
+    return out
 
 
 def run(model_name: str, targets: list[float], batches: list[int], threads: int, runs: int,
-        round_to: int, workdir: str) -> list[dict]:
+        round_to: int, workdir: str, variants: bool = False) -> list[dict]:
     torch.manual_seed(0)
     model = timm.create_model(model_name, pretrained=False).eval()
     x = example_input_for((3, 224, 224), batch=1)
@@ -38,8 +112,15 @@ def run(model_name: str, targets: list[float], batches: list[int], threads: int,
     paths = [os.path.join(workdir, f"{model_name}_orig.onnx")]
     export_onnx(capture(model, example_input_for((3, 224, 224))), x, paths[0], parity_batches=(1,))
     info = [{"target": 1.0, "flops": base_flops, "params": sum(p.numel() for p in model.parameters()),
-             "compile_s": 0.0}]
+             "compile_s": 0.0, "plan": "original"}]
     for target in targets:
+        if variants:
+            for label, path, flops, params, proxy, secs, est in variant_rows(model, model_name, target, threads,
+                                                                              round_to, workdir):
+                paths.append(path)
+                info.append({"target": target, "flops": flops, "params": params, "compile_s": secs,
+                             "plan": label, "proxy": proxy, "estimate_ms": est})
+            continue
         t0 = time.perf_counter()
         result = compress(model, CompressSpec(target_flops=target, round_to=round_to))
         compile_s = time.perf_counter() - t0
@@ -47,7 +128,7 @@ def run(model_name: str, targets: list[float], batches: list[int], threads: int,
         export_onnx(result.model, x, path, parity_batches=(1,))
         paths.append(path)
         info.append({"target": target, "flops": result.report["flops_after"],
-                     "params": result.report["params_after"], "compile_s": compile_s})
+                     "params": result.report["params_after"], "compile_s": compile_s, "plan": "compress"})
     rows = compare(paths, batch_sizes=batches, threads=threads, runs=runs, warmup=3)
     out = []
     for row in rows:
@@ -58,18 +139,21 @@ def run(model_name: str, targets: list[float], batches: list[int], threads: int,
             "flops_ratio": flops_ratio, "params_M": info[i]["params"] / 1e6,
             "median_ms": row["median_ms"], "p90_ms": row["p90_ms"], "speedup": row["speedup"],
             "efficiency": row["speedup"] * flops_ratio, "compile_s": info[i]["compile_s"],
+            "plan": info[i]["plan"], "proxy": info[i].get("proxy"), "estimate_ms": info[i].get("estimate_ms"),
+            "threads": threads,
         })
     return out
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| model | target | batch | FLOPs ratio | params (M) | median ms | p90 ms | speedup | "
-            "efficiency | compile s |")
-    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    head = ("| model | plan | target | threads | batch | FLOPs ratio | params (M) | median ms | p90 ms | "
+            "speedup | efficiency | proxy | compile s |")
+    lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['target']:.2f} | {r['batch']} | {r['flops_ratio']:.3f} | "
-                     f"{r['params_M']:.1f} | {r['median_ms']:.1f} | {r['p90_ms']:.1f} | "
-                     f"{r['speedup']:.2f}× | {r['efficiency']:.2f} | {r['compile_s']:.1f} |")
+        proxy = "" if r.get("proxy") is None else f"{r['proxy']:.4f}"
+        lines.append(f"| {r['model']} | {r['plan']} | {r['target']:.2f} | {r['threads']} | {r['batch']} | "
+                     f"{r['flops_ratio']:.3f} | {r['params_M']:.1f} | {r['median_ms']:.1f} | {r['p90_ms']:.1f} | "
+                     f"{r['speedup']:.2f}× | {r['efficiency']:.2f} | {proxy} | {r['compile_s']:.1f} |")
     return "\n".join(lines)
 
 
@@ -78,17 +162,20 @@ def main() -> None:
     p.add_argument("--models", default="deit_small_patch16_224,deit_base_patch16_224")
     p.add_argument("--targets", default="0.75,0.5,0.3")
     p.add_argument("--batches", default="1,8")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", default="1", help="comma-separated: one interleaved run per count")
+    p.add_argument("--variants", action="store_true",
+                   help="time the shrink/keep/latency/ref width plans instead of compress() at each target")
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--round-to", type=int, default=16)
     p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     args = p.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as workdir:
-        for name in args.models.split(","):
-            rows += run(name, [float(t) for t in args.targets.split(",")],
-                        [int(b) for b in args.batches.split(",")], args.threads, args.runs,
-                        args.round_to, workdir)
+        for threads in [int(t) for t in args.threads.split(",")]:
+            for name in args.models.split(","):
+                rows += run(name, [float(t) for t in args.targets.split(",")],
+                            [int(b) for b in args.batches.split(",")], threads, args.runs,
+                            args.round_to, workdir, args.variants)
     print(f"ORT {ort.__version__}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores, threads={args.threads}, round_to={args.round_to}\n")
     print(table(rows))

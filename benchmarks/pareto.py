@@ -1,9 +1,18 @@
 """The accuracy/speedup Pareto benchmark: every compression method under the same fine-tuning budget.
 
-1. Trains a base ViT — DeiT-Tiny-like, ``VisionTransformer(img_size=32, patch_size=4, embed_dim=96,
-   depth=6, num_heads=3, num_classes=10)`` — on scikit-learn's digits (1,797 real 8×8 images upsampled
-   to 32×32; fixed stratified split: 1,437 train / 360 test, ``vitprune.train.digits``; nothing downloaded)
-   and caches it in ``OUT/base_<hash>.pt``.
+1. Trains a base ViT (``VisionTransformer``, depth 6, 3 heads, 10 classes) on a task bundled with an
+   installed package (nothing downloaded) and caches it in ``OUT/base_<hash>.pt``. Two tasks:
+
+   ========= ==========================================================================================
+   mosaic    (default; the committed results) ``vitprune.train.mosaic``: 2×2 mosaics of scikit-learn
+             digits at 32×32, class = decile of 1·d_tl + 2·d_tr + 3·d_bl + 4·d_br, so every digit and
+             its position count; 20,000 train / 2,000 test mosaics from disjoint digit-image pools.
+             Base: patch 8, embed_dim 96. The unpruned model sits well below saturation, so methods
+             separate (one test image = 0.05 points).
+   digits    (the smoke test, ``--quick``) ``vitprune.train.digits``: 1,797 8×8 digits upsampled to
+             32×32, 1,437 train / 360 test; base: patch 4. ~97% top-1: too easy to rank methods.
+   ========= ==========================================================================================
+
 2. Sweeps these rows with :func:`vitprune.sweep.run_sweep`, each point fine-tuned with the same budget
    (distillation from the base model, same epochs / lr / batch), evaluated on the test split, exported
    to ONNX and timed in ONNX Runtime interleaved with the base model's ONNX:
@@ -26,14 +35,21 @@
    heads to whole heads), every block keeps the same fraction of its patch tokens; Torch-Pruning's
    uniform ratio is applied to DeiT-S by Torch-Pruning itself (see ``vitprune.sweep.scale_recipe``).
 
-    python benchmarks/pareto.py              # the full benchmark (~1 h on 2 idle cores)
-    python benchmarks/pareto.py --quick      # < 2 min: embed_dim 48 base on 600 images, 3 rows, 1 target,
-                                             # 1 seed, 1 epoch, no DeiT-S latency (the test suite's smoke test)
+    python benchmarks/pareto.py --write-results   # the full benchmark on mosaics, 3 seeds; updates
+                                                  # benchmarks/pareto.{md,json,png} (the committed results)
+    python benchmarks/pareto.py --quick --out DIR # smoke test: digits, embed_dim 48 base on 600 images,
+                                                  # 3 rows, 1 target, 1 seed, 1 epoch, no DeiT-S latency
+    python benchmarks/pareto.py --methods width,tp_width --out DIR   # a subset of the rows
 
-Writes ``OUT/sweep.json``, ``OUT/sweep.md``, ``OUT/sweep.png`` (speedup of the base model),
-``OUT/sweep_deit_s.png`` (DeiT-S speedups) and, unless ``--no-md``, ``benchmarks/pareto.md``; a section
-between ``<!-- reading -->`` and ``<!-- /reading -->`` already in that file is kept. Resumable: rerun the
-same command and only missing points are computed.
+Every run writes only under ``--out`` (default ``$TMPDIR/vitprune-pareto-<task>[-quick]``):
+``sweep.json`` (every point, resumable), ``sweep.md``, ``sweep.png`` (base-model speedup),
+``sweep_deit_s.png`` (DeiT-S speedup), and ``pareto.md`` / ``pareto.json`` / ``pareto.png`` (the
+report, every point as ``{"task", "base_top1", "points": [{method, target, seed, top1, speedup}]}``
+with the DeiT-S ORT speedup, and the DeiT-S plot). Only ``--write-results`` copies those three into
+``benchmarks/`` — and only for the full kind of run (mosaic task, ≥ 3 seeds, DeiT-S latency); a
+``<!-- reading -->`` … ``<!-- /reading -->`` section already in ``benchmarks/pareto.md`` is kept.
+Paths do not depend on the working directory. Resumable: rerun the same command and only missing
+points are computed.
 
 Block dropping: no vitprune pass removes a whole MLP (activation removal keeps a merged linear), so
 ``blockdrop`` is a plain module rewrite here: ``model.blocks`` becomes a ``Sequential`` of the kept
@@ -50,33 +66,46 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
 from typing import Any, Sequence
 
+import timm
 import torch
 import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from vitprune import sweep as sw
-from vitprune.train.digits import digits_splits
-from vitprune.errors import PlanError
-from vitprune.deps.flops import count_flops
-from vitprune.train.finetune import FinetuneConfig, evaluate, finetune
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout, from any cwd
+from vitprune import sweep as sw  # noqa: E402
+from vitprune.train.digits import digits_splits  # noqa: E402
+from vitprune.train.mosaic import mosaic_splits  # noqa: E402
+from vitprune.errors import PlanError  # noqa: E402
+from vitprune.deps.flops import count_flops  # noqa: E402
+from vitprune.train.finetune import FinetuneConfig, evaluate, finetune  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-MD_PATH = os.path.join(HERE, "pareto.md")
+RESULTS = {ext: os.path.join(HERE, f"pareto.{ext}") for ext in ("md", "json", "png")}  # the committed results
+MIN_SEEDS = 3  # committed results: mean ± std over at least this many seeds per point
 VITPRUNE_METHODS = ("width", "attention", "activation", "boundarydpt", "boundarydpt+", "cpvit", "combo")
 ALL_METHODS = ("tp_width", "width", "blockdrop", "attention", "activation", "boundarydpt", "boundarydpt+",
                "cpvit", "combo")
 SCALE_NAME = "deit_small_patch16_224"
 
-FULL = dict(targets=(0.9, 0.7, 0.5, 0.3), methods=ALL_METHODS, seeds=(0, 1, 2), epochs=2, base_epochs=40,
-            embed_dim=96, train_subset=None, runs=30, scale=True)
-QUICK = dict(targets=(0.5,), methods=("tp_width", "width", "boundarydpt+"), seeds=(0,), epochs=1, base_epochs=10,
-             embed_dim=48, train_subset=600, runs=10, scale=False)
+# the tasks: data, the base model's shape and its training budget (lr, batch, epochs)
+TASKS = {
+    "mosaic": dict(title="digit mosaics", patch_size=8, embed_dim=96, base_epochs=12, base_batch=64, base_lr=2e-3,
+                   train_images=20_000, test_images=2_000),
+    "digits": dict(title="digits", patch_size=4, embed_dim=96, base_epochs=40, base_batch=32, base_lr=2e-3,
+                   train_images=1_437, test_images=360),
+}
+FULL = dict(task="mosaic", targets=(0.9, 0.7, 0.5, 0.3), methods=ALL_METHODS, seeds=(0, 1, 2), epochs=2,
+            train_subset=None, runs=30, scale=True)
+QUICK = dict(task="digits", targets=(0.5,), methods=("tp_width", "width", "boundarydpt+"), seeds=(0,), epochs=1,
+             base_epochs=10, embed_dim=48, train_subset=600, runs=10, scale=False)
 
 
 # ---------------------------------------------------------------------------------------------- block dropping
@@ -107,7 +136,7 @@ def blockdrop(model: nn.Module, target: float, ctx: sw.PointContext) -> sw.Prune
 
 
 def blockdrop_scale(arch: dict, src_model, src_size, dst_model: nn.Module, dst_size, config) -> nn.Module:
-    bmap = sw._block_map(arch["depth"], len(dst_model.blocks))
+    bmap = sw.block_map(arch["depth"], len(dst_model.blocks))
     return drop_blocks(dst_model, [j for j in range(len(dst_model.blocks)) if bmap[j] in arch["drop"]])
 
 
@@ -115,45 +144,63 @@ sw.register(sw.Method("blockdrop", "naive depth (whole blocks)", blockdrop, bloc
 
 
 # ---------------------------------------------------------------------------------------------- base model
-def make_model(embed_dim: int) -> nn.Module:
-    from timm.models.vision_transformer import VisionTransformer
+def make_model(s: dict[str, Any]) -> nn.Module:
+    return VisionTransformer(img_size=32, patch_size=s["patch_size"], embed_dim=s["embed_dim"], depth=6, num_heads=3,
+                             num_classes=10)
 
-    return VisionTransformer(img_size=32, patch_size=4, embed_dim=embed_dim, depth=6, num_heads=3, num_classes=10)
 
-
-def data(batch_size: int, train_subset: int | None, seed: int = 0) -> tuple[DataLoader, DataLoader]:
-    train_ds, test_ds = digits_splits(image_size=32, seed=0)
-    if train_subset is not None:  # a fixed stratified-enough subset: every k-th training image
-        step = max(1, len(train_ds) // train_subset)
-        train_ds = Subset(train_ds, list(range(0, len(train_ds), step))[:train_subset])
+def data(s: dict[str, Any], batch_size: int, seed: int = 0) -> tuple[DataLoader, DataLoader]:
+    """The task's (train, test) loaders; the data split is fixed (seed 0), ``seed`` only shuffles."""
+    if s["task"] == "mosaic":
+        train_ds, test_ds = mosaic_splits(image_size=32, train_size=s["train_images"], test_size=s["test_images"])
+    else:
+        train_ds, test_ds = digits_splits(image_size=32, seed=0)
+    if s["train_subset"] is not None:  # a fixed stratified-enough subset: every k-th training image
+        step = max(1, len(train_ds) // s["train_subset"])
+        train_ds = Subset(train_ds, list(range(0, len(train_ds), step))[:s["train_subset"]])
     g = torch.Generator().manual_seed(seed)
     return (DataLoader(train_ds, batch_size=batch_size, shuffle=True, generator=g),
             DataLoader(test_ds, batch_size=128, shuffle=False))
 
 
-def base_model(out: str, embed_dim: int, epochs: int, train_subset: int | None, log=print) -> tuple[nn.Module, dict]:
+def base_model(out: str, s: dict[str, Any], log=print) -> tuple[nn.Module, dict]:
     """Train (or load the cached) base model; returns it and its training record."""
-    key = hashlib.sha1(json.dumps([embed_dim, epochs, train_subset, 2e-3, 32, 1.0]).encode()).hexdigest()[:10]
+    recipe = [s["task"], s["patch_size"], s["embed_dim"], s["base_epochs"], s["train_subset"], s["base_lr"],
+              s["base_batch"], 1.0]
+    key = hashlib.sha1(json.dumps(recipe).encode()).hexdigest()[:10]
     path = os.path.join(out, f"base_{key}.pt")
     torch.manual_seed(0)
-    model = make_model(embed_dim)
+    model = make_model(s)
     if os.path.exists(path):
         obj = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(obj["state_dict"])
         return model.eval(), obj["record"]
-    train, test = data(32, train_subset)
-    t0 = time.perf_counter()
-    log(f"training the base model ({epochs} epochs) ...")
+    train, test = data(s, s["base_batch"])
+    t0, c0 = time.perf_counter(), time.process_time()
+    log(f"training the base model ({s['base_epochs']} epochs) ...")
     hist = finetune(model, None, train, test, FinetuneConfig(
-        epochs=epochs, lr=2e-3, batch_size=32, label_weight=1.0, kd_weight=0.0, warmup_epochs=min(1.0, epochs / 4),
-        weight_decay=0.05, seed=0, progress=False))
-    record = {"epochs": epochs, "seconds": round(time.perf_counter() - t0, 1), "top1": evaluate(model, test),
+        epochs=s["base_epochs"], lr=s["base_lr"], batch_size=s["base_batch"], label_weight=1.0, kd_weight=0.0,
+        warmup_epochs=min(1.0, s["base_epochs"] / 4), weight_decay=0.05, seed=0, progress=False))
+    record = {"epochs": s["base_epochs"], "seconds": round(time.perf_counter() - t0, 1),
+              "cpu_seconds": round(time.process_time() - c0, 1), "top1": evaluate(model, test),
               "curve": [round(e["top1"], 2) for e in hist["epochs"]]}
     fd, tmp = tempfile.mkstemp(dir=out, suffix=".pt.tmp")
     os.close(fd)
     torch.save({"state_dict": model.state_dict(), "record": record}, tmp)
     os.replace(tmp, path)
     return model.eval(), record
+
+
+def results_json(state: dict, s: dict[str, Any]) -> dict[str, Any]:
+    """Every finished point, one per seed: top-1 (%) and the DeiT-S-mapped ORT speedup (None without it)."""
+    points = [{"method": p["method"], "target": p["target"], "seed": p["seed"], "top1": round(p["top1"], 3),
+               "speedup": round(p["scaled"]["speedup"], 4) if p.get("scaled") else None}
+              for p in state["points"].values() if p["status"] == "done"]
+    points.sort(key=lambda p: (ALL_METHODS.index(p["method"]) if p["method"] in ALL_METHODS else 99,
+                               -p["target"], p["seed"]))
+    return {"task": {"name": s["task"], "test_images": s["test_images"]}, "base_top1": round(state["original"]["top1"], 3),
+            "speedup": f"ORT latency of {SCALE_NAME} ÷ the same architecture rebuilt on it (batch 1, CPU)",
+            "points": points}
 
 
 # ---------------------------------------------------------------------------------------------- frontier analysis
@@ -263,17 +310,19 @@ def verdict(c: dict, what: str) -> str:
 
 
 def write_md(state: dict, args: argparse.Namespace, settings: dict, base_record: dict, seconds: float,
-             path: str = MD_PATH) -> None:
+             path: str, keep_from: str = RESULTS["md"]) -> None:
+    """The report at ``path``; the ``<!-- reading -->`` section is taken from ``keep_from`` (the
+    committed report) so a regenerated report keeps the hand-written reading."""
     rows = sw.summarize(state, ALL_METHODS)
     done = [r for r in rows if r["status"] == "done"]
-    old = open(path).read() if os.path.exists(path) else ""
+    old = open(keep_from).read() if os.path.exists(keep_from) else ""
     m = re.search(r"<!-- reading -->.*?<!-- /reading -->", old, re.S)
     reading = m.group(0) if m else "<!-- reading -->\n(reading to be written after the run)\n<!-- /reading -->"
     mach = state["machine"]
     cmd = "python benchmarks/pareto.py " + " ".join(sys.argv[1:])
     cfg = state["config"]
     parts = [
-        "# Accuracy / ORT-speedup Pareto frontier (digits, DeiT-Tiny-like base; DeiT-S 224 latency)", "",
+        f"# Accuracy / ORT-speedup Pareto frontier ({settings['title']}, DeiT-Tiny-like base; DeiT-S 224 latency)", "",
         f"Generated by `{cmd}` on {datetime.date.today()}. Compute: base model {base_record['seconds']:.0f} s, "
         f"{len(state['points'])} points {sum(p.get('seconds', 0) for p in state['points'].values()) / 60:.1f} min "
         f"(sum of per-point wall time; the sweep resumes, so this may span several invocations; this one took "
@@ -284,11 +333,12 @@ def write_md(state: dict, args: argparse.Namespace, settings: dict, base_record:
         + (f"median of {state['rebench']['runs']} runs with all {len(state['rebench']['points'])} points and the "
            f"original in one interleaved run" if state.get("rebench") else f"median of {cfg['runs']} interleaved runs")
         + f"; DeiT-S: median of {cfg['scale_runs']} runs interleaved with the original DeiT-S.", "",
-        f"Base model: `VisionTransformer(img_size=32, patch_size=4, embed_dim={settings['embed_dim']}, depth=6, "
+        f"Base model: `VisionTransformer(img_size=32, patch_size={settings['patch_size']}, "
+        f"embed_dim={settings['embed_dim']}, depth=6, "
         f"num_heads=3, num_classes=10)`, {state['original']['params'] / 1e6:.3f} M params, "
         f"{state['original']['flops'] / 1e6:.1f} MFLOPs; trained {base_record['epochs']} epochs "
-        f"(AdamW lr 2e-3, batch 32, label smoothing 0.1) on "
-        f"{settings['train_subset'] or 1437} digits images → **{base_record['top1']:.2f}%** test top-1 "
+        f"(AdamW lr {settings['base_lr']:g}, batch {settings['base_batch']}, label smoothing 0.1) on "
+        f"{settings['train_subset'] or settings['train_images']} {settings['title']} images → **{base_record['top1']:.2f}%** test top-1 "
         f"({base_record['seconds']:.0f} s).", "",
         f"Same budget for every point: {cfg['epochs']} epoch(s) of distillation from the base model "
         f"(KL, T=1), AdamW lr {cfg['lr']}, batch {cfg['batch_size']}, cosine with warm-up; seeds "
@@ -296,15 +346,16 @@ def write_md(state: dict, args: argparse.Namespace, settings: dict, base_record:
         f"importance {cfg['importance']}, round_to {cfg['round_to']}; Torch-Pruning importance "
         f"{cfg['tp_importance']}. Targets {list(cfg['targets'])} (fraction of FLOPs kept).", "",
         "## Table", "",
-        "`top-1 no FT`: right after pruning; `FT`: after the shared fine-tuning budget (test split, 360 images, "
-        "so one image = 0.28 points). Speedups are base-model ORT latency ÷ compressed, measured interleaved in "
+        "`top-1 no FT`: right after pruning; `FT`: after the shared fine-tuning budget (test split, "
+        f"{settings['test_images']:,} images, so one image = {100 / settings['test_images']:.2f} points). "
+        "Speedups are base-model ORT latency ÷ compressed, measured interleaved in "
         "the same run; DeiT-S columns: the same architecture rebuilt on DeiT-S 224 (random weights), timed "
         "against DeiT-S in the same run; measured once per distinct architecture (no ± where both seeds gave "
         "the same architecture, e.g. l2 width plans do not depend on the seed).", "",
         table(state, rows), "",
         "## Plots", "",
-        f"PNG plots: `{os.path.join(args.out, 'sweep.png')}` (base-model speedup) and "
-        f"`{os.path.join(args.out, 'sweep_deit_s.png')}` (DeiT-S speedup), regenerated by the command above. "
+        "PNG plot: [pareto.png](pareto.png) (DeiT-S speedup; every point in [pareto.json](pareto.json)); "
+        "`sweep.png` in the run's `--out` folder has the base-model speedup. "
         "Text rendering (mean top-1 after fine-tuning vs speedup):", "",
         "```", ascii_plot(done, "scaled_speedup", state["original"]["top1"]) if any(r.get("scaled_speedup") for r in done)
         else "(no DeiT-S points)", "```", "",
@@ -326,9 +377,13 @@ def write_md(state: dict, args: argparse.Namespace, settings: dict, base_record:
 
 # ---------------------------------------------------------------------------------------------- main
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="a few minutes: 3 rows, 1 target, 1 seed, small budget")
-    p.add_argument("--out", help="results folder (default: $TMPDIR/vitprune-pareto[-quick])")
+    p = argparse.ArgumentParser(prog="pareto.py", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="smoke test (digits): 3 rows, 1 target, 1 seed, small budget")
+    p.add_argument("--task", choices=sorted(TASKS), help="mosaic (default) or digits (default with --quick)")
+    p.add_argument("--out", help="results folder (default: $TMPDIR/vitprune-pareto-<task>[-quick])")
+    p.add_argument("--write-results", action="store_true",
+                   help="also copy pareto.md/.json/.png into benchmarks/ (the committed results; needs the full "
+                        f"kind of run: mosaic task, >= {MIN_SEEDS} seeds, DeiT-S latency)")
     p.add_argument("--targets", help="comma-separated FLOPs fractions")
     p.add_argument("--methods", help=f"comma-separated rows from {','.join(ALL_METHODS)}")
     p.add_argument("--seeds", help="comma-separated seeds")
@@ -336,51 +391,96 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--base-epochs", type=int, help="base model training epochs")
     p.add_argument("--runs", type=int, help="ORT timed runs per point (base model)")
     p.add_argument("--no-scale", action="store_true", help="skip the DeiT-S 224 latency")
-    p.add_argument("--no-md", action="store_true", help="do not write benchmarks/pareto.md")
-    p.add_argument("--md", default=MD_PATH, help="where to write the Markdown report")
+    p.add_argument("--no-md", action="store_true", help="do not write OUT/pareto.md")
     p.add_argument("--threads", type=int, default=1, help="ORT intra-op threads (default 1)")
     p.add_argument("--torch-threads", type=int, default=1,
                    help="torch threads for training (default 1: measured 4x faster than 2 on the shared 2-core box)")
     p.add_argument("--rebench-runs", type=int, default=50,
                    help="re-time every point's base-model ONNX together in one interleaved run (0: keep pairwise)")
     p.add_argument("--no-progress", action="store_true")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    try:
+        args.settings = settings_from(args)
+    except ValueError as e:
+        p.error(str(e))
+    return args
+
+
+def _csv(text: str, kind: type, what: str) -> tuple:
+    try:
+        return tuple(kind(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"{what} must be comma-separated {kind.__name__}s, got {text!r}") from None
 
 
 def settings_from(args: argparse.Namespace) -> dict[str, Any]:
-    s = dict(QUICK if args.quick else FULL)
+    """The run's settings: the preset (full or --quick), the task's model and data, then the flags."""
+    preset = QUICK if args.quick else FULL
+    task = args.task or preset["task"]
+    s = {**TASKS[task], "task": task, **{k: v for k, v in preset.items() if k != "task"}}
     if args.targets:
-        s["targets"] = tuple(float(t) for t in args.targets.split(","))
+        s["targets"] = _csv(args.targets, float, "--targets")
     if args.methods:
-        s["methods"] = tuple(args.methods.split(","))
+        s["methods"] = _csv(args.methods, str, "--methods")
+        unknown = [m for m in s["methods"] if m not in ALL_METHODS]
+        if unknown:
+            raise ValueError(f"--methods: unknown row(s) {','.join(unknown)}; choose from {','.join(ALL_METHODS)}")
     if args.seeds:
-        s["seeds"] = tuple(int(x) for x in args.seeds.split(","))
+        s["seeds"] = _csv(args.seeds, int, "--seeds")
     for k in ("epochs", "base_epochs", "runs"):
         if getattr(args, k) is not None:
             s[k] = getattr(args, k)
     if args.no_scale:
         s["scale"] = False
+    if args.write_results:
+        if task != "mosaic" or len(set(s["seeds"])) < MIN_SEEDS or not s["scale"] or s["train_subset"] is not None:
+            raise ValueError(f"--write-results writes the committed results: it needs --task mosaic, >= {MIN_SEEDS} "
+                             "seeds, the DeiT-S latency (no --no-scale) and no --quick")
     return s
+
+
+def default_out(s: dict[str, Any], quick: bool) -> str:
+    """Outside the repository, and the same from any working directory."""
+    return os.path.join(tempfile.gettempdir(), f"vitprune-pareto-{s['task']}" + ("-quick" if quick else ""))
+
+
+def write_outputs(state: dict, args: argparse.Namespace, s: dict[str, Any], record: dict, seconds: float) -> None:
+    """``OUT/pareto.{md,json,png}``; with ``--write-results`` also copied over the committed ones."""
+    out = {ext: os.path.join(args.out, f"pareto.{ext}") for ext in RESULTS}
+    plot_speed = "scaled_speedup" if s["scale"] else "speedup"
+    where = "on DeiT-S 224" if s["scale"] else "(base model)"
+    sw.plot_sweep(state, out["png"], methods=ALL_METHODS, speed=plot_speed,
+                  title=f"top-1 ({s['title']}) vs ORT speedup of the same architecture {where}")
+    with open(out["json"] + ".tmp", "w") as f:
+        json.dump(results_json(state, s), f, indent=1)
+        f.write("\n")
+    os.replace(out["json"] + ".tmp", out["json"])
+    if not args.no_md:
+        write_md(state, args, s, record, seconds, out["md"])
+    if args.write_results:
+        for ext, path in RESULTS.items():
+            if os.path.exists(out[ext]):
+                shutil.copyfile(out[ext], path + ".tmp")
+                os.replace(path + ".tmp", path)
+                print(f"wrote {path}")
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
-    args.out = args.out or os.path.join(tempfile.gettempdir(), "vitprune-pareto" + ("-quick" if args.quick else ""))
+    s = args.settings
+    args.out = os.path.abspath(args.out or default_out(s, args.quick))
     os.makedirs(args.out, exist_ok=True)
-    s = settings_from(args)
     t0 = time.perf_counter()
     torch.set_num_threads(args.torch_threads)  # 1: on a shared 2-core machine more threads spin and stall
-    model, record = base_model(args.out, s["embed_dim"], s["base_epochs"], s["train_subset"])
-    print(f"base model: top-1 {record['top1']:.2f}% after {record['epochs']} epochs")
-    train, test = data(32, s["train_subset"])
+    model, record = base_model(args.out, s)
+    print(f"base model ({s['task']}): top-1 {record['top1']:.2f}% after {record['epochs']} epochs")
+    train, test = data(s, 32)
     config = sw.SweepConfig(targets=s["targets"], methods=s["methods"], seeds=s["seeds"], epochs=s["epochs"],
                             lr=5e-4, batch_size=32, importance="l2", tp_importance="l2", round_to=8,
                             threads=args.threads, runs=s["runs"], warmup=3, scale_runs=8, scale_warmup=1,
                             progress=not args.no_progress)
     scale = None
     if s["scale"]:
-        import timm
-
         scale = sw.ScaleModel(SCALE_NAME, lambda: timm.create_model(SCALE_NAME, pretrained=False), (3, 224, 224))
     state = sw.run_sweep(model, train, test, config, args.out, input_size=(3, 32, 32), scale=scale)
     if args.rebench_runs:  # all base-model ONNX files in one interleaved run: same conditions for every point
@@ -388,10 +488,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     sw.write_reports(state, args.out, ALL_METHODS)
     if s["scale"]:
         sw.plot_sweep(state, os.path.join(args.out, "sweep_deit_s.png"), methods=ALL_METHODS, speed="scaled_speedup",
-                      title="top-1 (digits) vs ORT speedup of the same architecture on DeiT-S 224")
+                      title=f"top-1 ({s['title']}) vs ORT speedup of the same architecture on DeiT-S 224")
     state["base_record"] = record
-    if not args.no_md:
-        write_md(state, args, s, record, time.perf_counter() - t0, args.md)
+    write_outputs(state, args, s, record, time.perf_counter() - t0)
     print(sw.format_markdown(state, ALL_METHODS))
     print(f"results in {args.out} ({time.perf_counter() - t0:.0f} s)")
     return state

@@ -28,11 +28,11 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from vitprune.frontend.capture import eliminate_dead_code
-from vitprune.deps.branches import (ActivationSite, delete_unreferenced, find_activations, own_module,
-                                    param_tensor, record_removed, removed_layers, set_param)
+from vitprune.deps.branches import ActivationSite, find_activations, record_removed, removed_layers
+from vitprune.frontend.capture import eliminate_dead_code, param_tensor
 
 from .base import Pass, PassError, PassResult
+from .tensors import delete_unreferenced, own_module, set_tensor
 
 MERGE_MODES = ("auto", "always", "never")
 
@@ -117,9 +117,9 @@ def _bypass(gm: fx.GraphModule, s: ActivationSite, norm: fx.Node | None) -> None
     gm.graph.erase_node(s.act)
     if norm is not None:
         w1, b1 = _fold_affine(gm, norm, _t(gm, s.fc1_weight), _t(gm, s.fc1_bias), s.d_in)
-        set_param(gm, s.fc1_weight, w1.to(param_tensor(gm, s.fc1_weight).dtype))
+        set_tensor(gm, s.fc1_weight, w1.to(param_tensor(gm, s.fc1_weight).dtype))
         if s.fc1_bias is not None:
-            set_param(gm, s.fc1_bias, b1.to(param_tensor(gm, s.fc1_bias).dtype))
+            set_tensor(gm, s.fc1_bias, b1.to(param_tensor(gm, s.fc1_bias).dtype))
         elif b1 is not None:
             owner, attr = _owner(gm, s.fc1_weight)
             bias_target = f"{owner}.bias" if owner else "bias"

@@ -28,12 +28,12 @@ from typing import Any, Mapping, Sequence
 
 import torch.fx as fx
 
-from vitprune.frontend.capture import eliminate_dead_code
-from vitprune.deps.branches import (AttentionBranch, UnknownShapeError, delete_unreferenced,
-                                    find_attention_branches, param_tensor, record_removed,
-                                    removed_layers, set_param)
+from vitprune.deps.branches import (AttentionBranch, UnknownShapeError, find_attention_branches, record_removed,
+                                    removed_layers)
+from vitprune.frontend.capture import eliminate_dead_code, param_tensor
 
 from .base import Pass, PassError, PassResult
+from .tensors import delete_unreferenced, set_tensor
 
 VARIANTS = ("identity_norm", "drop")
 
@@ -136,7 +136,7 @@ def _identity_norm(gm: fx.GraphModule, b: AttentionBranch) -> bool:
     for node in (weight, bias):
         if node is not None:
             target = str(node.target)
-            set_param(gm, target, param_tensor(gm, target).detach() * gamma)
+            set_tensor(gm, target, param_tensor(gm, target).detach() * gamma)
     b.add.replace_input_with(b.scale, b.norm)
     return True
 

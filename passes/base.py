@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 import torch.fx as fx
 
 from vitprune.errors import VitpruneError
@@ -70,22 +69,3 @@ class Pass:
         if result.modified:
             self.ensures(result)
         return result
-
-
-def set_tensor(gm: fx.GraphModule, qualified_name: str, value: torch.Tensor) -> None:
-    """Replace a parameter or buffer in place, keeping its kind (Parameter/buffer, requires_grad).
-
-    A view is copied so the new tensor owns its storage; a fresh tensor (``index_select``'s result)
-    is taken as is, which saves a second copy of every sliced weight."""
-    module_path, _, attr = qualified_name.rpartition(".")
-    owner = gm.get_submodule(module_path) if module_path else gm
-    old = getattr(owner, attr)
-    value = value.detach()
-    if value._is_view():
-        value = value.clone()
-    if isinstance(old, torch.nn.Parameter):
-        setattr(owner, attr, torch.nn.Parameter(value, requires_grad=old.requires_grad))
-    elif attr in getattr(owner, "_buffers", {}):
-        owner._buffers[attr] = value
-    else:
-        setattr(owner, attr, value)

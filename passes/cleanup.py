@@ -16,10 +16,10 @@ from __future__ import annotations
 import torch.fx as fx
 
 from vitprune.frontend.capture import eliminate_dead_code
-from vitprune.deps.branches import delete_unreferenced
 from vitprune.deps.rules import op_key
 
 from .base import Pass, PassResult
+from .tensors import delete_unreferenced
 
 _RESHAPES = frozenset({"view", "reshape", "expand"})
 _COPIES = frozenset({"clone", "to"})

@@ -21,11 +21,12 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from vitprune.frontend.capture import eliminate_dead_code
+from vitprune.frontend.capture import eliminate_dead_code, param_tensor
 from vitprune.deps import DependencyGraph
 from vitprune.deps.rules import op_key
 
-from .base import Pass, PassError, PassResult, set_tensor
+from .base import Pass, PassError, PassResult
+from .tensors import set_tensor
 
 
 class WidthPruning(Pass):
@@ -94,7 +95,7 @@ class WidthPruning(Pass):
                           masks: dict[int, np.ndarray]) -> dict[str, Any]:
         removed: dict[str, Any] = {}
         for name, axes in dg.param_dims.items():
-            tensor = _get(gm, name)
+            tensor = param_tensor(gm, name)
             new = tensor
             for dim, axis in enumerate(axes):
                 m = dg.dim_mask(axis, masks)
@@ -115,12 +116,6 @@ class WidthPruning(Pass):
             rewrite = SHAPE_REWRITES.get(op_key(node, gm))
             if rewrite is not None and dg.node_dims.get(node) is not None:
                 rewrite(node, dg, new_size)
-
-
-def _get(gm: fx.GraphModule, name: str) -> torch.Tensor:
-    module_path, _, attr = name.rpartition(".")
-    owner = gm.get_submodule(module_path) if module_path else gm
-    return getattr(owner, attr)
 
 
 # -- shape-constant rewrites, one per op kind ------------------------------------------------------

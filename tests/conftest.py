@@ -24,20 +24,27 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def tiny(name: str = "deit_tiny_patch16_224", *, fused: bool = True, **kwargs) -> torch.nn.Module:
-    """A small timm model (2 blocks, 32×32 input unless told otherwise), eval mode, seeded."""
-    torch.manual_seed(0)
+def tiny(name: str = "deit_tiny_patch16_224", *, fused: bool = True, seed: int = 0, **kwargs) -> torch.nn.Module:
+    """A small timm model by name (2 blocks, 32×32 input unless told otherwise), eval mode, seeded.
+    The one builder of named test models: every test file asks this one."""
+    torch.manual_seed(seed)
     kwargs = {"depth": 2, "img_size": 32, **kwargs}
     model = timm.create_model(name, pretrained=False, **kwargs).eval()
     set_fused_attention(model, fused)
     return model
 
 
-def tiny_qknorm(**kwargs) -> torch.nn.Module:
-    torch.manual_seed(0)
-    cfg = dict(img_size=32, patch_size=8, embed_dim=96, depth=2, num_heads=3, qk_norm=True, num_classes=10)
+def tiny_vit(*, seed: int = 0, **kwargs) -> torch.nn.Module:
+    """A timm ``VisionTransformer`` built from its config (32×32, patch 8, width 96, 2 blocks of 3 heads,
+    10 classes unless told otherwise), eval mode, seeded: for tests that set the architecture itself."""
+    torch.manual_seed(seed)
+    cfg = dict(img_size=32, patch_size=8, embed_dim=96, depth=2, num_heads=3, num_classes=10)
     cfg.update(kwargs)
     return VisionTransformer(**cfg).eval()
+
+
+def tiny_qknorm(**kwargs) -> torch.nn.Module:
+    return tiny_vit(qk_norm=True, **kwargs)
 
 
 def set_fused_attention(model: torch.nn.Module, fused: bool) -> None:

@@ -1,8 +1,12 @@
 """ONNX Runtime benchmarking: sane rows, round-robin comparison (same model ≈ 1.0×, half the depth
-faster), the Markdown table, and InputError for bad input. Small models, few runs."""
+faster), the fastest thread count per model and batch, the Markdown table, and InputError for bad
+input. Small models, few runs."""
 from __future__ import annotations
 
+import os
+
 import onnx
+import onnxruntime as ort
 import pytest
 import timm
 import torch
@@ -12,9 +16,11 @@ from vitprune.deploy import bench
 from vitprune.errors import InputError
 from vitprune.deploy.onnx import export_onnx
 from vitprune.frontend.capture import capture, example_input_for
+from conftest import tiny
 
 IMG = 96  # 37 tokens: long enough that depth dominates latency, short enough to stay quick
-KEYS = {"model", "batch", "threads", "median_ms", "p90_ms", "mean_ms", "runs"}
+KEYS = {"model", "batch", "threads", "median_ms", "p90_ms", "mean_ms", "runs", "best_threads",
+        "best_ms"}
 
 
 def _export_vit(path, depth: int) -> str:
@@ -61,8 +67,8 @@ def test_bench_rows_are_sane(vits):
 
 def test_compare_same_model_twice_is_about_one(vits):
     full, _ = vits
-    rows = bench.compare([full, full], warmup=3, runs=15)
-    assert len(rows) == 2 and all(set(r) == KEYS | {"speedup"} for r in rows)
+    rows = bench.compare([full, full], threads=1, warmup=3, runs=15)
+    assert len(rows) == 2 and all(set(r) == KEYS | {"speedup", "best_speedup"} for r in rows)
     assert rows[0]["speedup"] == 1.0
     assert 0.5 <= rows[1]["speedup"] <= 2.0
 
@@ -77,8 +83,8 @@ def test_compare_half_depth_is_faster(vits):
 
 def test_compare_single_model_has_no_speedup(tmp_path):
     rows = bench.compare([_matmul_model(tmp_path / "mm.onnx")], runs=3, warmup=0,
-                         batch_sizes=(1, 3))
-    assert len(rows) == 2 and not any("speedup" in r for r in rows)
+                         batch_sizes=(1, 3), threads=1)
+    assert len(rows) == 2 and not any("speedup" in r or "best_speedup" in r for r in rows)
 
 
 def test_input_shape_from_model_or_argument(tmp_path):
@@ -114,6 +120,13 @@ def test_format_table():
     (dict(batch_sizes=(0,)), "batch sizes"),
     (dict(batch_sizes=()), "batch sizes"),
     (dict(threads=0), "threads"),
+    (dict(threads=()), "threads"),
+    (dict(threads=[1, 0]), "threads"),
+    (dict(threads=(1, -2)), "threads"),
+    (dict(threads="1,2"), "threads"),
+    (dict(threads=1.5), "threads"),
+    (dict(threads=True), "threads"),
+    (dict(threads=[1, "2"]), "threads"),
     (dict(runs=0), "runs"),
     (dict(warmup=-1), "warmup"),
 ])
@@ -133,3 +146,108 @@ def test_bad_files(tmp_path):
         bench.compare([_matmul_model(tmp_path / "ok.onnx"), tmp_path / "missing.onnx"])
     with pytest.raises(InputError, match="non-empty"):
         bench.compare([])
+
+
+# -- the thread count to deploy with ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tinies(tmp_path_factory):
+    """(two blocks, one block): tiny ViTs exported the way compress exports them."""
+    d = tmp_path_factory.mktemp("threads")
+    paths = []
+    for depth in (2, 1):
+        gm = capture(tiny(depth=depth), example_input_for((3, 32, 32)))
+        paths.append(str(d / f"depth{depth}.onnx"))
+        export_onnx(gm, torch.randn(1, 3, 32, 32), paths[-1], parity_batches=(1,))
+    return paths
+
+
+def test_thread_sweep_marks_the_fastest_setting(tinies):
+    rows = bench.compare(tinies, batch_sizes=(1, 2), threads=(2, 1), warmup=1, runs=5)
+    # batch by batch, thread count by thread count (sorted), models in the order given
+    assert [(r["batch"], r["threads"], r["model"]) for r in rows] == [
+        (b, t, m) for b in (1, 2) for t in (1, 2) for m in tinies]
+    for model in tinies:
+        for batch in (1, 2):
+            group = [r for r in rows if r["model"] == model and r["batch"] == batch]
+            medians = {r["threads"]: r["median_ms"] for r in group}
+            argmin = min(medians, key=lambda t: (medians[t], t))
+            for r in group:
+                assert r["best_threads"] == argmin and type(r["best_threads"]) is int
+                assert r["best_ms"] == medians[argmin]
+                assert ("note" in r) == (r["threads"] == 2 and medians[2] > medians[1])
+    for r in rows:
+        first = next(f for f in rows if f["batch"] == r["batch"] and f["model"] == tinies[0])
+        assert r["best_speedup"] == pytest.approx(first["best_ms"] / r["best_ms"])
+    # the value is what ORT's session options take, unchanged
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = rows[0]["best_threads"]
+    assert options.intra_op_num_threads == rows[0]["best_threads"]
+    summary = bench.best_settings(rows)
+    assert [(s["model"], s["batch"]) for s in summary] == [(m, b) for b in (1, 2) for m in tinies]
+    for s in summary:
+        row = next(r for r in rows if (r["model"], r["batch"]) == (s["model"], s["batch"]))
+        assert s["best_threads"] == row["best_threads"] and s["best_ms"] == row["best_ms"]
+        assert set(s["median_ms_by_threads"]) == set(s["speedup_by_threads"]) == {"1", "2"}
+        assert s["speedup_at_best"] == row["best_speedup"]
+    table = bench.format_table(rows)
+    assert "fastest intra-op thread count (SessionOptions.intra_op_num_threads)" in table
+    for s in summary:
+        assert f"| {s['model']} | {s['batch']} | {s['best_threads']} | {s['best_ms']:.3f} |" in table
+
+
+def test_best_settings_keeps_a_file_compared_with_itself_apart(tinies):
+    rows = bench.compare([tinies[1], tinies[1]], threads=(1, 2), warmup=0, runs=3)
+    summary = bench.best_settings(rows)
+    assert len(summary) == 2
+    for k, s in enumerate(summary):
+        mine = rows[k::2]  # rows alternate first copy, second copy
+        assert s["median_ms_by_threads"] == {str(r["threads"]): r["median_ms"] for r in mine}
+
+
+def test_default_threads_are_one_and_the_available_cores(tmp_path):
+    cores = bench.available_cores()
+    assert 1 <= cores <= os.cpu_count()
+    assert bench.default_threads() == tuple(sorted({1, cores}))
+    rows = bench.bench_onnx(_matmul_model(tmp_path / "mm.onnx"), warmup=0, runs=2)
+    assert [r["threads"] for r in rows] == list(bench.default_threads())
+    rows = bench.bench_onnx(_matmul_model(tmp_path / "mm.onnx"), threads=[2, 1, 2], warmup=0, runs=2)
+    assert [r["threads"] for r in rows] == [1, 2]  # sorted, each once
+
+
+def _measured(model: str, medians: dict[int, float]) -> list[dict]:
+    return [{"model": model, "batch": 1, "threads": t, "median_ms": ms, "p90_ms": ms, "mean_ms": ms,
+             "runs": 9} for t, ms in medians.items()]
+
+
+def test_slower_thread_count_says_why(tinies, tmp_path):
+    nodes = len(onnx.load(tinies[0]).graph.node)
+    quiet, busy = bench._Machine(cores=2, load=0.0), bench._Machine(cores=2, load=1.8)
+    # small ops on an idle machine: synchronisation is the reason, with the numbers behind it
+    rows = _measured(tinies[0], {1: 0.5, 2: 0.6})
+    bench._mark_best(rows, n_models=1, n_settings=2, machine=quiet)
+    assert [r["best_threads"] for r in rows] == [1, 1] and "note" not in rows[0]
+    assert rows[1]["note"] == (
+        f"2 threads slower than 1 at batch 1 (0.60 vs 0.50 ms): per-op work too small to amortise "
+        f"thread synchronisation ({nodes} ONNX nodes averaging {500 / nodes:.0f} µs each on 1 thread)")
+    # a busy machine, big ops: the load is the reason given
+    rows = _measured(_matmul_model(tmp_path / "mm.onnx"), {1: 18.2, 2: 22.3, 4: 30.0})
+    bench._mark_best(rows, n_models=1, n_settings=3, machine=busy)
+    assert rows[1]["note"].startswith("2 threads slower than 1 at batch 1 (22.3 vs 18.2 ms): other "
+                                      "processes kept the cores busy (1-minute load 1.8 on 2 cores")
+    assert "4 threads oversubscribe the 2 available cores" in rows[2]["note"]
+    # an idle machine and big ops: no measured cause to cite, so the note says what was seen
+    rows = _measured(_matmul_model(tmp_path / "mm.onnx"), {1: 18.2, 2: 22.3})
+    bench._mark_best(rows, n_models=1, n_settings=2, machine=quiet)
+    assert rows[1]["note"].endswith("the extra threads cost more in synchronisation and memory "
+                                    "traffic than their share of the work saved")
+    # a gap within noise is called a tie, with no cause claimed
+    rows = _measured(tinies[0], {1: 40.0, 2: 40.1})
+    bench._mark_best(rows, n_models=1, n_settings=2, machine=busy)
+    assert rows[1]["note"] == ("2 threads no faster than 1 at batch 1 (40.1 vs 40.0 ms, within 2%): "
+                               "the extra threads bought nothing")
+    # faster with more threads: no note, and the table names the faster setting
+    rows = _measured(tinies[0], {1: 2.0, 2: 1.2})
+    bench._mark_best(rows, n_models=1, n_settings=2, machine=quiet)
+    assert all(r["best_threads"] == 2 and "note" not in r for r in rows)
+    lines = bench.format_table(rows).splitlines()
+    assert lines[-1] == f"| {tinies[0]} | 1 | 2 | 1.200 |  |"

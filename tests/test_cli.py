@@ -14,14 +14,14 @@ import pytest
 import timm
 import torch
 
-import vitprune
 from conftest import assert_bad_input, files_under, run_cli as run
-from vitprune import cli
+from vitprune import api as vitprune_api, cli, commands
 from vitprune.deploy import outputs
 from vitprune.errors import InputError, OutputError, PlanError
 from vitprune.deploy.outputs import (Interrupted, OutputSet, file_mode, output_paths, signals_deferred,
                               termination_as_interrupt)
-from vitprune.spec import CompressSpec
+from vitprune.report import CompressReport, CompressResult
+from vitprune.spec import CompressSpec, options
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEIT = "timm:deit_tiny_patch16_224"
@@ -30,18 +30,23 @@ TINY = "timm:test_vit"  # timm's own tiny ViT, for tests where the API is faked
 
 @pytest.fixture
 def fake_api(monkeypatch):
-    """A stand-in vitprune.api recording its calls; set .fail to make a stage raise."""
+    """A stand-in vitprune.api recording its calls; set .fail to make a stage raise, .stages for the
+    stage reports its result carries. Its report is built by the real CompressReport, so the summary
+    reads the same shape from the fake as from the pipeline."""
     calls = {}
     api = types.ModuleType("vitprune.api")
     api.fail = {}
+    api.stages = {"width": {"notes": []}}
 
     def compress(model, spec, *, example_input_size, source, calib_data=None, train_data=None, val_data=None):
         calls["compress"] = dict(model=model, spec=spec, size=example_input_size, source=source,
                                  calib_data=calib_data)
         if "compress" in api.fail:
             raise api.fail["compress"]
-        report = {"flops": {"before": 2.0e9, "after": 1.0e9}, "params": {"before": 5.0e6, "after": 2.5e6}}
-        return types.SimpleNamespace(model=model, report=report)
+        report = CompressReport(method=spec.method, spec=spec.to_dict(), input_size=example_input_size,
+                                flops_before=2_000_000_000, flops_after=1_000_000_000, params_before=5_000_000,
+                                params_after=2_500_000, stages=api.stages, groups=[], unsupported_ops=[])
+        return CompressResult(model, report.to_dict(), source=source, input_size=example_input_size)
 
     def write_outputs(result, prefix, export=True, opset=17):
         """The real commit protocol (vitprune.deploy.outputs) around stand-in file contents."""
@@ -64,8 +69,7 @@ def fake_api(monkeypatch):
     api.check_input_size = lambda model, size: calls.setdefault("check_input_size", size)
     api.format_inspect = lambda d: "GROUPS: " + ", ".join(g["name"] for g in d["groups"])
     api.calls = calls
-    monkeypatch.setitem(sys.modules, "vitprune.api", api)
-    monkeypatch.setattr(vitprune, "api", api, raising=False)
+    monkeypatch.setattr(commands, "api", api)
     return api
 
 
@@ -116,7 +120,7 @@ def test_usage_errors_exit_2_one_line(capsys, tmp_path, monkeypatch, argv, needl
 
 
 def _spec(argv):
-    return cli.spec_from_args(cli.build_parser().parse_args(["compress", DEIT, "--out", "o", *argv]))
+    return commands.spec_from_args(cli.build_parser().parse_args(["compress", DEIT, "--out", "o", *argv]))
 
 
 def test_spec_defaults_without_flags():
@@ -138,6 +142,59 @@ def test_flags_override_spec_file_and_absent_flags_do_not(tmp_path):
     s = _spec(["--spec", str(p), "--target-flops", "0.6", "--round-to", "8"])
     assert s.target_flops == 0.6 and s.round_to == 8  # flags win
     assert s.importance == "taylor" and s.prune_mlp is False and s.seed == 3  # file kept where no flag
+
+
+def test_every_spec_field_is_a_flag_or_says_why_not(capsys):
+    """A field added to CompressSpec becomes a flag (or is marked cli=False with its reason): the
+    help lists every flag with its choices, and the parser sets the field it names."""
+    _, out, _ = run(capsys, "compress", "--help")
+    parser_dests = set(vars(cli.build_parser().parse_args(["compress", DEIT, "--out", "o"])))
+    for name, option in options().items():
+        if not option.cli:
+            assert option.help and name not in parser_dests
+            continue
+        flag = option.flag_for(name)
+        assert f"  {flag}" in out and name in parser_dests, flag
+        if option.choices:
+            assert f"{flag} {{{','.join(option.choices)}}}" in out
+    assert [n for n, o in options().items() if not o.cli] == ["input_size"]
+
+
+def test_every_flag_reaches_its_field():
+    """One value per flag (not the default), each read the way its field says."""
+    s = _spec(["--method", "boundarydpt+", "--remove-attention", "0,3", "--remove-activation", "2",
+               "--attention-variant", "drop", "--merge", "never", "--fold-norm", "--depth-selection", "search",
+               "--depth-share", "0.3", "--tokens", "keep=0.5,start=2", "--epochs", "2",
+               "--lr", "0.01", "--search-steps", "5", "--head-dim-policy", "shrink"])
+    assert s == CompressSpec(method="boundarydpt+", remove_attention=[0, 3], remove_activation=[2],
+                             attention_variant="drop", merge="never", fold_norm=True, depth_selection="search",
+                             depth_share=0.3, tokens="keep=0.5,start=2", epochs=2, lr=0.01, search_steps=5,
+                             head_dim_policy="shrink")
+    assert _spec(["--method", "cpvit", "--prune-heads", "0.75"]).prune_heads_cpvit == 0.75
+    s = _spec(["--target-flops", "0.5", "--cost", "latency", "--latency-threads", "3"])
+    assert (s.cost, s.latency_threads) == ("latency", 3)
+    assert _spec(["--target-latency", "0.5"]).target_latency == 0.5
+
+
+def test_help_shows_the_spec_defaults(capsys):
+    _, out, _ = run(capsys, "compress", "--help")
+    text = " ".join(out.split())
+    assert "(default 16)" in text and "(default identity_norm)" in text and "(default 0.0005)" in text
+
+
+@pytest.mark.parametrize("text,needle", [("0,x", "comma-separated block indices like 0,3,7"),
+                                         ("1,-2", "block indices must be >= 0")])
+def test_bad_block_list_is_a_usage_error(capsys, tmp_path, text, needle):
+    rc, _, err = run(capsys, "compress", DEIT, "--remove-attention", text, "--out", tmp_path / "m")
+    assert_bad_input(rc, err, "--remove-attention", needle)
+
+
+def test_a_target_flag_replaces_the_file_target_of_either_kind(tmp_path):
+    p = tmp_path / "s.yaml"
+    p.write_text("target_latency: 0.5\n")
+    assert _spec(["--spec", str(p)]).target_latency == 0.5
+    s = _spec(["--spec", str(p), "--target-flops", "0.6"])
+    assert (s.target_flops, s.target_latency) == (0.6, None)
 
 
 # ------------------------------------------------------------------------------------------ bad input
@@ -239,7 +296,7 @@ def test_internal_error_exit_1_and_debug_reraises(capsys, monkeypatch):
     def boom(args):
         raise RuntimeError("kaboom\nsecond line")
 
-    monkeypatch.setattr(cli, "cmd_inspect", boom)
+    monkeypatch.setitem(commands.COMMANDS, "inspect", boom)
     rc, out, err = run(capsys, "inspect", DEIT)
     assert rc == 1 and out == ""
     assert err.splitlines() == ["vitprune: error: internal error: RuntimeError: kaboom second line "
@@ -253,7 +310,7 @@ def test_vitprune_error_is_one_line(capsys, monkeypatch):
     def bad(args):
         raise InputError("first\n  second\n\nthird")
 
-    monkeypatch.setattr(cli, "cmd_inspect", bad)
+    monkeypatch.setitem(commands.COMMANDS, "inspect", bad)
     rc, _, err = run(capsys, "inspect", DEIT)
     assert rc == 2 and err == "vitprune: error: first second third\n"
 
@@ -287,6 +344,28 @@ def test_compress_calls_api_and_prints_summary(capsys, tmp_path, fake_api, tiny_
     assert files_under(tmp_path / "new") == ["deeper/m.json", "deeper/m.onnx", "deeper/m.pt2"]
 
 
+def test_summary_prints_the_planners_notes(capsys, tmp_path, fake_api):
+    fake_api.stages = {"depth": {"attention": [1], "activation": [], "selection": "one_shot",
+                                 "scored_on": "random images labelled by the model itself"},
+                       "width": {"notes": ["round_to 16 could not be met for blocks.0.mlp"]}}
+    rc, stdout, err = run(capsys, "compress", TINY, "--img-size", "32", "--method", "boundarydpt+",
+                          "--target-flops", "0.5", "--out", tmp_path / "m")
+    assert rc == 0, err
+    notes = [line for line in stdout.splitlines() if line.startswith("note: ")]
+    assert notes == ["note: round_to 16 could not be met for blocks.0.mlp",
+                     "note: depth layers were chosen on random images labelled by the model itself; "
+                     "--data DIR scores them on real images"]
+    assert "target FLOPs ratio: 0.5" in stdout
+
+
+def test_summary_has_no_random_images_note_when_depth_used_data(capsys, tmp_path, fake_api):
+    fake_api.stages = {"depth": {"attention": [1], "activation": [], "selection": "one_shot",
+                                 "scored_on": "calibration data"}}
+    rc, stdout, _ = run(capsys, "compress", TINY, "--img-size", "32", "--method", "boundarydpt",
+                        "--target-flops", "0.5", "--out", tmp_path / "m")
+    assert rc == 0 and "note:" not in stdout
+
+
 def test_compress_no_export_img_size_and_suffix(capsys, tmp_path, fake_api):
     rc, _, _ = run(capsys, "compress", TINY, "--img-size", "32", "--no-export", "--out", tmp_path / "m.onnx")
     assert rc == 0
@@ -318,10 +397,8 @@ def test_export_calls_export_onnx(capsys, tmp_path, monkeypatch):
             f.write("onnx")
         return {"max_abs_err": 1e-6}
 
-    import vitprune.deploy.onnx as real
-
-    monkeypatch.setattr(real, "export_onnx", export_onnx)
-    monkeypatch.setattr(real, "check_opset", lambda opset, name="opset": opset)
+    monkeypatch.setattr(vitprune_api, "export_onnx", export_onnx)
+    monkeypatch.setattr(vitprune_api, "check_opset", lambda opset, name="opset": opset)
     out = tmp_path / "m.onnx"
     rc, stdout, err = run(capsys, "export", TINY, "--img-size", "32", "--out", out, "--opset", "18")
     assert rc == 0, err
@@ -336,14 +413,13 @@ def test_bench_calls_compare(capsys, tmp_path, monkeypatch):
     mod = types.ModuleType("vitprune.deploy.bench")
     mod.compare = lambda paths, **kw: seen.update(paths=paths, **kw) or [{"row": 1}]
     mod.format_table = lambda rows: f"TABLE {rows}"
-    monkeypatch.setitem(sys.modules, "vitprune.deploy.bench", mod)
-    monkeypatch.setattr(vitprune, "bench", mod, raising=False)
+    monkeypatch.setattr(commands, "bench", mod)
     a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
     a.write_bytes(b"x")
     b.write_bytes(b"x")
     rc, out, _ = run(capsys, "bench", a, b, "--batch", "1,4", "--threads", "2", "--runs", "3", "--warmup", "0")
     assert rc == 0 and out.strip() == "TABLE [{'row': 1}]"
-    assert seen == dict(paths=[str(a), str(b)], batch_sizes=[1, 4], threads=2, runs=3, warmup=0)
+    assert seen == dict(paths=[str(a), str(b)], batch_sizes=[1, 4], threads=[2], runs=3, warmup=0)
     rc, _, err = run(capsys, "bench", tmp_path / "missing.onnx")
     assert_bad_input(rc, err, "missing.onnx")
 
@@ -360,9 +436,19 @@ def test_e2e_compress_writes_three_files(capsys, tmp_path, real_api):
                           "--calib-batches", "1", "--batch-size", "2", "--out", out)
     assert rc == 0, err
     assert files_under(tmp_path) == ["out/m.json", "out/m.onnx", "out/m.pt2"]
-    report = json.loads((tmp_path / "out" / "m.json").read_text())
-    assert isinstance(report, dict) and report
-    assert "FLOPs" in stdout
+    report = CompressReport.from_dict(json.loads((tmp_path / "out" / "m.json").read_text()))
+    assert report.onnx["path"] == f"{out}.onnx" and report.spec["target_flops"] == 0.5
+    assert "FLOPs: " in stdout and f"({report.flops_ratio:.3f} of original)" in stdout
+
+
+def test_e2e_depth_on_random_images_says_so(capsys, tmp_path, real_api):
+    """The real pipeline's depth report carries what the summary's note looks for."""
+    rc, stdout, err = run(capsys, "compress", TINY, "--img-size", "32", "--method", "boundarydpt",
+                          "--target-flops", "0.8", "--no-export", "--out", tmp_path / "m")
+    assert rc == 0, err
+    report = CompressReport.from_dict(json.loads((tmp_path / "m.json").read_text()))
+    assert report.depth_scored_on_random_images and report.method == "boundarydpt"
+    assert "note: depth layers were chosen on random images" in stdout
 
 
 def test_e2e_inspect_prints_groups(capsys, real_api):
@@ -516,10 +602,10 @@ def test_signals_are_deferred_then_delivered():
 _DRIVER = """
 import os, sys, time
 import vitprune.api, vitprune.deploy.onnx, vitprune.frontend.load, vitprune.deploy.outputs
-from vitprune import cli
+from vitprune import cli, commands
 
 point, argv = sys.argv[1], sys.argv[2:]
-module, name = {"load": (vitprune.frontend.load, "load_model"), "compress": (vitprune.api, "compress"),
+module, name = {"load": (commands, "load_model"), "compress": (vitprune.api, "compress"),
                 "onnx_written": (vitprune.deploy.onnx, "_check_proto"), "pt2": (vitprune.api, "write_pt2"),
                 "swap": (vitprune.deploy.outputs, "_swap")}[point]
 original = getattr(module, name)

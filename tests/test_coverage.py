@@ -15,9 +15,8 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
-import timm
+from conftest import tiny, tiny_qknorm
 import torch
-from timm.models.vision_transformer import VisionTransformer
 
 from passes.width import WidthPruning
 from vitprune.deps import DependencyGraph
@@ -44,14 +43,11 @@ REQUIRED = {
 
 
 def make(name: str, fused: bool) -> tuple[torch.nn.Module, torch.Tensor]:
-    torch.manual_seed(0)
     size = REQUIRED[name]
     if name == "qk_norm":
-        model = VisionTransformer(img_size=size, patch_size=16, embed_dim=96, depth=DEPTH, num_heads=3,
-                                  qk_norm=True, num_classes=NUM_CLASSES)
+        model = tiny_qknorm(img_size=size, patch_size=16, depth=DEPTH, num_classes=NUM_CLASSES)
     else:
-        model = timm.create_model(name, pretrained=False, depth=DEPTH, img_size=size, num_classes=NUM_CLASSES)
-    model.eval()
+        model = tiny(name, fused=fused, depth=DEPTH, img_size=size, num_classes=NUM_CLASSES)
     attention = [m for m in model.modules() if hasattr(m, "fused_attn")]
     assert attention, "no timm attention module: the fused_attn switch would test nothing"
     for m in attention:

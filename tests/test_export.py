@@ -9,12 +9,12 @@ import numpy as np
 import onnx
 import onnxruntime
 import pytest
-import timm
+from conftest import tiny
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from passes.base import set_tensor
+from passes.tensors import set_tensor
 from vitprune.frontend.capture import capture, example_input_for
 from vitprune.errors import ExportError, InputError
 from vitprune.deploy.onnx import export_onnx, onnx_op_counts, run_onnx
@@ -29,8 +29,7 @@ def _trace(model: nn.Module) -> torch.fx.GraphModule:
 
 
 def _vit(arch: str = "deit_tiny_patch16_224", **kw) -> nn.Module:
-    torch.manual_seed(0)
-    return timm.create_model(arch, pretrained=False, img_size=IMG, depth=DEPTH, **kw).eval()
+    return tiny(arch, img_size=IMG, depth=DEPTH, **kw)
 
 
 def _x(batch: int = 1) -> torch.Tensor:

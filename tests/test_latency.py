@@ -1,9 +1,13 @@
-"""--target-latency: plan by measured ONNX Runtime latency, report every round."""
+"""--target-latency: plan by measured ONNX Runtime latency, report every round and the fastest
+thread count."""
+import json
+
 import pytest
 
 from conftest import tiny
 from vitprune import CompressSpec, compress
 from vitprune.errors import SpecError
+from vitprune.deploy.bench import default_threads
 from vitprune.driver.latency import compress_to_latency
 
 
@@ -16,16 +20,36 @@ def test_latency_target_measures_and_reports_rounds():
     assert plan["target_latency"] == 0.6
     first = plan["rounds"][0]
     assert first["flops_target"] == 0.6 and first["compressed_ms"] > 0 and first["original_ms"] > 0
+    assert first["cost"] == "latency"  # width planned to the latency model, not to FLOPs
     # a later round's FLOPs target moves against the measured miss
     for before, after in zip(plan["rounds"], plan["rounds"][1:]):
         if before["latency_ratio"] > 0.6:
-            assert after["flops_target"] < before["flops_ratio"] + 1e-9
+            assert after["flops_target"] < before["flops_target"] + 1e-9
         else:
-            assert after["flops_target"] > before["flops_ratio"] - 1e-9
+            assert after["flops_target"] > before["flops_target"] - 1e-9
     # the result is the round whose measured latency came closest to the target
     best = min(plan["rounds"], key=lambda r: abs(r["latency_ratio"] - 0.6))
     assert plan["measured_latency_ratio"] == best["latency_ratio"]
     assert result.report["flops_ratio"] == best["flops_ratio"]
+    # the thread count to deploy with: measured once at the end, for both models, at batch 1
+    sweep = plan["thread_sweep"]
+    assert sweep["batch"] == 1 and sweep["threads"] == sorted({*default_threads(), 1})
+    for label in ("original", "compressed"):
+        medians = {int(t): ms for t, ms in sweep[label]["median_ms_by_threads"].items()}
+        assert sorted(medians) == sweep["threads"]
+        assert sweep[label]["best_threads"] == min(medians, key=lambda t: (medians[t], t))
+    assert plan["best_threads"] == sweep["compressed"]["best_threads"]
+    assert type(plan["best_threads"]) is int and plan["best_threads_ms"] == sweep["compressed"]["best_ms"]
+    assert plan["speedup_at_best_threads"] == pytest.approx(
+        sweep["original"]["best_ms"] / sweep["compressed"]["best_ms"])
+    slower = [(label, t) for label in ("original", "compressed")
+              for t, ms in sweep[label]["median_ms_by_threads"].items()
+              if any(int(u) < int(t) and v < ms for u, v in sweep[label]["median_ms_by_threads"].items())]
+    notes = [n for n in plan["thread_notes"] if not n.startswith("timings were noisy")]
+    assert len(notes) == len(slower) and len(plan["thread_notes"]) - len(notes) <= 1
+    for (label, t), note in zip(slower, notes):
+        assert note.startswith((f"{label}: {t} threads slower than ", f"{label}: {t} threads no faster than "))
+    json.dumps(plan)  # the report is written as JSON
 
 
 def test_compress_dispatches_on_target_latency(monkeypatch):

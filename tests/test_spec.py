@@ -1,11 +1,16 @@
 """CompressSpec: defaults, validation of every field, file formats, merging of CLI overrides."""
+import dataclasses
 import json
+import pathlib
+import re
 
 import pytest
 import yaml
 
 from vitprune.errors import InputError, SpecError
-from vitprune.spec import IMPORTANCES, METHODS, RANKINGS, CompressSpec, token_parts
+from vitprune.spec import IMPORTANCES, METHODS, RANKINGS, CompressSpec, options, read_block_indices, token_parts
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_defaults():
@@ -199,3 +204,74 @@ def test_keep_everything_beside_a_removal_is_refused_not_skipped():
         CompressSpec(target_flops=1.0, remove_attention=[1], tokens="keep=0.5,start=2").validate()
     CompressSpec(target_flops=1.0).validate()
     CompressSpec(remove_attention=[1]).validate()  # explicit removals need no target
+
+
+# ------------------------------------------------------------------------------------------ one home per field
+def test_every_field_has_an_option_with_help():
+    assert list(options()) == list(CompressSpec.field_names())
+    assert all(o.help and (o.cli or o.flag is None) for o in options().values())
+    assert options()["method"].choices == METHODS and options()["importance"].choices == IMPORTANCES
+
+
+@pytest.mark.parametrize("name", [n for n, o in options().items() if o.choices])
+def test_choices_are_validated_from_the_options(name):
+    with pytest.raises(SpecError, match=re.escape(f"{name} must be one of {', '.join(options()[name].choices)};")):
+        CompressSpec(**{name: "no-such-choice"})
+
+
+def test_block_indices_from_text():
+    assert read_block_indices("0, 3,7,") == [0, 3, 7]
+    with pytest.raises(SpecError, match="like 0,3,7"):
+        read_block_indices("0,x")
+    with pytest.raises(SpecError, match=">= 0"):
+        read_block_indices("-1")
+
+
+def _readme_spec_table() -> dict[str, tuple[str, str]]:
+    """README "Spec format": {field: (default, flag)} from its table."""
+    text = (pathlib.Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    section = text.split("## Spec format", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and cells[0].startswith("`") and cells[0] != "field":
+            rows[cells[0].strip("`")] = (cells[1].strip("`"), cells[2].strip("`").split(" ")[0])
+    return rows
+
+
+def test_readme_spec_table_matches_the_dataclass():
+    """The README's table is written by hand: it names every field with its default and flag."""
+    rows = _readme_spec_table()
+    assert set(rows) == set(CompressSpec.field_names())
+    for f in dataclasses.fields(CompressSpec):
+        option = options()[f.name]
+        assert json.loads(rows[f.name][0]) == f.default, f.name
+        assert rows[f.name][1] == (option.flag_for(f.name) if option.cli else ""), f.name
+
+
+# A value away from the default for every field with a ``needs``, and a spec that meets the need.
+NEEDS_CASES = {
+    "depth_share": (0.3, dict(method="boundarydpt+")),
+    "prune_heads_cpvit": (0.5, dict(method="cpvit")),
+    "lr": (0.01, dict(epochs=1)),
+    "search_steps": (5, dict(method="boundarydpt+")),
+    "latency_threads": (2, dict(target_latency=0.5)),
+    "attention_variant": ("drop", dict(remove_attention=[0])),
+    "merge": ("never", dict(method="boundarydpt")),
+    "fold_norm": (True, dict(remove_activation=[1])),
+}
+
+
+def test_every_needs_is_tested():
+    assert {name for name, o in options().items() if o.needs is not None} == set(NEEDS_CASES)
+
+
+@pytest.mark.parametrize("name", sorted(NEEDS_CASES))
+def test_a_setting_without_its_need_is_refused_not_ignored(name):
+    """The Python API and spec files get the check the CLI has: a field that would do nothing is an
+    error naming the field, its flag and what it needs."""
+    value, met = NEEDS_CASES[name]
+    flag = options()[name].flag_for(name)
+    with pytest.raises(SpecError, match=rf"^{name} \({flag}\) has no effect without"):
+        CompressSpec(**{name: value})
+    assert getattr(CompressSpec(**{name: value}, **met), name) == value

@@ -15,8 +15,11 @@ from timm.models.vision_transformer import VisionTransformer
 from torch.utils.data import DataLoader, Subset
 
 from vitprune import sweep as sw
-from vitprune.errors import InputError
 from vitprune.deps.flops import count_flops
+from vitprune.driver.pipeline import analyse
+from vitprune.errors import InputError, PlanError
+from vitprune.plan.budget import TOLERANCE
+from vitprune.plan.depth import depth_flops_options
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -118,6 +121,62 @@ def test_tp_width_meets_target_and_runs():
         assert blk.attn.num_heads * blk.attn.head_dim * 3 == blk.attn.qkv.out_features
 
 
+def _ctx(**config):
+    torch.manual_seed(0)
+    calib = [(torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,)))]
+    return sw.PointContext((3, 32, 32), 0, calib, sw.SweepConfig(calib_batches=1, **config))
+
+
+def test_one_kind_removes_the_fewest_layers_within_tolerance():
+    """Equal blocks: each activation removal saves the same FLOPs, so the count is known in advance.
+    A target just below one removal's FLOPs (inside the tolerance) takes one removal, a target halfway
+    to two removals takes two, and a target out of reach is a PlanError naming the best ratio."""
+    model = _vit(depth=4)
+    gm, _ = analyse(model, (3, 32, 32))
+    base = count_flops(gm, gm.meta["example_input"])
+    options = depth_flops_options(gm)
+    one, two, every = (options[(0, n)] / base for n in (1, 2, 4))
+    ctx, x = _ctx(), torch.zeros(1, 3, 32, 32)
+    for target, removed in ((one - TOLERANCE / 2, 1), ((one + two) / 2, 2)):
+        pruned = sw.METHODS["activation"].prune(model, target, ctx)
+        steps = [s for s in pruned.arch["steps"] if s["pass"] == "activation"]
+        assert len(steps) == 1 and len(steps[0]["blocks"]) == removed, pruned.arch
+        assert count_flops(pruned.model, x) / base == pytest.approx(options[(0, removed)] / base)
+    with pytest.raises(PlanError, match=f"activation removal alone reaches {every:.3f}"):
+        sw.METHODS["activation"].prune(model, every - 2 * TOLERANCE, ctx)
+
+
+def test_combo_corrects_the_planner_target_for_the_token_cut():
+    """When the token cut alone meets the target it is the answer. Below it, depth/width get the target
+    raised by what the tokens remove and are corrected once; a correction that would ask depth/width to
+    keep 100% or more (which the spec refuses beside tokens) leaves the token cut alone as the other
+    candidate. Either way the answer is never farther from the goal than the token cut alone."""
+    model, x = _vit(depth=4), torch.zeros(1, 3, 32, 32)
+    base = count_flops(model, x)
+    ctx = _ctx(combo_tokens="keep=0.5,start=1")
+    tokens_only = sw.METHODS["combo"].prune(model, 0.95, ctx)
+    tau = count_flops(tokens_only.model, x) / base
+    assert tokens_only.info["planner_target"] is None and [s["pass"] for s in tokens_only.arch["steps"]] == ["tokens"]
+    assert tau < 0.95 - TOLERANCE
+    for target in (tau - 0.05, tau - 0.15):
+        combo = sw.METHODS["combo"].prune(model, target, ctx)
+        ratio = count_flops(combo.model, x) / base
+        assert combo.arch["steps"][-1]["pass"] == "tokens" and abs(ratio - target) <= abs(tau - target)
+        planned = combo.info["planner_target"]
+        assert planned is None or target < planned < 1.0, planned
+    assert planned is not None and len(combo.arch["steps"]) >= 2  # the deeper target used depth/width too
+
+
+@pytest.mark.parametrize("content, needle", [("{", "not a readable sweep file"), ("[1]", "not a vitprune-sweep file"),
+                                             ('{"format": "other"}', "not a vitprune-sweep file")])
+def test_sweep_refuses_a_foreign_sweep_json(tmp_path, content, needle):
+    (tmp_path / "sweep.json").write_text(content)
+    with pytest.raises(InputError, match=needle):
+        sw.run_sweep(_vit(), [], [], sw.SweepConfig(methods=("width",), progress=False), tmp_path,
+                     input_size=(3, 32, 32))
+    assert (tmp_path / "sweep.json").read_text() == content  # left for the user to look at
+
+
 # ---------------------------------------------------------------------------------------------- a tiny sweep
 def test_sweep_records_skips_and_resumes(tmp_path):
     train, val = _digits()
@@ -132,6 +191,7 @@ def test_sweep_records_skips_and_resumes(tmp_path):
     assert abs(w["flops_ratio"] - 0.6) <= 0.011 and w["speedup"] > 0 and w["latency_p90_ms"] >= w["latency_ms"]
     for f in ("sweep.json", "sweep.md", "sweep.png"):
         assert (tmp_path / f).stat().st_size > 0
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # atomic writes leave nothing
     again = sw.run_sweep(_vit(), train, val, cfg, tmp_path, input_size=(3, 32, 32))
     assert again["computed"] == [] and again["points"] == json.loads((tmp_path / "sweep.json").read_text())["points"]
     with pytest.raises(InputError, match="budget"):

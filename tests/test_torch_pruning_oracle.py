@@ -48,7 +48,7 @@ import warnings
 from collections import Counter, defaultdict
 
 import pytest
-import timm
+from conftest import tiny
 import torch
 from torch import nn
 
@@ -63,13 +63,8 @@ ParamDim = tuple[str, int]
 
 # -- reducing both sides to elements ------------------------------------------------------------
 def _model(depth: int | None = 2, fused_attn: bool = True) -> nn.Module:
-    torch.manual_seed(0)
-    kw = {} if depth is None else {"depth": depth}
-    model = timm.create_model("deit_tiny_patch16_224", pretrained=False, **kw).eval()
-    for m in model.modules():
-        if hasattr(m, "fused_attn"):
-            m.fused_attn = fused_attn
-    return model
+    """DeiT-tiny at its own 224×224 (Torch-Pruning's example size), ``depth`` blocks (None: all 12)."""
+    return tiny("deit_tiny_patch16_224", fused=fused_attn, depth=depth or 12, img_size=224)
 
 
 def tp_units(model: nn.Module, x: torch.Tensor) -> list[list[set[Element]]]:

@@ -11,6 +11,8 @@ import time
 import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
+
+from conftest import tiny_vit
 from torch.utils.data import DataLoader, TensorDataset
 
 from vitprune import CompressSpec, compress
@@ -30,14 +32,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 # -- tiny models and data -----------------------------------------------------------------------------
-def tiny_vit(seed: int = 0, drop: float = 0.0) -> VisionTransformer:
-    torch.manual_seed(seed)
-    return VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, num_classes=10,
-                             drop_rate=drop, proj_drop_rate=drop).eval()
+def tiny_model(seed: int = 0, drop: float = 0.0) -> VisionTransformer:
+    return tiny_vit(seed=seed, img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, drop_rate=drop,
+                    proj_drop_rate=drop)
 
 
 def tiny_student(seed: int = 0, drop: float = 0.0) -> torch.fx.GraphModule:
-    return capture(tiny_vit(seed, drop), example_input_for((3, 16, 16)))
+    return capture(tiny_model(seed, drop), example_input_for((3, 16, 16)))
 
 
 def random_data(n: int = 64, seed: int = 0) -> TensorDataset:
@@ -79,16 +80,16 @@ def test_bad_finetune_calls_are_input_errors(tmp_path):
     with pytest.raises(InputError, match="separate"):
         finetune(student, student, data, config=quick())
     with pytest.raises(InputError, match="empty"):
-        finetune(student, tiny_vit(), TensorDataset(torch.zeros(0, 3, 16, 16), torch.zeros(0).long()),
+        finetune(student, tiny_model(), TensorDataset(torch.zeros(0, 3, 16, 16), torch.zeros(0).long()),
                  config=quick())
     with pytest.raises(InputError, match="no batch"):
-        finetune(student, tiny_vit(), DataLoader(data, batch_size=32, drop_last=True), config=quick())
+        finetune(student, tiny_model(), DataLoader(data, batch_size=32, drop_last=True), config=quick())
     other = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, num_classes=7)
     with pytest.raises(InputError, match="shape"):
         finetune(student, other.eval(), data, config=quick())
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(InputError, match="cannot read"):
-        finetune(student, tiny_vit(), data, config=quick(checkpoint=str(tmp_path / "junk.pt"), resume=True))
+        finetune(student, tiny_model(), data, config=quick(checkpoint=str(tmp_path / "junk.pt"), resume=True))
 
 
 def test_evaluate_counts_top1_and_restores_mode():
@@ -185,7 +186,7 @@ def test_exported_image_folder_feeds_the_same_model(base, tmp_path):
 def test_graphmodule_student_trains_and_keeps_its_parameters():
     """A captured student is the eval-mode function (export drops eval dropout); fine-tuning trains
     that graph's own parameters in place, toggles train/eval freely and leaves it in eval mode."""
-    student, teacher = tiny_student(drop=0.3), tiny_vit(seed=1)
+    student, teacher = tiny_student(drop=0.3), tiny_model(seed=1)
     assert not any(n.target is torch.ops.aten.dropout.default for n in student.graph.nodes)
     params, before = list(student.parameters()), weights(student)
     finetune(student, teacher, random_data(32), random_data(16, seed=1), quick(epochs=1))
@@ -220,34 +221,34 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, monkeypatc
     cfg = dict(epochs=4, warmup_epochs=1.5)
 
     full = tiny_student(drop=0.2)
-    h_full = finetune(full, tiny_vit(seed=1), train, val, quick(**cfg, checkpoint=str(tmp_path / "full.pt")))
+    h_full = finetune(full, tiny_model(seed=1), train, val, quick(**cfg, checkpoint=str(tmp_path / "full.pt")))
 
     path = str(tmp_path / "ft.pt")
     interrupted = tiny_student(drop=0.2)
     with monkeypatch.context() as m:
         crash_at_epoch(m, 2)
         with pytest.raises(Crash):
-            finetune(interrupted, tiny_vit(seed=1), train, val, quick(**cfg, checkpoint=path, resume=True))
+            finetune(interrupted, tiny_model(seed=1), train, val, quick(**cfg, checkpoint=path, resume=True))
     assert load_checkpoint(path)["epoch"] == 2
     assert not torch.equal(full.state_dict()["head.weight"], interrupted.state_dict()["head.weight"])
 
     fresh = tiny_student(drop=0.2)  # a new process: new objects, weights only from the checkpoint
-    h_resumed = finetune(fresh, tiny_vit(seed=1), train, val, quick(**cfg, checkpoint=path, resume=True))
+    h_resumed = finetune(fresh, tiny_model(seed=1), train, val, quick(**cfg, checkpoint=path, resume=True))
     assert h_resumed["resumed_from"] == 2 and len(h_resumed["epochs"]) == 4
     assert same_history(h_full, h_resumed)
     for k, v in full.state_dict().items():
         assert torch.equal(v, fresh.state_dict()[k]), k
     assert torch.load(path, weights_only=True)["epoch"] == 4
 
-    again = finetune(fresh, tiny_vit(seed=1), train, val, quick(**cfg, checkpoint=path, resume=True))
+    again = finetune(fresh, tiny_model(seed=1), train, val, quick(**cfg, checkpoint=path, resume=True))
     assert same_history(again, h_full)  # a finished run resumes to its result without training
     with pytest.raises(InputError, match="lr"):
-        finetune(fresh, tiny_vit(seed=1), train, val, quick(**cfg, lr=5e-4, checkpoint=path, resume=True))
+        finetune(fresh, tiny_model(seed=1), train, val, quick(**cfg, lr=5e-4, checkpoint=path, resume=True))
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "ft.pt"
-    finetune(tiny_student(), tiny_vit(seed=1), random_data(32), None, quick(epochs=2, checkpoint=str(path)))
+    finetune(tiny_student(), tiny_model(seed=1), random_data(32), None, quick(epochs=2, checkpoint=str(path)))
     good = path.read_bytes()
     assert load_checkpoint(path)["epoch"] == 2
 
@@ -259,7 +260,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", torn_save)
     with pytest.raises(OSError):
-        finetune(tiny_student(seed=3), tiny_vit(seed=1), random_data(32), None,
+        finetune(tiny_student(seed=3), tiny_model(seed=1), random_data(32), None,
                  quick(epochs=3, checkpoint=str(path)))
     monkeypatch.setattr(torch, "save", real_save)
     assert path.read_bytes() == good

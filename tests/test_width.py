@@ -250,3 +250,112 @@ def test_group_names_are_unique():
     dg = DependencyGraph.build(traced(model))
     names = [g.name for g in dg.groups]
     assert len(names) == len(set(names))
+
+
+# -- planner: round_to for every kind, head_dim policy, cost models ---------------------------------
+from types import SimpleNamespace
+
+from vitprune.errors import InputError
+from vitprune.plan.budget import Budget
+from vitprune.plan.importance import l2_importance
+from vitprune.plan.width import eligible_groups, kept_importance, plan_width, unit_size
+
+ALL_KINDS = {"residual", "hidden", "head", "head_dim"}
+
+
+def planner_inputs(model, kinds=ALL_KINDS):
+    dg = DependencyGraph.build(traced(randomize(model)))
+    groups = eligible_groups(dg, kinds)
+    return dg, FlopModel(dg), groups, l2_importance(dg, groups)
+
+
+def widths(plan, groups, kind):
+    return [plan.detail["counts"].get(g.axis, g.size) for g in groups if g.kind == kind]
+
+
+def test_unit_size_holds_round_to_for_head_dim():
+    group = lambda kind, size: SimpleNamespace(kind=kind, size=size)  # noqa: E731
+    assert unit_size(group("head_dim", 64), 16) == 16
+    assert unit_size(group("head_dim", 64), 64) == 64   # was 1: round_to=64 gave head_dim 46
+    assert unit_size(group("head_dim", 46), 16) == 1    # impossible: channel by channel
+    assert unit_size(group("head", 12), 16) == 1
+    assert unit_size(group("hidden", 1536), 64) == 64
+
+
+@pytest.mark.parametrize("round_to", [16, 64])
+def test_shrink_policy_rounds_head_dim(round_to):
+    dg, fm, groups, scores = planner_inputs(tiny("deit_small_patch16_224"))
+    plan = plan_width(dg, fm, scores, groups, Budget(fm.flops(), 0.5), round_to=round_to,
+                      head_dim_policy="shrink")
+    head_dims = widths(plan, groups, "head_dim")
+    assert all(w % round_to == 0 for w in head_dims), head_dims
+    if round_to == 64:
+        assert head_dims == [64, 64]
+    else:
+        assert min(head_dims) < 64  # the FLOPs plan does narrow heads when allowed to
+    assert plan.detail["head_dim_policy"] == "shrink"
+
+
+def test_keep_policy_removes_whole_heads_only():
+    dg, fm, groups, scores = planner_inputs(tiny("deit_small_patch16_224"))
+    budget = Budget(fm.flops(), 0.3)
+    plan = plan_width(dg, fm, scores, groups, budget, round_to=16)  # the default policy
+    assert plan.detail["head_dim_policy"] == "keep"
+    assert widths(plan, groups, "head_dim") == [64, 64]
+    assert min(widths(plan, groups, "head")) < 6
+    assert plan.within_tolerance and any("head_dim kept whole" in n for n in plan.notes)
+    pruned = copy.deepcopy(dg.gm)
+    plan.passes[0](pruned)
+    assert count_flops(pruned, dg.gm.meta["example_input"]) == plan.flops
+
+
+def test_keep_policy_still_narrows_head_dim_when_heads_are_not_eligible():
+    dg, fm, groups, scores = planner_inputs(tiny("deit_small_patch16_224"), ALL_KINDS - {"head"})
+    plan = plan_width(dg, fm, scores, groups, Budget(fm.flops(), 0.5), round_to=16, head_dim_policy="keep")
+    assert min(widths(plan, groups, "head_dim")) < 64
+
+
+def test_head_dim_that_round_to_cannot_divide_is_noted():
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=96, depth=2, num_heads=2, num_classes=10).eval()
+    dg, fm, groups, scores = planner_inputs(model, {"head_dim"})  # head_dim 48: not a multiple of 32
+    plan = plan_width(dg, fm, scores, groups, Budget(fm.flops(), 0.9), round_to=32, head_dim_policy="shrink")
+    notes = [n for n in plan.notes if "head_dim group" in n]
+    assert any(w % 32 for w in widths(plan, groups, "head_dim"))
+    assert notes and "channel by channel" in notes[0] and "head_dim_policy='keep'" in notes[0]
+
+
+def test_bad_head_dim_policy_is_refused():
+    dg, fm, groups, scores = planner_inputs(tiny())
+    with pytest.raises(InputError, match="head_dim_policy must be one of keep, shrink"):
+        plan_width(dg, fm, scores, groups, Budget(fm.flops(), 0.5), head_dim_policy="drop")
+
+
+def test_plans_to_any_cost_model():
+    """The planner asks ``cost(counts)``: a model that charges heads triple spends less on them."""
+    dg, fm, groups, scores = planner_inputs(tiny("deit_small_patch16_224"))
+    head_axes = {g.axis for g in groups if g.kind == "head"}
+
+    class HeadsExpensive:
+        def cost(self, counts=None):
+            counts = counts or {}
+            heads = sum(counts.get(a, 6) for a in head_axes)
+            return fm.flops(counts) + 2e6 * heads
+
+    model = HeadsExpensive()
+    flop_plan = plan_width(dg, fm, scores, groups, Budget(fm.flops(), 0.5), round_to=16)
+    cost_plan = plan_width(dg, model, scores, groups, Budget(model.cost(), 0.5), round_to=16)
+    assert Budget(model.cost(), 0.5).met(cost_plan.flops)
+    assert sum(widths(cost_plan, groups, "head")) < sum(widths(flop_plan, groups, "head"))
+
+
+def test_kept_importance_counts_kept_normalised_scores():
+    dg, fm, groups, scores = planner_inputs(tiny())
+    total = sum(g.size for g in groups)
+    assert kept_importance(scores, {}, groups) == pytest.approx(total)
+    hidden = next(g for g in groups if g.kind == "hidden")
+    best = np.argsort(-scores[hidden.name])[:10].tolist()
+    worst = np.argsort(scores[hidden.name])[:10].tolist()
+    assert kept_importance(scores, {hidden.name: best}, groups) > kept_importance(scores, {hidden.name: worst}, groups)

@@ -33,3 +33,9 @@ class OutputError(VitpruneError):
 
 class ExportError(VitpruneError):
     """ONNX export, checking or ONNX Runtime parity failed."""
+
+
+def one_line(text: object, limit: int | None = None) -> str:
+    """``text`` with every run of whitespace (newlines included) as one space, cut at ``limit``:
+    how every error reaches the user."""
+    return " ".join(str(text).split())[:limit]

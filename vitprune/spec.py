@@ -16,7 +16,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -32,6 +32,12 @@ IMPORTANCES: tuple[str, ...] = ("l2", "taylor")
 #: How widths are chosen across groups: "global" ranks normalised scores across all groups,
 #: "uniform" removes the same fraction from every group.
 RANKINGS: tuple[str, ...] = ("global", "uniform")
+#: How attention is narrowed: "keep" removes whole heads and leaves head_dim whole (the faster shapes
+#: in ONNX Runtime, measured in benchmarks/README.md); "shrink" may also narrow head_dim.
+HEAD_DIM_POLICIES: tuple[str, ...] = ("keep", "shrink")
+#: What the width planner's target fraction measures: FLOPs, or the latency estimated from per-op
+#: ONNX Runtime tables measured once on this machine (:mod:`vitprune.plan.cost`).
+COSTS: tuple[str, ...] = ("flops", "latency")
 #: Parts of the explicit token form ``keep=F,start=N[,every=M]``, each given at most once.
 TOKEN_PARTS: tuple[str, ...] = ("keep", "start", "every")
 #: Seeds torch's generators accept.
@@ -46,42 +52,150 @@ def _is_real(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+@dataclass(frozen=True)
+class Option:
+    """What a :class:`CompressSpec` field means and how ``vitprune compress`` takes it: the CLI builds
+    its flags from these, and :meth:`CompressSpec.validate` reads the allowed ``choices`` here, so
+    each allowed value and each help text has one home.
+
+    ``read`` turns a flag's text into the value; ``flag`` is the flag's name where it is not
+    ``--field-name``; a ``switch`` flag takes no value and sets the field to ``switch``
+    (``--no-mlp`` sets ``prune_mlp`` to False); ``cli=False`` marks a field that is no flag, and its
+    ``help`` says where the value comes from instead. ``needs`` names the setting without which the
+    field does nothing, as ``(applies, in words, as flags)``: a field set away from its default
+    (or its flag given) while ``applies(spec)`` is false is refused, never silently ignored."""
+
+    help: str
+    read: Callable[[str], Any] = str
+    choices: tuple[str, ...] | None = None
+    metavar: str | None = None
+    flag: str | None = None
+    switch: bool | None = None
+    cli: bool = True
+    needs: tuple[Callable[[Any], bool], str, str] | None = None
+
+    def flag_for(self, field_name: str) -> str:
+        return self.flag or "--" + field_name.replace("_", "-")
+
+
+#: The key of a field's :class:`Option` in its ``dataclasses.field`` metadata.
+OPTION = "vitprune.option"
+
+
+def _field(default: Any, help: str, **how: Any) -> Any:
+    return dataclasses.field(default=default, metadata={OPTION: Option(help, **how)})
+
+
+def _trains(s: Any) -> bool:
+    return s.epochs > 0 or s.depth_selection == "search" or s.method == "boundarydpt+"
+
+
+def _searches_or_recovers(s: Any) -> bool:
+    return s.depth_selection == "search" or s.method == "boundarydpt+"
+
+
+def _removes_attention(s: Any) -> bool:
+    return s.method.startswith("boundarydpt") or s.remove_attention is not None
+
+
+def _removes_activation(s: Any) -> bool:
+    return s.method.startswith("boundarydpt") or s.remove_activation is not None
+
+
+def read_block_indices(text: str) -> list[int]:
+    """The command line's form of a block list: ``0,3,7`` → ``[0, 3, 7]``."""
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SpecError(f"expected comma-separated block indices like 0,3,7, got {text!r}") from None
+    if any(b < 0 for b in out):
+        raise SpecError(f"block indices must be >= 0, got {text!r}")
+    return out
+
+
 @dataclass
 class CompressSpec:
-    """A validated compression request. Every field has a default; see README "Spec format".
+    """A validated compression request. Every field has a default and an :class:`Option` (its
+    meaning and its flag); see README "Spec format".
 
     >>> CompressSpec(target_flops=0.5).merged(round_to=8).round_to
     8
     """
 
-    target_flops: float | None = None
-    method: str = "width"
-    importance: str = "l2"
-    ranking: str = "global"
-    round_to: int = 16
-    prune_residual: bool = True
-    prune_mlp: bool = True
-    prune_heads: bool = True
-    prune_head_dim: bool = True
-    min_keep: float = 0.1
-    calib_batches: int = 4
-    batch_size: int = 8
-    seed: int = 0
-    input_size: tuple[int, int, int] | None = None
-    target_latency: float | None = None
-    latency_threads: int = 1
-    remove_attention: list[int] | None = None
-    remove_activation: list[int] | None = None
-    attention_variant: str = "identity_norm"
-    merge: str = "auto"
-    fold_norm: bool = False
-    depth_selection: str = "one_shot"
-    depth_share: float = 0.42
-    tokens: str | None = None
-    prune_heads_cpvit: float | None = None
-    epochs: int = 0
-    lr: float = 5e-4
-    search_steps: int = 20
+    target_flops: float | None = _field(
+        None, "fraction of the original FLOPs to keep, in (0, 1]; 1.0 removes nothing", read=float, metavar="R")
+    method: str = _field(
+        "width", "width (coupled channels), boundarydpt (attention/activation removal), boundarydpt+ "
+        "(depth and width, planned jointly), cpvit (token and head pruning)", choices=METHODS)
+    importance: str = _field(
+        "l2", "channel importance: l2 (weight magnitude) or taylor (first order, from calibration batches)",
+        choices=IMPORTANCES)
+    ranking: str = _field(
+        "global", "global: normalised scores ranked across all groups; uniform: the same ratio in every group",
+        choices=RANKINGS)
+    round_to: int = _field(16, "pruned widths are multiples of N where the group allows", read=int, metavar="N")
+    head_dim_policy: str = _field(
+        "keep", "keep: narrow attention by whole heads only (head_dim stays whole: faster in ORT); "
+        "shrink: head_dim may narrow too", choices=HEAD_DIM_POLICIES)
+    cost: str = _field(
+        "flops", "what the width target measures: flops, or latency estimated from per-op ONNX Runtime "
+        "tables measured once on this machine (cached; --latency-threads)", choices=COSTS)
+    prune_residual: bool = _field(True, "keep the residual stream width", flag="--no-residual", switch=False)
+    prune_mlp: bool = _field(True, "keep MLP widths", flag="--no-mlp", switch=False)
+    prune_heads: bool = _field(True, "keep all heads", flag="--no-heads", switch=False)
+    prune_head_dim: bool = _field(True, "keep the head dimension", flag="--no-head-dim", switch=False)
+    min_keep: float = _field(0.1, "fraction of every group always kept, in (0, 1]", read=float, metavar="F")
+    calib_batches: int = _field(
+        4, "calibration batches (taylor importance, depth scores, CP-ViT ranges)", read=int, metavar="N")
+    batch_size: int = _field(8, "calibration and fine-tuning batch size", read=int, metavar="N")
+    seed: int = _field(
+        0, "random seed: random-weight models (timm:, torchvision:, HF config) and calibration", read=int,
+        metavar="N")
+    input_size: tuple[int, int, int] | None = _field(
+        None, "example input [C, H, W] (spec file only: on the command line, --img-size N builds the model "
+        "at N x N and wins)", cli=False)
+    target_latency: float | None = _field(
+        None, "fraction of the original ONNX Runtime batch-1 latency, measured here, in (0, 1]", read=float,
+        metavar="R")
+    latency_threads: int = _field(1, "ORT threads for --target-latency and --cost latency", read=int, metavar="N",
+                                  needs=(lambda s: s.target_latency is not None or s.cost == "latency",
+                                         "target_latency or cost latency", "--target-latency or --cost latency"))
+    remove_attention: list[int] | None = _field(
+        None, "remove these attention branches (block indices)", read=read_block_indices, metavar="I,J")
+    remove_activation: list[int] | None = _field(
+        None, "remove these activations (fc2∘fc1 merged when cheaper)", read=read_block_indices, metavar="I,J")
+    attention_variant: str = _field(
+        "identity_norm", "removed attention becomes x + LN1(x) (identity_norm) or x (drop)",
+        choices=ATTENTION_VARIANTS, needs=(_removes_attention, "method boundarydpt/boundarydpt+ or remove_attention",
+                                           "--method boundarydpt/boundarydpt+ or --remove-attention"))
+    merge: str = _field("auto", "merge fc2∘fc1 after removing an activation: auto (by FLOPs), always, never",
+                        choices=MERGES, needs=(_removes_activation, "method boundarydpt/boundarydpt+ or "
+                                               "remove_activation", "--method boundarydpt/boundarydpt+ or "
+                                               "--remove-activation"))
+    fold_norm: bool = _field(False, "fold LN2's affine into a merged linear (exact)", switch=True,
+                             needs=(_removes_activation, "method boundarydpt/boundarydpt+ or remove_activation",
+                                    "--method boundarydpt/boundarydpt+ or --remove-activation"))
+    depth_selection: str = _field(
+        "one_shot", "how boundarydpt picks layers: one_shot scores, or the gated search (needs --data)",
+        choices=DEPTH_SELECTIONS)
+    depth_share: float | None = _field(
+        None, "boundarydpt+: at most this share of each kind's layers removed (default: no cap; the "
+        "joint planner trades depth against width move by move)", read=float, metavar="F",
+        needs=(lambda s: s.method == "boundarydpt+", "method boundarydpt+", "--method boundarydpt+"))
+    tokens: str | None = _field(
+        None, "static token pruning, e.g. keep=0.5,start=4 (every=M for repeated cuts)", metavar="SPEC")
+    prune_heads_cpvit: float | None = _field(
+        None, "cpvit: fraction of heads kept per block, by cumulative head score", read=float, metavar="F",
+        flag="--prune-heads", needs=(lambda s: s.method == "cpvit", "method cpvit", "--method cpvit"))
+    epochs: int = _field(0, "recovery fine-tuning epochs on --data (distillation)", read=int, metavar="N")
+    lr: float = _field(5e-4, "fine-tuning / search / recovery learning rate", read=float, metavar="LR",
+                       needs=(_trains, "epochs > 0, depth_selection search or method boundarydpt+",
+                              "--epochs N, --depth-selection search or --method boundarydpt+"))
+    search_steps: int = _field(
+        20, "gated search: steps of the first (warm-up) window (later windows grow 3:5:7…; stage 1 trains "
+        "each attention/activation candidate 2×/⅓× this); boundarydpt+: recovery steps between events",
+        read=int, metavar="N", needs=(_searches_or_recovers, "depth_selection search or method boundarydpt+",
+                                      "--depth-selection search or --method boundarydpt+"))
 
     def __post_init__(self) -> None:
         if isinstance(self.input_size, list):  # JSON/YAML give lists
@@ -113,8 +227,8 @@ class CompressSpec:
             v = getattr(self, name)
             if v is not None and not (isinstance(v, (list, tuple)) and all(_is_int(b) and b >= 0 for b in v)):
                 raise SpecError(f"{name} must be a list of block indices >= 0 (e.g. [0, 3, 7]), got {v!r}")
-        if not (_is_real(self.depth_share) and 0.0 <= self.depth_share <= 1.0):
-            raise SpecError(f"depth_share must be in [0, 1], got {self.depth_share!r}")
+        if self.depth_share is not None and not (_is_real(self.depth_share) and 0.0 <= self.depth_share <= 1.0):
+            raise SpecError(f"depth_share must be in [0, 1] (or unset: no cap), got {self.depth_share!r}")
         h = self.prune_heads_cpvit
         if h is not None and not (_is_real(h) and 0.0 < h <= 1.0):
             raise SpecError(f"prune_heads_cpvit must be the fraction of heads kept, in (0, 1], got {h!r}")
@@ -126,12 +240,10 @@ class CompressSpec:
             raise SpecError(f"lr must be a positive number, got {self.lr!r}")
         if not isinstance(self.fold_norm, bool):
             raise SpecError(f"fold_norm must be true or false, got {self.fold_norm!r}")
-        for name, allowed in (("method", METHODS), ("importance", IMPORTANCES), ("ranking", RANKINGS),
-                              ("depth_selection", DEPTH_SELECTIONS), ("attention_variant", ATTENTION_VARIANTS),
-                              ("merge", MERGES)):
+        for name, option in options().items():
             v = getattr(self, name)
-            if v not in allowed:
-                raise SpecError(f"{name} must be one of {', '.join(allowed)}; got {v!r}")
+            if option.choices is not None and v not in option.choices:
+                raise SpecError(f"{name} must be one of {', '.join(option.choices)}; got {v!r}")
         for name in ("prune_residual", "prune_mlp", "prune_heads", "prune_head_dim"):
             v = getattr(self, name)
             if not isinstance(v, bool):
@@ -155,10 +267,22 @@ class CompressSpec:
 
     def _check_conflicts(self) -> None:
         """Requests the chosen path would skip are refused, naming both sides: the latency loop never
-        trains, and ``target_flops: 1.0`` keeps every FLOP, so compress removes nothing."""
+        trains, ``cost: latency`` plans widths only, a field whose ``needs`` (:class:`Option`) is unmet
+        does nothing, and ``target_flops: 1.0`` keeps every FLOP, so compress removes nothing."""
         if self.target_latency is not None and (self.epochs or self.depth_selection == "search"):
             raise SpecError("target_latency does not train: it cannot be combined with epochs > 0 or "
                             "depth_selection 'search'")
+        if self.cost == "latency" and (self.method != "width" or self.target_latency is not None):
+            raise SpecError(f"cost 'latency' plans widths to a fraction of the estimated latency: it needs "
+                            f"method 'width' and target_flops (got method {self.method!r}"
+                            f"{', target_latency' if self.target_latency is not None else ''}); "
+                            f"--target-latency uses the latency model by itself")
+        for f in fields(self):
+            need = options()[f.name].needs
+            if need is not None and getattr(self, f.name) != f.default and not need[0](self):
+                flag = options()[f.name].flag_for(f.name)
+                raise SpecError(f"{f.name} ({flag}) has no effect without {need[1]} ({need[2]}); set that, or "
+                                f"drop {f.name}")
         if self.target_flops != 1.0:
             return
         asked = [f"{name}={getattr(self, name)!r}" for name in
@@ -235,6 +359,11 @@ class CompressSpec:
         if unknown:
             raise SpecError(f"unknown spec key(s) {', '.join(unknown)}; valid keys: {', '.join(valid)}")
         return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def options() -> dict[str, Option]:
+    """Every spec field's :class:`Option`, by field name, in field order."""
+    return {f.name: f.metadata[OPTION] for f in fields(CompressSpec)}
 
 
 # ---------------------------------------------------------------------------------------------- tokens

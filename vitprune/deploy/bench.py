@@ -1,10 +1,17 @@
-"""ONNX Runtime latency: median and p90 per model and batch size, and side-by-side speedups.
+"""ONNX Runtime latency: median and p90 per model, batch size and intra-op thread count, side-by-side
+speedups, and the fastest thread count to deploy with.
 
 Why this shape: pruning papers report FLOPs that never turn into latency (USERS.md #2), so every
-claim is measured here, in plain ORT on CPU with a fixed thread count. Models are timed round-robin,
-one run of each in turn (the starting model rotating every round), so a noisy neighbour on a shared
-machine slows all models alike instead of whichever happened to run at that moment; speedups are
-ratios of medians, which ignore the occasional outlier run.
+claim is measured here, in plain ORT on CPU with fixed thread counts. Models are timed round-robin,
+one run of each (model, thread count) session in turn (the starting one rotating every round), so a
+noisy neighbour on a shared machine slows all of them alike instead of whichever happened to run at
+that moment; speedups are ratios of medians, which ignore the occasional outlier run.
+
+More threads are not always faster (issue 13: DeiT-B pruned to 0.093 FLOPs ran 18.2 ms on 1 thread
+and 22.3 ms on 2 at batch 1), so the thread count is measured, not assumed: every row says which
+setting was fastest for its model and batch (``best_threads``, an ``int`` that
+``SessionOptions.intra_op_num_threads`` takes as-is, with the other options of
+:func:`vitprune.deploy.onnx.ort_session`), and a setting slower than one with fewer threads says why.
 """
 
 from __future__ import annotations
@@ -19,13 +26,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 from tqdm import tqdm
 
 from vitprune.errors import InputError
 from vitprune.deploy.onnx import _describe, ort_session
 
-__all__ = ["bench_onnx", "compare", "format_table", "InputMismatchWarning"]
+__all__ = ["bench_onnx", "compare", "format_table", "best_settings", "default_threads",
+           "available_cores", "InputMismatchWarning"]
 
 
 class InputMismatchWarning(UserWarning):
@@ -34,11 +43,17 @@ class InputMismatchWarning(UserWarning):
 _INPUT_SEED = 0
 _NUMPY_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
                  "tensor(double)": np.float64}
+Threads = int | Sequence[int] | None
+# Below this average time per node, waking and joining a thread pool (a few µs to tens of µs per
+# parallel section in ORT) is a visible share of each op, so extra threads can lose.
+_SMALL_OP_US = 100.0
+# Medians closer than this are a tie on a shared machine: no cause is claimed for so small a gap.
+_TIE = 0.02
 
 
 @dataclass
 class _Timed:
-    """One model under test: its session, what to feed it, and the times measured so far (ms)."""
+    """One session under test: its model, thread count, what to feed it, and the times so far (ms)."""
 
     path: str
     session: ort.InferenceSession
@@ -46,24 +61,59 @@ class _Timed:
     batch_dim: int | str | None
     sample_shape: tuple[int, ...]
     dtype: type
+    threads: int = 1
     times_ms: list[float] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Machine:
+    """What a "more threads were slower" note cites: cores free to us, and how busy they already were."""
+
+    cores: int
+    load: float | None  # 1-minute load average just before the sessions opened (None: not on this OS)
+
+
+def available_cores() -> int:
+    """Physical cores this process may run on: its CPU affinity (which containers and ``taskset``
+    narrow) with hyper-thread siblings counted once, as ORT's own default thread count does.
+    Falls back to the logical count where the OS does not tell."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows: no affinity call
+        return max(1, os.cpu_count() or 1)
+    cores = set()
+    for cpu in cpus:
+        topology = f"/sys/devices/system/cpu/cpu{cpu}/topology"
+        try:
+            with open(f"{topology}/physical_package_id") as pkg, open(f"{topology}/core_id") as core:
+                cores.add((pkg.read().strip(), core.read().strip()))
+        except OSError:
+            return max(1, len(cpus))
+    return max(1, len(cores))
+
+
+def default_threads() -> tuple[int, ...]:
+    """The settings worth comparing by default: 1 thread, and one per available physical core."""
+    return tuple(sorted({1, available_cores()}))
 
 
 def bench_onnx(
     path: str | os.PathLike,
     *,
     batch_sizes: Sequence[int] = (1,),
-    threads: int = 1,
+    threads: Threads = None,
     warmup: int = 5,
     runs: int = 30,
     input_shape: tuple[int, ...] | None = None,
     progress: bool = False,
 ) -> list[dict[str, Any]]:
-    """Time one ONNX model; one row per batch size.
+    """Time one ONNX model; one row per batch size and thread count.
 
-    Rows: {"model", "batch", "threads", "median_ms", "p90_ms", "mean_ms", "runs"}. ``input_shape`` is
-    the per-sample shape (C, H, W); by default it is read from the model's input, which must then
-    be static apart from the batch axis.
+    Rows: {"model", "batch", "threads", "median_ms", "p90_ms", "mean_ms", "runs", "best_threads",
+    "best_ms"} and, on a setting slower than one with fewer threads, "note". ``threads`` is one
+    intra-op thread count or several (None: :func:`default_threads`). ``input_shape`` is the
+    per-sample shape (C, H, W); by default it is read from the model's input, which must then be
+    static apart from the batch axis.
     """
     return _bench([path], batch_sizes=batch_sizes, threads=threads, warmup=warmup, runs=runs,
                   input_shape=input_shape, progress=progress)
@@ -73,16 +123,18 @@ def compare(
     paths: Sequence[str | os.PathLike],
     *,
     batch_sizes: Sequence[int] = (1,),
-    threads: int = 1,
+    threads: Threads = None,
     warmup: int = 5,
     runs: int = 30,
     input_shape: tuple[int, ...] | None = None,
     progress: bool = False,
 ) -> list[dict[str, Any]]:
-    """Time several ONNX models interleaved run by run; rows grouped by batch size, in ``paths`` order.
+    """Time several ONNX models interleaved run by run; rows grouped by batch size, then thread
+    count, in ``paths`` order within a group (one thread count: exactly one row per model and batch).
 
     With two or more models each row also has "speedup": the first model's median divided by this
-    model's median at the same batch size (> 1 means faster than the first; the first gets 1.0).
+    model's median at the same batch and thread count (> 1 means faster than the first; the first
+    gets 1.0), and "best_speedup": the same ratio with each model at its own fastest thread count.
     """
     if isinstance(paths, (str, os.PathLike)) or len(paths) == 0:
         raise InputError("compare needs a non-empty list of ONNX paths")
@@ -93,68 +145,195 @@ def compare(
             group = rows[start:start + len(paths)]
             for row in group:
                 row["speedup"] = group[0]["median_ms"] / row["median_ms"]
+                row["best_speedup"] = group[0]["best_ms"] / row["best_ms"]
     return rows
 
 
+def best_settings(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One JSON-ready dict per (model, batch) of bench rows: the fastest intra-op thread count
+    ("best_threads", the int ``SessionOptions.intra_op_num_threads`` takes), its median ("best_ms"),
+    the median at every setting ("median_ms_by_threads", keyed by the count as a string, as JSON
+    keys must be), the speedup at every setting and at the model's own best when the rows come from
+    :func:`compare` with two or more models, and the notes on settings that were slower."""
+    seen: dict[tuple[str, int, int], int] = {}
+    groups: dict[tuple[str, int, int], list[dict[str, Any]]] = {}
+    for row in rows:  # the same file compared with itself is two models: the k-th row is the k-th
+        setting = (row["model"], row["batch"], row["threads"])
+        seen[setting] = seen.get(setting, -1) + 1
+        groups.setdefault((row["model"], row["batch"], seen[setting]), []).append(row)
+    out = []
+    for (model, batch, _), group in groups.items():
+        best = min(group, key=lambda r: (r["median_ms"], r["threads"]))
+        entry: dict[str, Any] = {
+            "model": model, "batch": batch, "best_threads": int(best["threads"]),
+            "best_ms": best["median_ms"],
+            "median_ms_by_threads": {str(r["threads"]): r["median_ms"] for r in group},
+        }
+        if all("speedup" in r for r in group):
+            entry["speedup_by_threads"] = {str(r["threads"]): r["speedup"] for r in group}
+        if "best_speedup" in best:
+            entry["speedup_at_best"] = best["best_speedup"]
+        entry["notes"] = [r["note"] for r in group if r.get("note")]
+        out.append(entry)
+    return out
+
+
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    """A plain Markdown table of bench rows (the speedup column only when the rows have one)."""
+    """A plain Markdown table of bench rows (the speedup column only when the rows have one), then,
+    when some model and batch were timed at several thread counts, a table of the fastest setting
+    with the speedup at each model's best and the notes on slower settings."""
     columns = ["model", "batch", "threads", "median_ms", "p90_ms", "mean_ms", "runs"]
     if any("speedup" in row for row in rows):
         columns.append("speedup")
-    lines = ["| " + " | ".join(columns) + " |",
-             "|" + "|".join("---" if c == "model" else "---:" for c in columns) + "|"]
-    for row in rows:
-        lines.append("| " + " | ".join(_cell(row.get(c)) for c in columns) + " |")
-    return "\n".join(lines)
+    text = _markdown(rows, columns)
+    best = best_settings(rows) if all("best_threads" in r for r in rows) else []
+    if any(len(b["median_ms_by_threads"]) > 1 for b in best):
+        columns = ["model", "batch", "best_threads", "best_ms"]
+        if any("speedup_at_best" in b for b in best):
+            columns.append("speedup_at_best")
+        summary = [{**b, "note": "; ".join(b["notes"])} for b in best]
+        text += ("\n\nfastest intra-op thread count (SessionOptions.intra_op_num_threads):\n"
+                 + _markdown(summary, columns + ["note"]))
+    return text
 
 
 # --------------------------------------------------------------------------------------------------
 
 
-def _bench(paths: list[str | os.PathLike], *, batch_sizes: Sequence[int], threads: int,
+def _markdown(rows: Sequence[dict[str, Any]], columns: list[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |",
+             "|" + "|".join("---" if c in ("model", "note") else "---:" for c in columns) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(row.get(c)) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def _bench(paths: list[str | os.PathLike], *, batch_sizes: Sequence[int], threads: Threads,
            warmup: int, runs: int, input_shape: tuple[int, ...] | None,
            progress: bool) -> list[dict[str, Any]]:
-    """Validate everything first (no half-finished benchmark on bad input), then time round-robin."""
-    batch_sizes = _check_settings(batch_sizes, threads, warmup, runs)
-    models = [_open(p, threads, input_shape) for p in paths]
-    for model in models:
+    """Validate everything first (no half-finished benchmark on bad input), then time round-robin.
+    Every (model, thread count) gets its own session; rows come batch by batch, thread count by
+    thread count, in ``paths`` order."""
+    batch_sizes, settings = _check_settings(batch_sizes, threads, warmup, runs)
+    machine = _Machine(available_cores(), _load_average())
+    sessions = [_open(p, t, input_shape) for t in settings for p in paths]
+    for model in sessions:
         for batch in batch_sizes:
             _check_batch(model, batch)
             _time_one(model, _feed(model, batch))  # a model that cannot run fails here, not mid-table
-    _warn_if_inputs_differ(models)
+    _warn_if_inputs_differ(sessions[:len(paths)])
     rows: list[dict[str, Any]] = []
     bar = tqdm(total=len(batch_sizes) * (warmup + runs), desc="bench", unit="round",
                disable=not progress, file=sys.stderr)
     with bar:
         for batch in batch_sizes:
-            feeds = [_feed(model, batch) for model in models]
+            feeds = [_feed(model, batch) for model in sessions]
             for i in range(warmup + runs):
-                shift = i % len(models)  # rotate who goes first, so order effects cancel too
-                for k in list(range(shift, len(models))) + list(range(shift)):
-                    elapsed = _time_one(models[k], feeds[k])
+                shift = i % len(sessions)  # rotate who goes first, so order effects cancel too
+                for k in list(range(shift, len(sessions))) + list(range(shift)):
+                    elapsed = _time_one(sessions[k], feeds[k])
                     if i >= warmup:
-                        models[k].times_ms.append(elapsed)
+                        sessions[k].times_ms.append(elapsed)
                 bar.update(1)
-            for model in models:
-                rows.append(_row(model, batch, threads))
+            for model in sessions:
+                rows.append(_row(model, batch))
                 model.times_ms = []
+    _mark_best(rows, len(paths), len(settings), machine)
     return rows
 
 
-def _check_settings(batch_sizes: Sequence[int], threads: int, warmup: int,
-                    runs: int) -> tuple[int, ...]:
+def _check_settings(batch_sizes: Sequence[int], threads: Threads, warmup: int,
+                    runs: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(batch sizes, thread counts), both as tuples; thread counts sorted and deduplicated."""
     if isinstance(batch_sizes, int):
         batch_sizes = (batch_sizes,)
     batch_sizes = tuple(batch_sizes)
     if not batch_sizes or any(not _is_int(b) or b < 1 for b in batch_sizes):
         raise InputError(f"batch sizes must be integers >= 1, got {batch_sizes!r}")
-    if not _is_int(threads) or threads < 1:
-        raise InputError(f"threads must be an integer >= 1, got {threads!r}")
+    settings = _check_threads(threads)
     if not _is_int(warmup) or warmup < 0:
         raise InputError(f"warmup must be an integer >= 0, got {warmup!r}")
     if not _is_int(runs) or runs < 1:
         raise InputError(f"runs must be an integer >= 1, got {runs!r}")
-    return batch_sizes
+    return batch_sizes, settings
+
+
+def _check_threads(threads: Threads) -> tuple[int, ...]:
+    if threads is None:
+        return default_threads()
+    listed = (threads,) if _is_int(threads) else threads
+    if (isinstance(listed, (str, bytes)) or not isinstance(listed, (Sequence, set, frozenset))
+            or not listed or any(not _is_int(t) or t < 1 for t in listed)):
+        raise InputError(f"threads must be an integer >= 1 or a non-empty list of them (e.g. "
+                         f"(1, 2)), got {threads!r}")
+    return tuple(sorted({int(t) for t in listed}))
+
+
+def _load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):  # Windows has no load average
+        return None
+
+
+def _mark_best(rows: list[dict[str, Any]], n_models: int, n_settings: int,
+               machine: _Machine) -> None:
+    """Give each row its model's fastest setting at that batch (ties go to fewer threads: the same
+    speed for less CPU), and each setting slower than one with fewer threads a note saying why."""
+    nodes: dict[str, int | None] = {}
+    block = n_models * n_settings
+    for start in range(0, len(rows), block):
+        for k in range(n_models):
+            group = rows[start + k:start + block:n_models]  # one model at every thread count
+            best = min(group, key=lambda r: (r["median_ms"], r["threads"]))
+            for row in group:
+                row["best_threads"], row["best_ms"] = best["threads"], best["median_ms"]
+                fewer = [r for r in group if r["threads"] < row["threads"]]
+                faster = min(fewer, key=lambda r: r["median_ms"], default=None)
+                if faster is not None and faster["median_ms"] < row["median_ms"]:
+                    if row["model"] not in nodes:
+                        nodes[row["model"]] = _node_count(row["model"])
+                    row["note"] = _slower_note(row, faster, machine, nodes[row["model"]])
+
+
+def _slower_note(row: dict[str, Any], faster: dict[str, Any], machine: _Machine,
+                 nodes: int | None) -> str:
+    """Why ``row``'s extra threads lost to ``faster``'s fewer, from what was measured: the cores
+    free, the load other processes put on them, and the average time per ONNX node."""
+    t, f = row["threads"], faster["threads"]
+    if row["median_ms"] <= faster["median_ms"] * (1 + _TIE):
+        return (f"{t} threads no faster than {f} at batch {row['batch']} ({_ms(row['median_ms'])} "
+                f"vs {_ms(faster['median_ms'])} ms, within {_TIE:.0%}): the extra threads bought "
+                f"nothing")
+    head = (f"{t} threads slower than {f} at batch {row['batch']} ({_ms(row['median_ms'])} vs "
+            f"{_ms(faster['median_ms'])} ms)")
+    reasons = []
+    if t > machine.cores:
+        reasons.append(f"{t} threads oversubscribe the {machine.cores} available cores")
+    elif machine.load is not None and machine.load + t > machine.cores + 0.5:
+        reasons.append(f"other processes kept the cores busy (1-minute load {machine.load:.1f} on "
+                       f"{machine.cores} cores before timing), so the threads had to share them")
+    per_op_us = faster["median_ms"] * 1e3 / nodes if nodes else None
+    if per_op_us is not None and per_op_us < _SMALL_OP_US:
+        reasons.append(f"per-op work too small to amortise thread synchronisation ({nodes} ONNX "
+                       f"nodes averaging {per_op_us:.0f} µs each on {f} thread"
+                       f"{'s' if f > 1 else ''})")
+    elif not reasons:
+        reasons.append("the extra threads cost more in synchronisation and memory traffic than "
+                       "their share of the work saved")
+    return f"{head}: {'; '.join(reasons)}"
+
+
+def _ms(value: float) -> str:
+    return f"{value:.2f}" if value < 10 else f"{value:.1f}"
+
+
+def _node_count(path: str) -> int | None:
+    """Nodes in the file's graph (before ORT fuses any), read without the external weights."""
+    try:
+        return len(onnx.load(path, load_external_data=False).graph.node) or None
+    except Exception:  # the note loses one number; the measurement stands
+        return None
 
 
 def _open(path: str | os.PathLike, threads: int,
@@ -188,7 +367,8 @@ def _open(path: str | os.PathLike, threads: int,
         if clash:
             raise InputError(f"{path}: input_shape {shape} does not match the model's input "
                              f"{declared}")
-    return _Timed(str(path), session, spec.name, batch_dim, shape, _NUMPY_DTYPES[spec.type])
+    return _Timed(str(path), session, spec.name, batch_dim, shape, _NUMPY_DTYPES[spec.type],
+                  threads)
 
 
 def _check_batch(model: _Timed, batch: int) -> None:
@@ -232,12 +412,12 @@ def _time_one(model: _Timed, feed: dict[str, np.ndarray]) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-def _row(model: _Timed, batch: int, threads: int) -> dict[str, Any]:
+def _row(model: _Timed, batch: int) -> dict[str, Any]:
     times = model.times_ms
     return {
         "model": model.path,
         "batch": batch,
-        "threads": threads,
+        "threads": model.threads,
         "median_ms": float(statistics.median(times)),
         "p90_ms": float(np.percentile(times, 90)),
         "mean_ms": float(statistics.fmean(times)),

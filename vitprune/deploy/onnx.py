@@ -36,6 +36,7 @@ import onnxruntime as ort
 import torch
 from torch.onnx import _constants as torch_onnx
 
+from vitprune.deploy import DEFAULT_OPSET
 from vitprune.errors import ExportError, InputError, VitpruneError
 
 __all__ = ["export_onnx", "onnx_op_counts", "run_onnx", "ort_session", "check_opset", "supported_opsets",
@@ -43,8 +44,6 @@ __all__ = ["export_onnx", "onnx_op_counts", "run_onnx", "ort_session", "check_op
 
 #: Recorded in the export report so a reader knows which code path produced the file.
 EXPORTER = "torch.onnx.export(dynamo=True)"
-#: The lowest opset the dynamo exporter emits without a (lossy) version conversion.
-DEFAULT_OPSET = 18
 INPUT_NAME = "input"
 OUTPUT_NAME = "output"
 BATCH_DIM = "batch"

@@ -32,20 +32,20 @@ the same layer before and after other blocks were removed (and in a replayed rec
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 import torch.fx as fx
 
 from vitprune.errors import UnsupportedModelError
+from vitprune.frontend.capture import node_arg, param_tensor
 
 from vitprune.deps.rules import op_key
 
 __all__ = [
     "ActivationSite", "AttentionBranch", "BranchError", "UnknownShapeError", "REMOVED_KEY",
-    "delete_unreferenced", "find_activations", "own_module", "set_param", "find_attention_branches", "param_tensor", "record_removed",
+    "find_activations", "find_attention_branches", "record_removed",
     "removed_layers",
 ]
 
@@ -146,7 +146,7 @@ def find_attention_branches(gm: fx.GraphModule) -> list[AttentionBranch]:
     branch cannot be delimited)."""
     nodes = list(gm.graph.nodes)
     order = {n: i for i, n in enumerate(nodes)}
-    cores = [n for n in nodes if _is_attention_core(n, gm)]
+    cores = [n for n in nodes if is_attention_core(n, gm)]
     found = [_attention_branch(gm, core, order) for core in cores]
     seen: set[fx.Node] = set()
     branches = []
@@ -171,7 +171,7 @@ def is_attention_core(node: fx.Node, gm: fx.GraphModule | None = None) -> bool:
     key = _key(node, gm)
     if key == "scaled_dot_product_attention":
         return True
-    if key != "softmax" or not isinstance(_arg(node, 0, "input"), fx.Node):
+    if key != "softmax" or not isinstance(node_arg(node, 0, "input"), fx.Node):
         return False
     return _scores_from_matmul(node, gm) and _probs_to_matmul(node, gm)
 
@@ -179,7 +179,7 @@ def is_attention_core(node: fx.Node, gm: fx.GraphModule | None = None) -> bool:
 def _scores_from_matmul(softmax: fx.Node, gm: fx.GraphModule | None) -> bool:
     # breadth first: the q·kᵀ product is the nearest one; a long bias/mask chain (relative
     # position tables, window masks) must not use up the hops before it is reached
-    frontier, seen = [_arg(softmax, 0, "input")], set()
+    frontier, seen = [node_arg(softmax, 0, "input")], set()
     while frontier and len(seen) < _MAX_HOPS:
         n = frontier.pop(0)
         if n in seen:
@@ -217,9 +217,6 @@ def _left_operand(node: fx.Node, key: str) -> fx.Node | None:
     return None
 
 
-_is_attention_core = is_attention_core
-
-
 def descendants(start: fx.Node) -> set[fx.Node]:
     seen: set[fx.Node] = set()
     stack = [start]
@@ -232,13 +229,14 @@ def descendants(start: fx.Node) -> set[fx.Node]:
     return seen
 
 
-def ancestors(start: fx.Node) -> set[fx.Node]:
+def ancestors(start: fx.Node, follow: Callable[[fx.Node], bool] | None = None) -> set[fx.Node]:
+    """Every node ``start`` depends on; with ``follow``, only through the inputs it accepts."""
     seen: set[fx.Node] = set()
     stack = [start]
     while stack:
         n = stack.pop()
         for a in n.all_input_nodes:
-            if a not in seen:
+            if a not in seen and (follow is None or follow(a)):
                 seen.add(a)
                 stack.append(a)
     return seen
@@ -265,7 +263,7 @@ def _delimit(gm: fx.GraphModule, core: fx.Node, add: fx.Node, residual: fx.Node,
              order: dict[fx.Node, int]) -> AttentionBranch:
     before_core = ancestors(core)
     norm = next((n for n in sorted(before_core, key=order.__getitem__, reverse=True)
-                 if _key(n, gm) in _NORMS and _arg(n, 0, "input") is residual), None)
+                 if _key(n, gm) in _NORMS and node_arg(n, 0, "input") is residual), None)
     outside = ancestors(residual) | {residual}
     if norm is not None:
         outside |= ancestors(norm) | {norm}
@@ -315,11 +313,6 @@ def _layer_scale(gm: fx.GraphModule, branch: fx.Node, members: set[fx.Node]) -> 
     return None, None, branch
 
 
-def _arg(node: fx.Node, index: int, name: str):
-    """A call's argument, given positionally or by keyword."""
-    return node.args[index] if len(node.args) > index else node.kwargs.get(name)
-
-
 def _is_tensor(node: fx.Node) -> bool:
     """Tensor-valued (or unknown, treated as tensor); size arithmetic (``x.shape[0]``) is not."""
     tm = node.meta.get("tensor_meta")
@@ -334,7 +327,7 @@ def find_activations(gm: fx.GraphModule) -> list[ActivationSite]:
     sites = []
     for node in gm.graph.nodes:
         kind = _key(node, gm)
-        if kind not in ACTIVATIONS or not isinstance(_arg(node, 0, "input"), fx.Node):
+        if kind not in ACTIVATIONS or not isinstance(node_arg(node, 0, "input"), fx.Node):
             continue
         site = _activation_site(gm, node, kind)
         if site is not None:
@@ -347,13 +340,13 @@ def find_activations(gm: fx.GraphModule) -> list[ActivationSite]:
 def _activation_site(gm: fx.GraphModule, act: fx.Node, kind: str) -> ActivationSite | None:
     if _inplace(act):
         return None
-    fc1 = _arg(act, 0, "input")
-    if _key(fc1, gm) != "linear" or len(fc1.users) != 1 or not isinstance(_arg(fc1, 0, "input"), fx.Node):
+    fc1 = node_arg(act, 0, "input")
+    if _key(fc1, gm) != "linear" or len(fc1.users) != 1 or not isinstance(node_arg(fc1, 0, "input"), fx.Node):
         return None
     between, cur = [], act
     while len(cur.users) == 1:
         nxt = next(iter(cur.users))
-        if _key(nxt, gm) in _PASS_THROUGH and _arg(nxt, 0, "input") is cur:
+        if _key(nxt, gm) in _PASS_THROUGH and node_arg(nxt, 0, "input") is cur:
             between.append(nxt)
             cur = nxt
             continue
@@ -361,7 +354,7 @@ def _activation_site(gm: fx.GraphModule, act: fx.Node, kind: str) -> ActivationS
     if len(cur.users) != 1:
         return None
     fc2 = next(iter(cur.users))
-    if _key(fc2, gm) != "linear" or _arg(fc2, 0, "input") is not cur:
+    if _key(fc2, gm) != "linear" or node_arg(fc2, 0, "input") is not cur:
         return None
     w1, b1 = _linear_params(gm, fc1)
     w2, b2 = _linear_params(gm, fc2)
@@ -376,7 +369,7 @@ def _activation_site(gm: fx.GraphModule, act: fx.Node, kind: str) -> ActivationS
         if "tensor_meta" not in n.meta:
             raise UnknownShapeError(f"no propagated shape at `{n.format_node()}`; trace the model with "
                                     "vitprune.frontend.capture (or call propagate_shapes) before depth passes")
-    src = _arg(fc1, 0, "input")
+    src = node_arg(fc1, 0, "input")
     norm = src if (isinstance(src, fx.Node) and _key(src, gm) == "layer_norm" and len(src.users) == 1) else None
     return ActivationSite(-1, act, kind, fc1, fc2, between, w1, b1, w2, b2, d_in, hidden, d_out, norm)
 
@@ -387,7 +380,7 @@ def _inplace(act: fx.Node) -> bool:
 
 def _linear_params(gm: fx.GraphModule, lin: fx.Node) -> tuple[str | None, str | None]:
     """(weight, bias) targets of ``F.linear(x, W, b)`` when both are parameters (bias may be absent)."""
-    w, b = _arg(lin, 1, "weight"), _arg(lin, 2, "bias")
+    w, b = node_arg(lin, 1, "weight"), node_arg(lin, 2, "bias")
     if not (isinstance(w, fx.Node) and w.op == "get_attr"):
         return None, None
     if b is not None and not (isinstance(b, fx.Node) and b.op == "get_attr"):
@@ -400,76 +393,3 @@ def _param_shape(gm: fx.GraphModule, target: str, user: fx.Node) -> tuple[int, i
     if not isinstance(t, torch.Tensor) or t.ndim != 2:
         raise UnknownShapeError(f"`{user.format_node()}`: weight {target} is not a 2-d tensor")
     return int(t.shape[0]), int(t.shape[1])
-
-
-def param_tensor(gm: fx.GraphModule, target: str) -> torch.Tensor:
-    """The tensor behind a ``get_attr`` target (``blocks.0.attn.qkv.weight``)."""
-    module_path, _, attr = target.rpartition(".")
-    owner = gm.get_submodule(module_path) if module_path else gm
-    return getattr(owner, attr)
-
-
-def own_module(gm: fx.GraphModule, module_path: str) -> torch.nn.Module:
-    """Make ``gm``'s submodule at ``module_path`` private to ``gm`` before a pass edits it in place.
-
-    A GraphModule may share submodules with another module (``fx.GraphModule(root, graph)`` keeps
-    references to ``root``'s modules), so replacing or deleting one of their parameters would also
-    change that module. A shallow copy with its own parameter and buffer dicts takes the module's
-    place in ``gm``; the tensors themselves are not copied.
-    """
-    if not module_path:
-        return gm
-    parent_path, _, name = module_path.rpartition(".")
-    parent = gm.get_submodule(parent_path) if parent_path else gm
-    module = getattr(parent, name)
-    if module.__dict__.get("_vitprune_owner") == id(gm):
-        return module
-    clone = copy.copy(module)
-    clone.__dict__["_parameters"] = dict(module._parameters)
-    clone.__dict__["_buffers"] = dict(module._buffers)
-    clone.__dict__["_modules"] = dict(module._modules)
-    clone.__dict__["_vitprune_owner"] = id(gm)
-    setattr(parent, name, clone)
-    return clone
-
-
-def set_param(gm: fx.GraphModule, target: str, value: torch.Tensor) -> None:
-    """Replace the parameter ``target`` of ``gm`` by ``value`` (a new ``nn.Parameter`` with the old
-    one's ``requires_grad``), without touching a model ``gm`` shares modules with."""
-    module_path, _, attr = target.rpartition(".")
-    owner = own_module(gm, module_path)
-    old = getattr(owner, attr, None)
-    grad = old.requires_grad if isinstance(old, torch.nn.Parameter) else True
-    if attr in owner._buffers:
-        owner._buffers[attr] = value.detach().clone()
-    else:
-        owner._parameters[attr] = torch.nn.Parameter(value.detach().clone(), requires_grad=grad)
-
-
-def delete_unreferenced(gm: fx.GraphModule, targets: Iterable[str]) -> list[str]:
-    """Delete the parameters/buffers among ``targets`` that no ``get_attr`` node reads any more, then
-    every submodule left without a use. Returns the deleted targets (what a pass really removed)."""
-    used = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
-    gone = [t for t in sorted(set(targets) - used) if _exists(gm, t)]
-    gm.delete_all_unused_submodules()  # whole modules leave gm; the traced model keeps its own
-    for target in gone:
-        if not _exists(gm, target):
-            continue
-        module_path, _, attr = target.rpartition(".")
-        owner = own_module(gm, module_path)
-        if attr in owner._parameters:
-            del owner._parameters[attr]
-        elif attr in owner._buffers:
-            del owner._buffers[attr]
-        else:
-            delattr(owner, attr)
-    return gone
-
-
-def _exists(gm: fx.GraphModule, target: str) -> bool:
-    module_path, _, attr = target.rpartition(".")
-    try:
-        owner = gm.get_submodule(module_path) if module_path else gm
-    except AttributeError:
-        return False
-    return hasattr(owner, attr) and getattr(owner, attr) is not None

@@ -20,6 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from vitprune.deps import DependencyGraph
 from vitprune.deps.rules import op_key
+from vitprune.frontend.capture import node_arg
 
 
 def _register_cpu_sdpa() -> None:
@@ -133,7 +134,7 @@ class FlopModel:
                 if key == "einsum":  # einsum(equation, [operands]): the equation rides in the key
                     operands, key = list(node.args[1]), f"einsum:{node.args[0]}"
                 else:
-                    operands = [_operand(node, i, name) for i, name in enumerate(self._OPERANDS[key])]
+                    operands = [node_arg(node, i, name) for i, name in enumerate(self._OPERANDS[key])]
                 ins = [dg.node_dims[a] for a in operands if isinstance(a, fx.Node) and dg.node_dims.get(a)]
                 op = (key, ins, dg.node_dims[node])
                 at_example = self._op_flops(op, {})
@@ -158,13 +159,13 @@ class FlopModel:
         total = sum(self._op_flops(op, counts) * op[3] for op in self.ops)
         return int(round(total)) + self.constant
 
+    def cost(self, counts: dict[int, int] | None = None) -> int:
+        """The planners' cost (:class:`vitprune.plan.cost.LatencyModel` has the same method, in ms)."""
+        return self.flops(counts)
+
     def num_params(self, counts: dict[int, int] | None = None) -> int:
         counts = counts or {}
         return sum(prod(self._shape(axes, counts)) for axes in self.params.values())
-
-
-def _operand(node: fx.Node, index: int, name: str):
-    return node.args[index] if len(node.args) > index else node.kwargs.get(name)
 
 
 def _is_parameter(gm: fx.GraphModule, name: str) -> bool:

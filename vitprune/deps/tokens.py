@@ -144,15 +144,7 @@ def _cat_dim(node: fx.Node) -> int:
 
 def _tensor_ancestors(node: fx.Node) -> set[fx.Node]:
     """Ancestors through tensor-valued arguments only (``expand(cls, x.shape[0])`` is not from x)."""
-    seen: set[fx.Node] = set()
-    stack = [node]
-    while stack:
-        n = stack.pop()
-        for a in n.all_input_nodes:
-            if a not in seen and _carries_tensor(a):
-                seen.add(a)
-                stack.append(a)
-    return seen
+    return ancestors(node, follow=_carries_tensor)
 
 
 def _carries_tensor(node: fx.Node) -> bool:

@@ -22,7 +22,7 @@ from vitprune.frontend.inputs import check_input_size, resolve_input_size
 from vitprune.frontend.load import check_weights
 from vitprune.plan import stages
 from vitprune.plan.budget import Budget
-from vitprune.report import CompressResult
+from vitprune.report import CompressReport, CompressResult
 from vitprune.spec import CompressSpec
 from vitprune.train.finetune import FinetuneConfig, finetune
 
@@ -70,29 +70,19 @@ def compress_to_flops(model: nn.Module, spec: CompressSpec, input_size: tuple[in
     teacher = stages.copy_teacher(model) if stages.needs_teacher(spec, train_data) else None
     gm, recipe, report = _run_stages(gm, teacher, spec, budget, flop_model, calib_data, train_data)
     flops, params = count_flops(gm, x), count_params(gm)
-    if budget is not None and budget.above(flops):  # depth and tokens land on discrete steps
+    if budget is not None and spec.cost == "flops" and budget.above(flops):  # depth, tokens: discrete steps
         raise PlanError(f"{spec.method} reached {budget.ratio(flops):.3f} of the original FLOPs, above the "
                         f"target {spec.target_flops}; allow more (e.g. --method boundarydpt+)")
     recovery = None
     if train_data is not None and spec.epochs > 0:
         recovery = _recover(gm, teacher, spec, train_data, val_data, finetune_config)
-    report = {
-        "method": spec.method,
-        "spec": spec.to_dict(),
-        "input_size": list(input_size),
-        "flops_before": base_flops,
-        "flops_after": flops,
-        "flops_ratio": flops / base_flops,
-        "params_before": base_params,
-        "params_after": params,
-        "params_ratio": params / base_params,
-        "plan": report.get("width", {}),
-        "stages": report,
-        "groups": _group_widths(dg, DependencyGraph.build(gm)),
-        "unsupported_ops": [str(u) for u in dg.unsupported],
-        "recovery": recovery,
-        "compile_seconds": round(time.perf_counter() - t0, 3),
-    }
+    report = CompressReport(
+        method=spec.method, spec=spec.to_dict(), input_size=tuple(input_size),
+        flops_before=base_flops, flops_after=flops, params_before=base_params, params_after=params,
+        stages=report, groups=_group_widths(dg, DependencyGraph.build(gm)),
+        unsupported_ops=[str(u) for u in dg.unsupported], recovery=recovery,
+        compile_seconds=round(time.perf_counter() - t0, 3),
+    ).to_dict()
     return CompressResult(gm.eval(), report, recipe, source, tuple(input_size))
 
 
@@ -105,7 +95,7 @@ def _run_stages(gm: fx.GraphModule, teacher: nn.Module | None, spec: CompressSpe
     input_size = tuple(gm.meta["example_input"].shape[1:])
     manager = PassManager()
     ctx = stages.StageContext(spec, budget, stages.calibration(spec, input_size, calib_data), calib_data is not None,
-                              train_data if spec.depth_selection == "search" else None, teacher, manager,
+                              train_data, teacher, manager,
                               flop_model)
     gm, recipe, report = stages.run_stages(gm, ctx)
     cleanup = manager.apply(Cleanup(), gm)

@@ -46,7 +46,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 from torch.utils import _pytree as pytree
 
-from vitprune.errors import UnsupportedModelError
+from vitprune.errors import UnsupportedModelError, one_line
 
 #: export-inserted checks with no data output; the passes re-verify shapes after every rewrite
 _ASSERT_OPS = frozenset({
@@ -118,8 +118,8 @@ def _model_frame(e: BaseException) -> str:
 
 
 def _one_line(e: BaseException) -> str:
-    text = str(e).split("\n\nThe error above occurred")[0]
-    return " ".join(text.split())[:400]
+    """export appends pages of advice after its message; the message is what the user needs."""
+    return one_line(str(e).split("\n\nThe error above occurred")[0], 400)
 
 
 def normalize(gm: fx.GraphModule) -> fx.GraphModule:
@@ -130,7 +130,7 @@ def normalize(gm: fx.GraphModule) -> fx.GraphModule:
             graph.erase_node(node)
         elif node.op == "call_function" and node.target in _ASSERT_OPS and not node.users:
             graph.erase_node(node)
-        elif node.target in _DROPOUTS and not _arg(node, 2, "train", False):
+        elif node.target in _DROPOUTS and not node_arg(node, 2, "train", False):
             # eval-mode dropout is the identity; left in, it would also survive dead-code
             # elimination (random ops count as impure) and keep removed branches alive
             node.replace_all_uses_with(node.args[0])
@@ -256,7 +256,7 @@ def _mask_uses(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node]]:
     out = []
     for node in gm.graph.nodes:
         if node.target is _SDPA:
-            mask = _arg(node, 3, "attn_mask")
+            mask = node_arg(node, 3, "attn_mask")
             if isinstance(mask, fx.Node) and _data_free(gm, mask):
                 out.append((node, mask))
         elif node.target is torch.ops.aten.softmax.int and isinstance(node.args[0], fx.Node):
@@ -311,7 +311,8 @@ def _evaluate(gm: fx.GraphModule, targets: set[fx.Node], x: torch.Tensor) -> dic
     return {t: interp.env[t] for t in targets}
 
 
-def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+def node_arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+    """A call's argument, given positionally (``index``) or by keyword (``name``)."""
     return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
 
 
@@ -399,6 +400,14 @@ def tensor_shape(node: fx.Node) -> tuple[int, ...] | None:
     """The propagated shape of a tensor-valued node, or None."""
     tm = node.meta.get("tensor_meta")
     return tuple(tm.shape) if tm is not None and hasattr(tm, "shape") else None
+
+
+def param_tensor(gm: fx.GraphModule, target: str) -> torch.Tensor:
+    """The tensor behind a ``get_attr`` target (``blocks.0.attn.qkv.weight``): the one getter every
+    room reads parameters and buffers with (the setter, which rewrites, is ``passes.tensors.set_tensor``)."""
+    module_path, _, attr = target.rpartition(".")
+    owner = gm.get_submodule(module_path) if module_path else gm
+    return getattr(owner, attr)
 
 
 def example_input_for(input_size: tuple[int, int, int], batch: int = 2, seed: int = 0) -> torch.Tensor:

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from vitprune.errors import InputError, LoadError
+from vitprune.frontend import hetdpt
 
 #: Keys under which training checkpoints keep their state dict, in order of preference.
 STATE_DICT_KEYS: tuple[str, ...] = ("state_dict", "model", "state_dict_ema")
@@ -61,13 +62,18 @@ def load_model(
     img_size: int | None = None,
     num_classes: int | None = None,
     seed: int = 0,
+    hetdpt_options: hetdpt.HetDPTOptions | None = None,
 ) -> LoadedModel:
     """Load ``ref`` (see the module docstring): ``timm:<name>`` / ``torchvision:<name>``, a checkpoint
     file (with ``arch``), a Hugging Face model directory, a ``.pt2`` archive or a vitprune ``.pt``.
 
     Random weights (``timm:``, ``torchvision:``, a Hugging Face config without weights) are drawn
     under ``seed`` in a forked RNG: equal seeds give equal weights, and the global RNG is untouched.
+    ``arch="hetdpt"`` (or ``hetdpt:NAME``) reads a checkpoint in HetDPT's released layout
+    (:mod:`vitprune.frontend.hetdpt`), with what its weights do not say in ``hetdpt_options``.
     """
+    if hetdpt_options is not None and hetdpt.arch_name(arch) is None:
+        raise InputError("--prune-layer-attn, --prune-layer-act and --hetdpt-gelu apply to --arch hetdpt only")
     _check_positive("img_size", img_size)
     _check_positive("num_classes", num_classes, allow_zero=True)
     _check_seed(seed)
@@ -80,7 +86,7 @@ def load_model(
         loaded = LoadedModel(model, _arch_source(kind, name, kwargs), input_size_of(model, img_size))
     else:
         loaded = _load_file(ref, arch=arch, trust_pickle=trust_pickle, img_size=img_size,
-                            num_classes=num_classes, seed=seed)
+                            num_classes=num_classes, seed=seed, hetdpt_options=hetdpt_options)
     check_weights(loaded.model, ref)
     return loaded
 
@@ -285,7 +291,8 @@ def _one_line(e: BaseException, limit: int = 200) -> str:
 
 # ---------------------------------------------------------------------------------------------- files
 def _load_file(
-    path: str, *, arch: str | None, trust_pickle: bool, img_size: int | None, num_classes: int | None, seed: int
+    path: str, *, arch: str | None, trust_pickle: bool, img_size: int | None, num_classes: int | None, seed: int,
+    hetdpt_options: hetdpt.HetDPTOptions | None = None,
 ) -> LoadedModel:
     if not os.path.exists(path):
         hint = (" (for an architecture write timm:<name> or torchvision:<name>)"
@@ -310,6 +317,9 @@ def _load_file(
         if isinstance(held, nn.Module):  # {"model": module}, trusted pickle only
             held.eval()
             return LoadedModel(held, None, input_size_of(held, img_size))
+        if hetdpt.arch_name(arch) is not None:
+            return _from_hetdpt(obj, held, path, arch=str(arch), options=hetdpt_options or hetdpt.HetDPTOptions(),
+                                img_size=img_size, num_classes=num_classes)
         return _from_state_dict(held, path, arch=arch, img_size=img_size, num_classes=num_classes, seed=seed)
     raise LoadError(
         f"{path} holds a {type(obj).__name__}, not a state dict, a checkpoint dict or an nn.Module"
@@ -416,6 +426,24 @@ def _from_state_dict(
     model.load_state_dict(sd, strict=True)
     model.eval()
     return LoadedModel(model, _arch_source(kind, name, kwargs), input_size_of(model, img_size))
+
+
+def _from_hetdpt(checkpoint: dict, sd: dict, path: str, *, arch: str, options: hetdpt.HetDPTOptions,
+                 img_size: int | None, num_classes: int | None) -> LoadedModel:
+    """A checkpoint in HetDPT's layout: its widths, depth and class count come from the weights, so
+    --img-size / --num-classes may only restate them."""
+    name = hetdpt.arch_name(arch) or ""
+    model = hetdpt.load_checkpoint(checkpoint, sd, options, name=name, where=path)
+    size = input_size_of(model)
+    if img_size is not None and size[1:] != (img_size, img_size):
+        raise LoadError(f"{path} is a HetDPT model for {size[1]}x{size[2]} inputs (its pos_embed); drop "
+                        f"--img-size {img_size}")
+    if num_classes is not None and num_classes != model.num_classes:
+        raise LoadError(f"{path} has {model.num_classes} classes (head.weight), not --num-classes {num_classes}")
+    kwargs = {"removed_attention": [i for i, b in enumerate(model.layout.blocks) if not b.attention],
+              "removed_activation": [i for i, b in enumerate(model.layout.blocks) if not b.activation],
+              "extra_gelu": options.extra_gelu, "merge_mlp": options.merge_mlp, "num_heads": model.layout.num_heads}
+    return LoadedModel(model, _arch_source(hetdpt.ARCH_KIND, name, kwargs), size)
 
 
 def _fmt_kwargs(kwargs: dict[str, Any]) -> str:

@@ -5,8 +5,9 @@ Candidates are the graph's attention branches and activations between linears
 
 * :func:`one_shot_scores` — cheap: per candidate, a first-order estimate of the loss change when it
   becomes the identity, from a few batches, no training;
-* :func:`gated_search` — the published search: gates ``y = m·f(u) + (1−m)·u`` on every candidate,
-  weights and scores trained together, pruning events alternating between the two kinds.
+* :func:`gated_search` — HetDPT's stage 1: per-kind candidates from single-layer fine-tunes, then
+  gates ``y = m·f(u) + (1−m)·u`` on every layer, weights and gate scores trained together, pruning
+  events alternating between the two kinds in growing windows.
 
 Each kind is ranked only against itself (the two kinds' gradients differ greatly in scale:
 "gradient disparity"). :func:`select_depth` wraps both modes; :func:`apply_depth` runs the two passes;
@@ -18,43 +19,46 @@ Integration (``--method boundarydpt``)::
     gm, recipe = sel.model, sel.recipe          # pruned, merged, gates folded away
     # or, with explicit lists:  gm, recipe = apply_depth(gm, [0, 3, 7, 8, 11], [2, 7, 8, 10, 11])
 
-The gated search (:func:`gated_search`), choice by choice, and what the HetDPT code
-(``train_stage1_step2.py``, ``hetdpt/search_layers.py``) does:
+The gated search follows HetDPT's released code (github.com/Efficient-AI-for-All/HetDPT, commit
+0e0852f) where the paper is silent; step counts are scaled for a CPU, the structure is the same.
+References are ``file:line`` of that commit; README.md lists what is not reproduced.
 
-* **Gates.** ``y = m·f(u) + (1−m)·u`` on every GELU (``u`` = fc1 output) and on every attention
-  module (``u`` = its normalised input LN1(x), before layer-scale, like ``Learnable_Attention``
-  wrapping timm's ``Attention``); for ``variant="drop"`` ``y = m·f``. ``m`` is binary in the
-  forward pass and its gradient is credited to the score (straight-through, HetDPT's
-  ``GetMask``). Lowest score is pruned first.
-* **Score.** HetDPT's score is a parameter (``learn_mask``, init 0) stepped by the weights'
-  AdamW, i.e. a running sum of (Adam-normalised) ``−∂L/∂m``. Here the score is the running sum
-  of the first-order estimates themselves, per image: ``estimator="abs"`` (default) sums
-  ``|∂L_i/∂m|``, ``estimator="signed"`` sums ``−∂L_i/∂m`` (the published signal without Adam's
-  normalisation). Why abs: the signed first-order term says which way the loss moves for a
-  *small* step towards the identity and cancels across images on a trained model. Measured on
-  the 4-block digits ViT of ``tests/test_depth_search.py``, the abs scores rank both kinds
-  exactly as the true single-removal losses do and the search removed the set that keeps 65%
-  accuracy before any fine-tuning, while the signed scores removed attention block 0 or 1 (the
-  two most important by ablation; 11% / 45% before fine-tuning).
-* **Loss.** Soft distillation KL to ``teacher`` (temperature ``tau``) + ``ce_weight`` × CE to the
-  labels, or to the teacher's argmax for unlabelled batches. HetDPT's search script uses CE on
-  labels (distillation off) and its stage 2 hard distillation (α=0.5). Pure KL would give no
-  signal at the start (the student *is* the teacher, so ∂KL/∂m = 0): the CE term provides it.
-  ``teacher=None`` uses a frozen copy of ``gm``.
-* **Event schedule.** :func:`event_order`: alternate kinds, the more numerous first, activation
-  first on a tie (HetDPT's ``get_prune_order``). Each event hard-prunes (``m := 0``) the
-  lowest-scoring remaining candidate *of that kind only* (``Flag_Get``): the kinds are never
-  ranked on one scale. A warm-up window of ``steps_per_event`` precedes the first event.
-* **Recovery asymmetry.** Removing an activation hurts more at first but recovers quickly;
-  removing attention hurts less but recovers slowly. So the window after an attention event is
-  ``attention_recovery``× longer (HetDPT instead lengthens every later stage:
-  ``multi_stage=[3,5,7,...]`` epochs); and scores are reset at each event and collected only
-  after the first ``score_burn_in`` fraction of the window, so the loss spike right after an
-  event (largest after activation events) does not drive the next decision
-  (``reset_scores=False`` keeps accumulating over the whole search, as HetDPT's ``learn_mask``).
-* **Optimiser.** AdamW(``lr``, ``weight_decay``) on the weights, constant learning rate (HetDPT:
-  cosine restarts aligned with the stages). The captured graph is the eval-mode function, so no
-  dropout or drop-path applies.
+* **Stage 1, per-kind candidates** (``train_stage1_step1.py`` with ``scripts/train_stage1_step1_*.sh``:
+  one run per layer, the model with only that layer removed, fine-tuned from the original weights —
+  30 epochs for an attention layer, 5 for an activation — cosine LR down to ``min_lr``, then top-1
+  on the validation set). The step-2 script then searches only among 8 of the 12 layers of each
+  kind (``--candidate_attn``/``--candidate_act``, ``train_stage1_step2.py:353-354``; the released
+  code does not include how the 8 were picked). Here: every layer of a kind is removed alone and
+  fine-tuned (``candidate_steps`` = (attention, activation) steps, 6:1 as 30:5 epochs; cosine from
+  ``lr`` to ``lr/10``), scored by its loss on held-out batches, and the ``candidate_share`` (8/12)
+  with the lowest loss of each kind become the candidates. Explicit candidate lists skip this.
+* **Gates** (``hetdpt/search_layers.py:19-79``). ``y = m·f(u) + (1−m)·u`` on every GELU (``u`` = fc1
+  output, ``Learnable_Gelu_Hard``) and every attention module (``u`` = its normalised input, before
+  layer-scale, ``Learnable_Attention``); for ``variant="drop"`` ``y = m·f``. ``m`` is binary in the
+  forward pass (1, then 0 once pruned) and ``GetMask`` hands ``∂L/∂m`` unchanged to a scalar
+  parameter ``learn_mask`` (init 0): the gate's score.
+* **Score: the signed estimator, stepped by Adam** (``estimator="signed"``, default). The score
+  parameter sits in the weights' optimizer (``train_stage1_step2.py:533``: timm's AdamW, same LR, no
+  weight decay on 0-d parameters), so each step moves it by ``−lr·m̂/(√v̂+ε)`` of its gradient
+  ``∂L/∂m`` (the batch-mean loss): the score is a running, Adam-normalised sum of the signed
+  first-order estimate of ``L(m=0) − L(m=1)``. It is never reset: it accumulates over the whole
+  search, keeps moving after its layer is pruned, and Adam's moments carry across events.
+  ``estimator="abs"`` (vitprune's earlier choice, kept because it is cheap) instead adds the
+  per-image magnitudes ``|∂L_i/∂m|`` (no optimizer), as :func:`one_shot_scores` does.
+* **Events** (``Prune_Num``/``Flag_Get``, ``train_stage1_step2.py:44-152``, ``:659-673``).
+  :func:`event_order` alternates kinds, the more numerous first (``get_prune_order``); each event
+  hard-prunes the lowest-scoring remaining *candidate of that kind only*.
+* **Growing windows** (``multi_stage``, ``:355``, default ``[3, 5, 7, …]`` epochs; ``Prune_Num``
+  docstring ``:46-54``). The k-th window before an event lasts ``steps_per_event·(1 + stage_growth·k)``
+  steps (``stage_growth=2/3`` keeps the released 3 : 5 : 7 : …), the first being the warm-up;
+  ``recovery_steps`` (default: the next length of that series) follow the last event.
+* **Learning rate.** Constant ``lr`` for weights and scores. The released schedule is constant in
+  effect: ``--sched cyclecosine`` with the unset ``lr_cycle_limit`` (1) and ``--warmup-epochs 15``
+  returns ``min_lr`` for every epoch (``hetdpt/cycle_scheduler.py:66-90``; ``lr_scheduler.py:96-105``).
+* **Loss** (``:538-573``, ``--distillation-type none``, ``--smoothing 0.1``). Label-smoothed
+  cross-entropy to the labels, no teacher (:class:`SearchLoss`); an unlabelled batch takes the
+  teacher's argmax as its label (hard distillation, as HetDPT's stage 2); ``kd_weight`` adds a soft
+  KL term. The captured graph is the eval-mode function: no dropout or drop-path applies.
 * **Folding.** After the last window the gates are removed and :class:`AttentionRemoval`
   (``variant``) / :class:`ActivationRemoval` (``merge``, ``fold_norm``) rewrite the pruned
   layers; the folded model must reproduce the gated model's outputs (checked).
@@ -63,7 +67,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -80,10 +83,13 @@ from vitprune.frontend.capture import first_tensor
 from vitprune.deps.branches import ActivationSite, AttentionBranch, find_activations, find_attention_branches
 from vitprune.errors import InputError, PlanError
 from vitprune.plan.budget import Budget, Plan
+from vitprune.train.data import split_batch
+from vitprune.train.finetune import FinetuneConfig, distillation_loss
 from vitprune.deps.flops import node_flops  # (importing flops also registers the CPU SDPA FLOP formula)
 
-__all__ = ["DepthGate", "Selection", "apply_depth", "depth_flops_options", "depth_passes", "depth_savings",
-           "event_order", "gated_search", "one_shot_scores", "plan_depth", "select_depth"]
+__all__ = ["DepthGate", "SearchLoss", "Selection", "apply_depth", "depth_flops_options", "depth_passes",
+           "depth_savings", "event_order", "gated_search", "one_shot_scores", "plan_depth", "select_depth",
+           "stage_lengths"]
 
 GATE_ROOT = "depth_gates"
 KINDS = ("attention", "activation")
@@ -92,14 +98,17 @@ KINDS = ("attention", "activation")
 # -- results -------------------------------------------------------------------------------------
 class Selection(tuple):
     """``(attention_blocks, activation_blocks)``; also ``.model`` (the pruned GraphModule, gates
-    folded away), ``.recipe`` (its pass recipes), ``.scores`` ({kind: {block: score}}) and
-    ``.history`` (one entry per pruning event)."""
+    folded away), ``.recipe`` (its pass recipes), ``.scores`` ({kind: {block: score}}),
+    ``.history`` (one entry per pruning event) and, for the search, ``.candidates`` ({kind: blocks
+    the events could choose from}) with ``.candidate_losses`` ({kind: {block: held-out loss after
+    its single-layer fine-tune}}, empty for a kind whose candidates were given or not narrowed)."""
 
     def __new__(cls, attention: Sequence[int], activation: Sequence[int], *, model=None, recipe=None,
-                scores=None, history=None):
+                scores=None, history=None, candidates=None, candidate_losses=None):
         self = super().__new__(cls, (sorted(int(b) for b in attention), sorted(int(b) for b in activation)))
         self.model, self.recipe = model, list(recipe or [])
         self.scores, self.history = dict(scores or {}), list(history or [])
+        self.candidates, self.candidate_losses = dict(candidates or {}), dict(candidate_losses or {})
         return self
 
     @property
@@ -130,26 +139,28 @@ def apply_depth(gm: fx.GraphModule, attention_blocks: Sequence[int], activation_
 class DepthGate(nn.Module):
     """``y = m·f + (1−m)·u`` (``u`` is None for the "drop" variant: ``y = m·f``).
 
-    The mask ``m`` is binary in the forward pass (``alive``: 1 until pruned, then 0); its gradient is
-    credited to ``score`` unchanged — a straight-through estimator. The mask is materialised as a
-    ``(B, 1, ...)`` leaf (``last_mask``) so that after ``backward`` each image's ``∂L_i/∂m`` can be
-    read; their sum is exactly the gradient of a scalar mask. ``∂L/∂m = <∂L/∂y, f − u>``, so
-    ``−∂L/∂m`` is the first-order estimate of ``L(m=0) − L(m=1)``: how much the loss grows when the
-    layer becomes the identity. ``score`` accumulates these estimates (see :func:`gated_search`).
+    The mask ``m`` is binary in the forward pass (``alive``: 1 until pruned, then 0). Its gradient
+    goes, unchanged, to the scalar parameter ``score`` — a straight-through estimator, HetDPT's
+    ``GetMask`` into ``learn_mask`` — so an optimizer holding ``score`` steps it by ``∂L/∂m``. The
+    mask is also materialised as a ``(B, 1, ...)`` leaf (``last_mask``) so that after ``backward``
+    each image's ``∂L_i/∂m`` can be read; their sum is ``score.grad``. ``∂L/∂m = <∂L/∂y, f − u>``,
+    so ``−∂L/∂m`` is the first-order estimate of ``L(m=0) − L(m=1)``: how much the loss grows when
+    the layer becomes the identity. Higher score: keep (see :func:`gated_search`).
     """
 
     def __init__(self, kind: str, block: int):
         super().__init__()
         self.kind, self.block = kind, int(block)
-        self.register_buffer("score", torch.zeros((), dtype=torch.float64))
+        self.score = nn.Parameter(torch.zeros(()))
         self.register_buffer("alive", torch.ones(()))
         self.last_mask: torch.Tensor | None = None
 
     def forward(self, f: torch.Tensor, u: torch.Tensor | None = None) -> torch.Tensor:
-        m = self.alive.to(f.dtype).expand((f.shape[0],) + (1,) * (f.dim() - 1)).clone()
+        m = self.alive.to(f.dtype)
         if torch.is_grad_enabled():
-            m.requires_grad_(True)
+            m = m.expand((f.shape[0],) + (1,) * (f.dim() - 1)).clone().requires_grad_(True)
             self.last_mask = m
+            m = m + (self.score - self.score.detach()).to(f.dtype)  # value unchanged; ∂L/∂m → score
         return m * f if u is None else u + m * (f - u)
 
     def estimates(self) -> torch.Tensor | None:
@@ -216,15 +227,6 @@ def _only(items: list, wanted: Sequence[int], kind: str) -> list:
 
 
 # -- data ----------------------------------------------------------------------------------------
-def _split(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if isinstance(batch, torch.Tensor):
-        return batch, None
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
-        y = batch[1] if len(batch) > 1 and isinstance(batch[1], torch.Tensor) else None
-        return batch[0], y
-    raise InputError(f"a batch must be an image tensor or (images, labels), got {type(batch).__name__}")
-
-
 def _cycle(batches: Iterable) -> Iterator:
     """Endless batches; re-iterates lists and DataLoaders (a one-shot iterator cannot restart)."""
     while True:
@@ -278,7 +280,7 @@ def one_shot_scores(gm: fx.GraphModule, batches: Iterable, *, variant: str = "id
     seen = 0
     source = batches if max_batches is None else itertools.islice(batches, max_batches)
     for batch in source:
-        x, y = _split(batch)
+        x, y = split_batch(batch)
         x = x.to(device)
         _probe_loss(first_tensor(model(x)), y).backward()
         for key, gate in gates.items():
@@ -310,66 +312,123 @@ def event_order(n_attention: int, n_activation: int) -> list[str]:
     return order
 
 
-def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor | None, *,
-                      tau: float = 1.0, ce_weight: float = 0.5) -> torch.Tensor:
-    """Soft KL(teacher‖student) at temperature ``tau`` (× tau², batch mean) + ``ce_weight`` × CE to
-    ``target`` (labels, or the teacher's argmax when there are none: hard distillation)."""
-    kd = F.kl_div(F.log_softmax(student / tau, -1), F.log_softmax(teacher / tau, -1),
-                  reduction="batchmean", log_target=True) * tau * tau
-    if ce_weight:
-        target = teacher.argmax(-1) if target is None else target
-        kd = kd + ce_weight * F.cross_entropy(student, target)
-    return kd
+def stage_lengths(n_events: int, steps_per_event: int, stage_growth: float = 2 / 3) -> list[int]:
+    """Steps of the search's ``n_events + 1`` training windows: window ``k < n_events`` ends in event
+    ``k`` (window 0 is the warm-up), the last one is the recovery after the final event. HetDPT's
+    ``multi_stage`` grows by 2 epochs from 3 (``[3, 5, 7, …]``): removals come later and later, each
+    with a longer recovery. Window ``k`` lasts ``steps_per_event·(1 + stage_growth·k)`` steps, so the
+    default growth keeps the released proportions with ``steps_per_event`` steps for the warm-up."""
+    return [max(1, round(steps_per_event * (1 + stage_growth * k))) for k in range(n_events + 1)]
+
+
+@dataclass(frozen=True)
+class SearchLoss:
+    """What the search and its candidate fine-tunes train on. The released search
+    (``--distillation-type none``, ``--smoothing 0.1``) uses label-smoothed cross-entropy to the labels
+    (``ce_weight``) and no teacher. An unlabelled batch takes the teacher's argmax as its labels (hard
+    distillation, HetDPT's stage 2); ``kd_weight`` adds ``τ²·KL(teacher ‖ student)`` at temperature
+    ``tau`` (``ce_weight=0, kd_weight=1``: pure soft distillation)."""
+
+    label_smoothing: float = 0.1
+    ce_weight: float = 1.0
+    kd_weight: float = 0.0
+    tau: float = 1.0
+
+    def needs_teacher(self, labels: torch.Tensor | None) -> bool:
+        return (labels is None and self.ce_weight > 0) or self.kd_weight > 0
+
+    def __call__(self, out: torch.Tensor, teacher_out: torch.Tensor | None,
+                 labels: torch.Tensor | None) -> torch.Tensor:
+        """The fine-tuning loss (:func:`~vitprune.train.finetune.distillation_loss`) with these weights."""
+        if self.ce_weight and labels is None:
+            labels = teacher_out.argmax(-1)
+        config = FinetuneConfig(kd_weight=self.kd_weight, label_weight=self.ce_weight, temperature=self.tau,
+                                label_smoothing=self.label_smoothing)
+        return distillation_loss(out, teacher_out if self.kd_weight else None, labels, config)
 
 
 def gated_search(gm: fx.GraphModule, teacher: nn.Module | None, train_batches: Iterable,
                  n_attention: int, n_activation: int, steps_per_event: int = 100, lr: float = 1e-4, *,
                  variant: str = "identity_norm", merge: str = "auto", fold_norm: bool = False,
-                 ce_weight: float = 0.5, tau: float = 1.0, weight_decay: float = 0.05,
-                 estimator: str = "abs", reset_scores: bool = True,
-                 attention_recovery: float = 2.0, score_burn_in: float = 0.5,
-                 candidates_attention: Sequence[int] | None = None,
-                 candidates_activation: Sequence[int] | None = None,
+                 estimator: str = "signed", stage_growth: float = 2 / 3, recovery_steps: int | None = None,
+                 candidate_share: float = 2 / 3, candidate_steps: Sequence[int] | None = None,
+                 candidate_eval_batches: int = 2, candidates_attention: Sequence[int] | None = None,
+                 candidates_activation: Sequence[int] | None = None, weight_decay: float = 0.05,
+                 loss: SearchLoss | None = None,
                  log: Callable[[dict[str, Any]], None] | None = None) -> Selection:
-    """The HetDPT search stage: gates on every candidate, weights and scores trained together,
-    alternating hard-pruning events (each choice is explained in the module docstring). Returns
-    :class:`Selection` ``(attention_blocks, activation_blocks)`` whose ``.model`` is the trained,
-    pruned graph with the gates folded away (the removed layers rewritten by the two passes; no gate
-    module or node is left). ``gm`` is not modified; ``teacher=None`` uses a frozen copy of it."""
-    if n_attention < 0 or n_activation < 0 or steps_per_event < 1:
-        raise InputError("n_attention and n_activation must be >= 0 and steps_per_event >= 1")
-    if estimator not in ("signed", "abs"):
-        raise InputError(f"estimator must be 'signed' or 'abs', got {estimator!r}")
+    """HetDPT's stage 1 (each choice and its source is in the module docstring): per-kind candidates
+    from single-layer fine-tunes (``candidate_steps`` = (attention, activation) steps per layer,
+    default 6:1 with one third of ``steps_per_event`` for an activation; ``(0, 0)``, or explicit
+    ``candidates_*``, skips it), then gates on every layer, weights and gate scores trained with one
+    AdamW at constant ``lr``, alternating events in the windows of :func:`stage_lengths`.
+
+    Returns :class:`Selection` ``(attention_blocks, activation_blocks)`` whose ``.model`` is the
+    trained, pruned graph with the gates folded away (no gate module or node is left). ``log`` gets
+    one dict per search step (``grads``: each gate's ``∂L/∂m``) and one per event. ``gm`` is not
+    modified; ``teacher=None`` uses a frozen copy of it (needed only for unlabelled batches)."""
+    counts = {"attention": n_attention, "activation": n_activation}
+    steps = _check_search(counts, steps_per_event, estimator, stage_growth, recovery_steps, candidate_share,
+                          candidate_steps, candidate_eval_batches)
     student = copy.deepcopy(gm)
-    branches, sites = _candidates(student, candidates_attention, candidates_activation, variant)
-    if n_attention > len(branches) or n_activation > len(sites):
+    branches, sites = _candidates(student, None, None, variant)
+    pools = {"attention": _pool(branches, candidates_attention, "attention"),
+             "activation": _pool(sites, candidates_activation, "activation")}
+    if any(counts[k] > len(pools[k]) for k in KINDS):
         raise InputError(f"asked to remove {n_attention} attention / {n_activation} activation layers; "
-                         f"there are {len(branches)} / {len(sites)} candidates")
+                         f"there are {len(pools['attention'])} / {len(pools['activation'])} candidates")
     run = _SearchRun(student, _frozen(teacher if teacher is not None else copy.deepcopy(gm)),
                      _insert_gates(student, branches, sites, variant), _cycle(train_batches),
-                     estimator, tau, ce_weight, log)
-    run.opt = torch.optim.AdamW(_trainable(student), lr=lr, weight_decay=weight_decay)
-    pruned: dict[str, list[int]] = {k: [] for k in KINDS}
-    history: list[dict[str, Any]] = []
-    windows = [(None, steps_per_event, 0.0)] + [
-        (kind, max(1, round(steps_per_event * (attention_recovery if kind == "attention" else 1.0))),
-         score_burn_in) for kind in event_order(n_attention, n_activation)]
-    for i, (kind, length, burn_in) in enumerate(windows):
-        if kind is not None:
-            block = _prune_lowest(run.gates, kind, pruned[kind])
-            pruned[kind].append(block)
-            history.append({"step": run.step, "kind": kind, "block": block, "scores": _scores(run.gates)})
-            if log:
-                log(history[-1])
-            if reset_scores:
-                for g in run.gates.values():
-                    g.score.zero_()
-        run.train_window(length, math.floor(length * burn_in), i)
+                     estimator, loss or SearchLoss(), lr, weight_decay, log)
+    narrow = {"attention": candidates_attention is None, "activation": candidates_activation is None}
+    candidates, losses = run.first_stage(pools, counts, steps, candidate_share, candidate_eval_batches, narrow)
+    order = event_order(n_attention, n_activation)
+    lengths = stage_lengths(len(order), steps_per_event, stage_growth)
+    if recovery_steps is not None:
+        lengths[-1] = recovery_steps
+    pruned, history = run.search(order, lengths, candidates)
     student.eval()
     scores = _scores(run.gates)
     model, recipe = _fold(student, pruned, variant, merge, fold_norm, next(run.data))
-    return Selection(pruned["attention"], pruned["activation"], model=model, recipe=recipe,
-                     scores=scores, history=history)
+    return Selection(pruned["attention"], pruned["activation"], model=model, recipe=recipe, scores=scores,
+                     history=history, candidates=candidates, candidate_losses=losses)
+
+
+def _check_search(counts: dict[str, int], steps_per_event: int, estimator: str, stage_growth: float,
+                  recovery_steps: int | None, candidate_share: float, candidate_steps: Sequence[int] | None,
+                  candidate_eval_batches: int) -> dict[str, int]:
+    """Refuse bad search settings in one line each; returns the stage-1 steps per kind."""
+    if min(counts.values()) < 0 or steps_per_event < 1:
+        raise InputError("n_attention and n_activation must be >= 0 and steps_per_event >= 1")
+    if estimator not in ("signed", "abs"):
+        raise InputError(f"estimator must be 'signed' or 'abs', got {estimator!r}")
+    if stage_growth < 0 or (recovery_steps is not None and recovery_steps < 0):
+        raise InputError("stage_growth and recovery_steps must be >= 0")
+    if not 0 < candidate_share <= 1 or candidate_eval_batches < 1:
+        raise InputError("candidate_share must be in (0, 1] and candidate_eval_batches >= 1")
+    if candidate_steps is None:
+        unit = max(1, round(steps_per_event / 3))  # one released epoch: the warm-up is 3 epochs
+        return {"attention": 6 * unit, "activation": unit}
+    if len(candidate_steps) != 2 or min(candidate_steps) < 0:
+        raise InputError(f"candidate_steps must be (attention steps, activation steps), both >= 0; "
+                         f"got {candidate_steps!r}")
+    return dict(zip(KINDS, (int(s) for s in candidate_steps)))
+
+
+def _pool(items: list, wanted: Sequence[int] | None, kind: str) -> list[int]:
+    return [i.index for i in (items if wanted is None else _only(items, wanted, kind))]
+
+
+def _optimizer(model: nn.Module, lr: float, weight_decay: float, *, scores: bool) -> torch.optim.AdamW:
+    """AdamW over the weights (and the gates' scores when ``scores``), grouped as timm's
+    ``create_optimizer`` groups them in the released scripts: no weight decay on biases and other
+    0-/1-d parameters, the scores (HetDPT's ``learn_mask``) among them; Adam's defaults otherwise."""
+    decay, plain = [], []
+    for name, p in model.named_parameters():
+        p.requires_grad_(scores or not name.startswith(GATE_ROOT + "."))
+        if p.requires_grad:
+            (plain if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": plain, "weight_decay": 0.0}], lr=lr)
 
 
 @dataclass
@@ -378,36 +437,108 @@ class _SearchRun:
 
     student: fx.GraphModule
     teacher: nn.Module
-    gates: dict[tuple[str, int], "DepthGate"]
+    gates: dict[tuple[str, int], DepthGate]
     data: Iterator
     estimator: str
-    tau: float
-    ce_weight: float
+    loss: SearchLoss
+    lr: float
+    weight_decay: float
     log: Callable[[dict[str, Any]], None] | None
     opt: torch.optim.Optimizer | None = None
     step: int = 0
 
-    def train_window(self, length: int, collect_from: int, window: int) -> None:
-        """``length`` distillation steps; gate scores accumulate from step ``collect_from`` on."""
-        device = _device(self.student)
-        self.student.train()
-        for s in range(length):
-            x, y = _split(next(self.data))
-            x, y = x.to(device), (y.to(device) if y is not None else None)
+    def loss_on(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        x, y = split_batch(batch)
+        device = _device(model)
+        x, y = x.to(device), (y.to(device) if y is not None else None)
+        t = None
+        if self.loss.needs_teacher(y):
             with torch.no_grad():
                 t = first_tensor(self.teacher(x))
-            loss = distillation_loss(first_tensor(self.student(x)), t, y, tau=self.tau, ce_weight=self.ce_weight)
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.opt.step()
-            for g in self.gates.values():
-                est = g.estimates()
-                if s >= collect_from and est is not None:
-                    g.score += est.abs().sum() if self.estimator == "abs" else est.sum()
-                g.clear()
+        return self.loss(first_tensor(model(x)), t, y)
+
+    def train_step(self, model: nn.Module, opt: torch.optim.Optimizer) -> float:
+        loss = self.loss_on(model, next(self.data))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    def first_stage(self, pools: dict[str, list[int]], counts: dict[str, int], steps: dict[str, int],
+                    share: float, n_eval: int, narrow: dict[str, bool]) -> tuple[dict, dict]:
+        """Stage 1: per kind, keep the ``share`` of its layers (at least the count to remove) whose
+        single removal, after a short fine-tune, costs least on the same held-out batches; a kind
+        already given, not pruned, or not narrowed by ``share`` keeps its whole pool."""
+        keep = {k: max(counts[k], round(share * len(pools[k]))) for k in KINDS}
+        todo = [k for k in KINDS if narrow[k] and counts[k] and steps[k] and keep[k] < len(pools[k])]
+        held_out = [next(self.data) for _ in range(n_eval)] if todo else []
+        candidates = {k: sorted(pools[k]) for k in KINDS}
+        losses: dict[str, dict[int, float]] = {k: {} for k in KINDS}
+        for kind in todo:
+            losses[kind] = {b: self.candidate_loss(kind, b, steps[kind], held_out) for b in pools[kind]}
+            ranked = sorted(pools[kind], key=lambda b: (losses[kind][b], b))
+            candidates[kind] = sorted(ranked[:keep[kind]])
+            if self.log:
+                self.log({"stage": 1, "kind": kind, "losses": losses[kind], "candidates": candidates[kind]})
+        return candidates, losses
+
+    def candidate_loss(self, kind: str, block: int, steps: int, held_out: list) -> float:
+        """One stage-1 run: a copy with only this layer removed, fine-tuned from the original
+        weights (cosine from ``lr`` to ``lr/10``, as the released step 1 decays to ``min_lr``), then
+        its mean loss on the held-out batches (the released runs report validation top-1)."""
+        model = copy.deepcopy(self.student)
+        model.get_submodule(f"{GATE_ROOT}.{kind}_{block}").alive.zero_()
+        opt = _optimizer(model, self.lr, self.weight_decay, scores=False)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=self.lr / 10)
+        model.train()
+        for _ in range(steps):
+            self.train_step(model, opt)
+            sched.step()
+        model.eval()
+        with torch.no_grad():
+            return sum(float(self.loss_on(model, b)) for b in held_out) / len(held_out)
+
+    def search(self, order: list[str], lengths: list[int],
+               candidates: dict[str, list[int]]) -> tuple[dict[str, list[int]], list[dict[str, Any]]]:
+        """Warm-up window, then per event: prune the lowest score among the kind's remaining
+        candidates and train the next (longer) window. Scores and Adam's moments are never reset."""
+        self.opt = _optimizer(self.student, self.lr, self.weight_decay, scores=self.estimator == "signed")
+        pruned: dict[str, list[int]] = {k: [] for k in KINDS}
+        history: list[dict[str, Any]] = []
+        self.train_window(lengths[0], 0)
+        for i, kind in enumerate(order):
+            block = _prune_lowest(self.gates, kind, pruned[kind], candidates[kind])
+            pruned[kind].append(block)
+            history.append({"step": self.step, "kind": kind, "block": block, "scores": _scores(self.gates)})
+            if self.log:
+                self.log(history[-1])
+            self.train_window(lengths[i + 1], i + 1)
+        return pruned, history
+
+    def train_window(self, length: int, window: int) -> None:
+        self.student.train()
+        for _ in range(length):
+            loss = self.train_step(self.student, self.opt)
+            grads = self.collect()
             self.step += 1
-        if self.log:
-            self.log({"step": self.step, "loss": loss.item(), "window": window})
+            if self.log:
+                self.log({"step": self.step, "window": window, "loss": loss, "grads": grads})
+
+    def collect(self) -> dict[str, dict[int, float]]:
+        """Each gate's ``∂L/∂m`` of the last step (the signed estimator's optimizer has already
+        stepped the scores with it); ``estimator="abs"`` adds ``Σ_i |∂L_i/∂m|`` to the scores."""
+        grads: dict[str, dict[int, float]] = {k: {} for k in KINDS}
+        for (kind, block), g in self.gates.items():
+            est = g.estimates()
+            if self.estimator == "abs" and est is not None:
+                with torch.no_grad():
+                    g.score += float(est.abs().sum())
+            if g.score.grad is not None:
+                grads[kind][block] = float(g.score.grad)
+            elif est is not None:
+                grads[kind][block] = -float(est.sum())
+            g.clear()
+        return grads
 
 
 def _frozen(teacher: nn.Module) -> nn.Module:
@@ -417,15 +548,12 @@ def _frozen(teacher: nn.Module) -> nn.Module:
     return teacher
 
 
-def _trainable(student: nn.Module) -> list[torch.nn.Parameter]:
-    weights = list(student.parameters())  # gates hold buffers only
-    for p in weights:
-        p.requires_grad_(True)
-    return weights
-
-
-def _prune_lowest(gates: dict[tuple[str, int], DepthGate], kind: str, done: list[int]) -> int:
-    alive = [(g.score.detach().item(), b) for (k, b), g in gates.items() if k == kind and b not in done]
+def _prune_lowest(gates: dict[tuple[str, int], DepthGate], kind: str, done: list[int],
+                  allowed: Sequence[int]) -> int:
+    """HetDPT's ``Flag_Get``: the lowest score among the kind's candidates not yet pruned (ties: the
+    lower block); the kinds are never ranked on one scale."""
+    alive = [(g.score.detach().item(), b) for (k, b), g in gates.items()
+             if k == kind and b not in done and b in allowed]
     _, block = min(alive)
     gates[(kind, block)].alive.zero_()
     return block
@@ -440,7 +568,7 @@ def _scores(gates: dict[tuple[str, int], DepthGate]) -> dict[str, dict[int, floa
 
 def _fold(student: fx.GraphModule, pruned: dict[str, list[int]], variant: str, merge: str,
           fold_norm: bool, batch: Any) -> tuple[fx.GraphModule, list[dict[str, Any]]]:
-    x, _ = _split(batch)
+    x, _ = split_batch(batch)
     x = x.to(_device(student))
     with torch.no_grad():
         gated = first_tensor(student(x))
@@ -580,7 +708,7 @@ def plan_depth(gm: fx.GraphModule, budget: Budget, batches: list, *, cap_share: 
     if mode == "search":
         chosen = gated_search(gm, teacher, train_batches, n_a, n_j, variant=variant, merge=merge,
                               fold_norm=fold_norm, **(search or {}))
-        detail.update(attention=chosen.attention, activation=chosen.activation)
+        detail.update(attention=chosen.attention, activation=chosen.activation, candidates=chosen.candidates)
         return Plan("depth", depth_passes(chosen.attention, chosen.activation, variant, merge, fold_norm),
                     flops, budget, detail, graph=chosen.model, recipe=chosen.recipe)
     detail["scores"] = {"attention": attn_scores, "activation": act_scores}

@@ -13,10 +13,10 @@ from typing import Iterable
 
 import numpy as np
 import torch
-import torch.fx as fx
 import torch.nn.functional as F
 
 from vitprune.deps import ChannelGroup, DependencyGraph
+from vitprune.frontend.capture import param_tensor
 
 
 def _per_position(t: torch.Tensor, dim: int, squared: bool = False) -> np.ndarray:
@@ -50,7 +50,7 @@ def group_scores(dg: DependencyGraph, group: ChannelGroup, tensors: dict[str, to
 
 def l2_importance(dg: DependencyGraph, groups: list[ChannelGroup]) -> dict[str, np.ndarray]:
     names = {m.param for g in groups for m in g.members}
-    weights = {name: _get(dg.gm, name) for name in names}
+    weights = {name: param_tensor(dg.gm, name) for name in names}
     cache: dict = {}
     return {g.name: group_scores(dg, g, weights, "sqrt", cache, squared=True) for g in groups}
 
@@ -85,9 +85,3 @@ def random_calibration(input_size: tuple[int, int, int], batches: int, batch_siz
     """Gaussian images when the user gives no data: enough to rank by Taylor, say so in reports."""
     g = torch.Generator().manual_seed(seed)
     return [(torch.randn((batch_size, *input_size), generator=g), None) for _ in range(batches)]
-
-
-def _get(gm: fx.GraphModule, name: str) -> torch.Tensor:
-    module_path, _, attr = name.rpartition(".")
-    owner = gm.get_submodule(module_path) if module_path else gm
-    return getattr(owner, attr)

@@ -10,8 +10,10 @@ and a JSON-able account of what it decided.
 * ``width``: width pruning to the target.
 * ``boundarydpt``: depth only; attention and activation removals alternate until the FLOPs meet the
   target (which blocks: one-shot scores or the gated search, ``depth_selection``).
-* ``boundarydpt+``: depth first, at most ``depth_share`` of each kind's layers, then width pruning
-  takes the rest of the budget.
+* ``boundarydpt+``: the joint planner (:mod:`vitprune.plan.joint`): move by move, the cheapest of
+  removing an attention branch, removing an activation or shrinking a channel group, by estimated
+  loss increase per FLOP saved, with recovery between events when there is training data;
+  ``depth_share`` optionally caps the share of each kind's layers removed.
 * ``cpvit``: heads kept by the cumulative head score (``prune_heads_cpvit``), then the progressive
   token schedule meeting the target.
 
@@ -22,9 +24,8 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
-import torch
 import torch.fx as fx
 from torch import nn
 
@@ -35,20 +36,24 @@ from vitprune.deps import DependencyGraph
 from vitprune.deps.flops import FlopModel
 from vitprune.errors import PlanError
 from vitprune.plan.budget import Budget, Plan
+from vitprune.plan.cost import LatencyModel, LatencyTable
 from vitprune.plan.depth import depth_passes, plan_depth
+from vitprune.plan.joint import JointSettings, plan_joint
 from vitprune.plan.importance import l2_importance, random_calibration, taylor_importance
 from vitprune.plan.tokens import TokenFlops, cpvit_head_keep, cpvit_plan, parse_tokens
 from vitprune.plan.width import eligible_groups, plan_width
+from vitprune.report import RANDOM_SCORING
 from vitprune.spec import CompressSpec
+from vitprune.train.data import images_only
 
 #: The stages that plan to the FLOPs target, per method (in the order they run).
 METHOD_STAGES: dict[str, tuple[str, ...]] = {
     "width": ("width",),
     "boundarydpt": ("depth",),
-    "boundarydpt+": ("depth", "width"),
+    "boundarydpt+": ("joint",),
     "cpvit": ("heads", "tokens"),
 }
-ORDER: tuple[str, ...] = ("depth", "width", "heads", "tokens")
+ORDER: tuple[str, ...] = ("depth", "joint", "width", "heads", "tokens")
 
 _KIND_FLAGS = {"residual": "prune_residual", "hidden": "prune_mlp", "head": "prune_heads",
                "head_dim": "prune_head_dim", "other": "prune_mlp"}
@@ -91,7 +96,7 @@ def stages_for(spec: CompressSpec) -> list[str]:
 def needs_teacher(spec: CompressSpec, train_data: Any) -> bool:
     """Whether any stage runs the original model: depth selection by score or search (not explicit
     lists) and recovery fine-tuning. Copying a ViT-B costs ~0.4 s, so it is skipped otherwise."""
-    selects_depth = "depth" in METHOD_STAGES[spec.method] and not explicit_depth(spec)
+    selects_depth = bool({"depth", "joint"} & set(METHOD_STAGES[spec.method])) and not explicit_depth(spec)
     return selects_depth or (train_data is not None and spec.epochs > 0)
 
 
@@ -101,10 +106,6 @@ def copy_teacher(model: nn.Module) -> nn.Module:
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher
-
-
-def images_only(batches: Iterable) -> list[torch.Tensor]:
-    return [b[0] if isinstance(b, (tuple, list)) else b for b in batches]
 
 
 def calibration(spec: CompressSpec, input_size: tuple[int, int, int], calib_data: Any) -> list:
@@ -146,9 +147,7 @@ def depth_stage(gm: fx.GraphModule, ctx: StageContext) -> Stage:
         gm, recipe = _apply(plan, gm, ctx.manager)
         return gm, recipe, {"attention": attention, "activation": activation, "selection": "explicit"}
     mode = spec.depth_selection if ctx.train_batches is not None else "one_shot"
-    plan = plan_depth(gm, ctx.budget, ctx.batches, cap_share=spec.depth_share if "width" in
-                      METHOD_STAGES[spec.method] else 1.0, exact="width" not in METHOD_STAGES[spec.method],
-                      mode=mode, train_batches=ctx.train_batches, teacher=ctx.teacher,
+    plan = plan_depth(gm, ctx.budget, ctx.batches, mode=mode, train_batches=ctx.train_batches, teacher=ctx.teacher,
                       variant=spec.attention_variant, merge=spec.merge, fold_norm=spec.fold_norm,
                       search={"steps_per_event": spec.search_steps, "lr": spec.lr})
     gm, recipe = _apply(plan, gm, ctx.manager)
@@ -162,7 +161,27 @@ def depth_stage(gm: fx.GraphModule, ctx: StageContext) -> Stage:
 def _scored_on(ctx: StageContext, mode: str) -> str:
     if mode == "search":
         return "training data (gated search)"
-    return "calibration data" if ctx.user_data else "random images labelled by the model itself"
+    return "calibration data" if ctx.user_data else RANDOM_SCORING
+
+
+# -- depth and width together (BoundaryDPT+) -----------------------------------------------------
+def joint_stage(gm: fx.GraphModule, ctx: StageContext) -> Stage:
+    spec = ctx.spec
+    settings = JointSettings(kinds=_width_kinds(spec), round_to=spec.round_to, head_dim_policy=spec.head_dim_policy,
+                             min_keep=spec.min_keep,
+                             variant=spec.attention_variant, merge=spec.merge, fold_norm=spec.fold_norm,
+                             cap_share=spec.depth_share, lr=spec.lr,
+                             recovery_steps=spec.search_steps if ctx.train_batches is not None else 0)
+    plan = plan_joint(gm, ctx.budget, ctx.batches, settings, teacher=ctx.teacher,
+                      train_batches=ctx.train_batches, manager=ctx.manager)
+    gm, recipe = _apply(plan, gm, ctx.manager)
+    info = dict(plan.detail, planned_flops_ratio=plan.ratio, within_tolerance=plan.within_tolerance,
+                scored_on=_scored_on(ctx, "one_shot"))
+    return gm, recipe, info
+
+
+def _width_kinds(spec: CompressSpec) -> set[str]:
+    return {kind for kind, flag in _KIND_FLAGS.items() if getattr(spec, flag)}
 
 
 # -- width -------------------------------------------------------------------------------------
@@ -173,25 +192,37 @@ def width_stage(gm: fx.GraphModule, ctx: StageContext) -> Stage:
     if budget.met(flop_model.flops()):
         return gm, [], {"note": "the target was already met before width pruning"}
     dg = flop_model.dg
-    kinds = {kind for kind, flag in _KIND_FLAGS.items() if getattr(spec, flag)}
+    kinds = _width_kinds(spec)
     groups = eligible_groups(dg, kinds)
     if not groups:
         detail = f"; unsupported ops froze channels: {', '.join(sorted({u.op for u in dg.unsupported}))}" \
             if dg.unsupported else ""
         raise PlanError(f"no prunable channel group of the kinds {sorted(kinds)}{detail}")
     scores = taylor_importance(dg, groups, ctx.batches) if spec.importance == "taylor" else l2_importance(dg, groups)
-    plan = plan_width(dg, flop_model, scores, groups, budget, round_to=spec.round_to,
-                      min_keep=spec.min_keep, ranking=spec.ranking)
+    cost_model, budget = _width_cost(spec, flop_model, budget)
+    plan = plan_width(dg, cost_model, scores, groups, budget, round_to=spec.round_to, min_keep=spec.min_keep,
+                      ranking=spec.ranking, head_dim_policy=spec.head_dim_policy)
     gm, recipe = _apply(plan, gm, ctx.manager)
     info = {
         "target_flops": spec.target_flops,
-        "planned_flops_ratio": plan.ratio,
+        "planned_flops_ratio": ctx.budget.ratio(flop_model.flops(plan.detail["counts"])),
         "within_tolerance": plan.within_tolerance,
+        "cost": spec.cost,
+        "head_dim_policy": spec.head_dim_policy,
         "importance": spec.importance,
         "calibration": "user data" if ctx.user_data else ("random images" if spec.importance == "taylor" else "none"),
         "notes": plan.notes,
     }
     return gm, recipe, info
+
+
+def _width_cost(spec: CompressSpec, flop_model: FlopModel, budget: Budget) -> tuple[Any, Budget]:
+    """FLOPs, or ORT latency estimated from the per-op tables of this machine (spec ``cost``): then
+    the target is a fraction of the captured model's estimated latency (only the width stage runs)."""
+    if spec.cost == "flops":
+        return flop_model, budget
+    latency = LatencyModel(flop_model.dg, LatencyTable(spec.latency_threads, 1))
+    return latency, Budget.latency(latency.cost(), budget.goal)
 
 
 # -- heads and tokens (CP-ViT) -------------------------------------------------------------------
@@ -224,5 +255,5 @@ def token_stage(gm: fx.GraphModule, ctx: StageContext) -> Stage:
 
 
 STAGES: dict[str, Callable[[fx.GraphModule, StageContext], Stage]] = {
-    "depth": depth_stage, "width": width_stage, "heads": head_stage, "tokens": token_stage,
+    "depth": depth_stage, "joint": joint_stage, "width": width_stage, "heads": head_stage, "tokens": token_stage,
 }

@@ -6,7 +6,7 @@ in that layout; anything ``timm.data.create_dataset`` reads as a folder works.
 from __future__ import annotations
 
 import os
-from typing import Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 from timm.data import create_dataset, create_transform
@@ -53,3 +53,18 @@ def calibration_batches(root: str | os.PathLike, input_size: tuple[int, int, int
         if i >= batches:
             break
         yield images, labels
+
+
+def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(images, labels or None)`` from a batch given as images alone or as ``(images, labels, ...)``:
+    the one reading of a batch for calibration, the depth search and fine-tuning."""
+    if isinstance(batch, torch.Tensor):
+        return batch, None
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        labels = batch[1] if len(batch) > 1 and isinstance(batch[1], torch.Tensor) else None
+        return batch[0], labels
+    raise InputError(f"a batch must be an image tensor or (images, labels), got {type(batch).__name__}")
+
+
+def images_only(batches: Iterable) -> list[torch.Tensor]:
+    return [split_batch(b)[0] for b in batches]

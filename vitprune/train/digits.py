@@ -32,7 +32,13 @@ NUM_CLASSES = 10
 CLASS_NAMES = tuple(str(i) for i in range(NUM_CLASSES))
 
 
-def _load_digits() -> tuple[np.ndarray, np.ndarray]:
+_MEAN = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
+_STD = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
+
+
+def load_digit_images() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 1,797 digits: images ``[N, 8, 8]`` float32 in [0, 1] and labels ``[N]`` int64
+    (shared with :mod:`vitprune.train.mosaic`, which builds its task from the same images)."""
     try:
         from sklearn.datasets import load_digits
     except ImportError as e:  # scikit-learn is an optional dependency (the dev extra)
@@ -51,7 +57,8 @@ def _validate(image_size: Any, test_fraction: Any, seed: Any) -> None:
         raise InputError(f"seed must be an integer, got {seed!r}")
 
 
-def _split_indices(labels: np.ndarray, seed: int, test_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+def split_indices(labels: np.ndarray, seed: int, test_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted (train, test) indices, stratified by ``labels`` and fixed by ``seed``: disjoint, covering all."""
     from sklearn.model_selection import train_test_split
 
     idx = np.arange(len(labels))
@@ -67,16 +74,16 @@ def _upsample(images: np.ndarray, image_size: int) -> torch.Tensor:
     return x.clamp_(0.0, 1.0).expand(-1, 3, -1, -1).contiguous()
 
 
-def _normalise(x: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
-    return (x - mean) / std
+def normalise(x: torch.Tensor) -> torch.Tensor:
+    """``[N, 3, H, W]`` in [0, 1] → timm's ImageNet normalisation (what timm's transforms apply, so
+    tensors and exported PNGs read back through ``vitprune.train.data`` agree)."""
+    return (x - _MEAN) / _STD
 
 
 def _pixels_and_splits(image_size: int, seed: int, test_fraction: float):
     _validate(image_size, test_fraction, seed)
-    images, labels = _load_digits()
-    train, test = _split_indices(labels, seed, test_fraction)
+    images, labels = load_digit_images()
+    train, test = split_indices(labels, seed, test_fraction)
     return _upsample(images, image_size), torch.from_numpy(labels), train, test
 
 
@@ -84,7 +91,7 @@ def digits_splits(image_size: int = 32, seed: int = 0,
                   test_fraction: float = 0.2) -> tuple[TensorDataset, TensorDataset]:
     """``(train_ds, test_ds)``: TensorDatasets of ``(image [3, S, S] float32, label int64)``."""
     pixels, labels, train, test = _pixels_and_splits(image_size, seed, test_fraction)
-    x = _normalise(pixels)
+    x = normalise(pixels)
     return (TensorDataset(x[train], labels[train]), TensorDataset(x[test], labels[test]))
 
 

@@ -57,11 +57,17 @@ import torch
 import torch.distributed as dist
 import torch.fx as fx
 import torch.nn.functional as F
+from timm.optim import create_optimizer_v2, list_optimizers, param_groups_weight_decay
+from timm.scheduler import CosineLRScheduler
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, RandomSampler, Sampler
 
-from vitprune.frontend.capture import first_tensor
+from tqdm.auto import tqdm
+
 from vitprune.errors import InputError, VitpruneError
+from vitprune.frontend.capture import first_tensor
+from vitprune.train.data import image_folder, split_batch
 
 log = logging.getLogger(__name__)
 
@@ -153,8 +159,6 @@ def _is_real(v: Any) -> bool:
 
 
 def _optimizer_names() -> set[str]:
-    from timm.optim import list_optimizers
-
     return set(list_optimizers())
 
 
@@ -279,16 +283,6 @@ def _eval_loader(data: Any, cfg: FinetuneConfig, ctx: _Dist) -> DataLoader:
     return DataLoader(dataset, sampler=_Shard(len(dataset), ctx.rank, ctx.world), **kwargs)
 
 
-def _split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if isinstance(batch, (list, tuple)) and len(batch) >= 2:
-        return batch[0], batch[1]
-    if isinstance(batch, (list, tuple)) and len(batch) == 1:
-        return batch[0], None
-    if isinstance(batch, torch.Tensor):
-        return batch, None
-    raise InputError(f"a batch must be images or (images, labels), got {type(batch).__name__}")
-
-
 # -- evaluation ---------------------------------------------------------------------------------------
 def _model_device(model: nn.Module) -> torch.device:
     p = next(model.parameters(), None)
@@ -301,7 +295,7 @@ def _count_correct(model: nn.Module, loader: Iterable, device: torch.device,
     correct = torch.zeros((), dtype=torch.int64, device=device)
     total = 0
     for batch in loader:
-        images, labels = _split_batch(batch)
+        images, labels = split_batch(batch)
         if labels is None:
             raise InputError("evaluation data must give (images, labels) batches")
         with autocast():
@@ -342,8 +336,6 @@ def _no_decay_names(student: nn.Module, teacher: nn.Module | None) -> set[str]:
 
 
 def _make_optimizer(student: nn.Module, teacher: nn.Module | None, cfg: FinetuneConfig) -> torch.optim.Optimizer:
-    from timm.optim import create_optimizer_v2, param_groups_weight_decay
-
     groups = param_groups_weight_decay(student, cfg.weight_decay,
                                        no_weight_decay_list=_no_decay_names(student, teacher))
     if not groups:
@@ -352,8 +344,6 @@ def _make_optimizer(student: nn.Module, teacher: nn.Module | None, cfg: Finetune
 
 
 def _make_scheduler(optimizer: torch.optim.Optimizer, cfg: FinetuneConfig, steps_per_epoch: int):
-    from timm.scheduler import CosineLRScheduler
-
     total = cfg.epochs * steps_per_epoch
     warmup = min(total - 1, int(round(cfg.warmup_epochs * steps_per_epoch)))
     return CosineLRScheduler(optimizer, t_initial=max(1, total - warmup), lr_min=cfg.min_lr,
@@ -532,8 +522,6 @@ class _Run:
         self.signature = _run_signature(cfg, ctx, self.train_loader.batch_size, self.steps, self.amp)
         self.model = student
         if ctx.world > 1:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
             ids = [self.device.index] if self.device.type == "cuda" else None
             # DDP broadcasts rank 0's weights; parameters a pass left out of the graph get no gradient
             self.model = DDP(student, device_ids=ids, find_unused_parameters=_has_unused_parameters(student))
@@ -565,8 +553,6 @@ class _Run:
         return history
 
     def _train_epoch(self, epoch: int) -> tuple[float, float]:
-        from tqdm.auto import tqdm
-
         cfg, device = self.cfg, self.device
         _reseed(cfg.seed, epoch, self.ctx.rank)
         self.train_loader.sampler.set_epoch(epoch)
@@ -579,7 +565,7 @@ class _Run:
         for i, batch in enumerate(bar):
             self.scheduler.step_update(epoch * self.steps + i)  # this step's lr: stateless in the step
             lr = max(g["lr"] for g in self.optimizer.param_groups)
-            images, labels = _split_batch(batch)
+            images, labels = split_batch(batch)
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True) if labels is not None else None
             with self.amp.autocast():
@@ -624,8 +610,6 @@ class _Run:
                 f"{r['seconds']:.1f}s")
         log.info(line)
         if self.cfg.progress:
-            from tqdm.auto import tqdm
-
             tqdm.write(line)
 
     def _save(self, epoch: int, history: dict[str, Any]) -> None:
@@ -653,8 +637,6 @@ def folder_datasets(root: str | os.PathLike, input_size: tuple[int, int, int], *
     training set and there is no validation set. ``augment`` uses timm's training transform
     (random-resized crop, flip, colour jitter) instead of the eval transform for the training set.
     """
-    from vitprune.train.data import image_folder
-
     root = os.fspath(root)
     train = image_folder(root, input_size, split="train", train=augment)
     val = None

@@ -1,0 +1,146 @@
+"""Latency cost model: one-op ONNX models compute what they claim, the on-disk cache, interpolation,
+and whole-graph estimates against measured ONNX Runtime latency (small graphs, few runs)."""
+import copy
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from conftest import randomize, tiny, traced
+from passes.width import WidthPruning
+from vitprune.deploy.bench import compare
+from vitprune.deploy.onnx import export_onnx
+from vitprune.deps import DependencyGraph
+from vitprune.deps.flops import FlopModel
+from vitprune.errors import InputError
+from vitprune.plan.budget import Budget
+from vitprune.plan.cost import (LatencyModel, LatencyTable, _interp, build_op_model, cache_dir,
+                                grid)
+from vitprune.plan.importance import l2_importance
+from vitprune.plan.width import eligible_groups, plan_width
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def run(proto, x):
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]
+
+
+def test_attention_op_model_is_attention():
+    b, t, h, d = 2, 5, 3, 8
+    x = np.random.default_rng(0).standard_normal((1, b * t, 3 * h * d)).astype(np.float32)
+    q, k, v = torch.from_numpy(x).reshape(b, t, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(1, b * t, h * d)
+    np.testing.assert_allclose(run(build_op_model("attention", (b, t, h, d)), x), want.numpy(), atol=1e-5)
+
+
+def test_linear_gelu_and_norm_op_models():
+    x = np.random.default_rng(0).standard_normal((1, 7, 12)).astype(np.float32)
+    proto = build_op_model("linear", (7, 12, 20))
+    w, bias = (next(np.frombuffer(i.raw_data, np.float32).reshape(i.dims) for i in proto.graph.initializer
+                    if i.name == n) for n in ("w", "b"))
+    np.testing.assert_allclose(run(proto, x), x @ w + bias, atol=1e-5)
+    gelu = torch.nn.functional.gelu(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(run(build_op_model("gelu", (7, 12)), x), gelu, atol=1e-5)
+    assert run(build_op_model("norm", (7, 12)), x).shape == (1, 7, 12)
+    with pytest.raises(InputError, match="unknown op kind"):
+        build_op_model("conv3d", (1, 2))
+
+
+def test_grid_and_interpolation():
+    assert grid(64, 16) == [1, 16, 32, 48, 64]
+    assert grid(40, 16) == [1, 16, 32, 40]
+    xs, ys = [1, 16, 32], [1.0, 2.0, 4.0]
+    assert _interp(xs, ys, 24, stepwise=False) == pytest.approx(3.0)
+    assert _interp(xs, ys, 24, stepwise=True) == 4.0   # 17..32 columns cost what 32 costs
+    assert _interp(xs, ys, 16, stepwise=True) == 2.0
+    assert _interp(xs, ys, 99, stepwise=False) == 4.0  # never extrapolated
+
+
+def test_cache_dir_honours_xdg(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert cache_dir() == tmp_path / "vitprune"
+    assert LatencyTable(1, 1).path.parent == tmp_path / "vitprune"
+
+
+def test_table_is_measured_once_and_cached(tmp_path):
+    keys = [("linear", (16, 32, 32)), ("norm", (16, 32))]
+    table = LatencyTable(1, 1, directory=tmp_path, runs=3, warmup=1)
+    assert table.ensure(keys) == 2 and table.overhead > 0
+    data = json.loads(table.path.read_text())
+    assert data["machine"]["threads"] == 1 and data["machine"]["ort"] == ort.__version__
+    again = LatencyTable(1, 1, directory=tmp_path)
+    assert again.ensure(keys) == 0 and again.get(*keys[0]) == table.get(*keys[0])
+    assert LatencyTable(2, 1, directory=tmp_path).path != table.path   # per thread count
+    assert LatencyTable(1, 8, directory=tmp_path).entries == {}        # and per batch
+    table.path.write_text("{not json")
+    assert LatencyTable(1, 1, directory=tmp_path).entries == {}        # a broken cache is re-measured
+    with pytest.raises(InputError, match="threads and batch"):
+        LatencyTable(0, 1, directory=tmp_path)
+
+
+# -- whole graphs ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """A DeiT-tiny-ish graph (65 tokens, width 192, 3 heads × 64, 2 blocks), its latency model
+    (batch 1, one thread, grid of 32) and its L2 planner inputs."""
+    model = randomize(tiny("deit_tiny_patch16_224", img_size=64, patch_size=8, num_classes=100))
+    dg = DependencyGraph.build(traced(model))
+    table = LatencyTable(1, 1, directory=tmp_path_factory.mktemp("cost"), runs=5, warmup=1)
+    groups = eligible_groups(dg, {"residual", "hidden", "head", "head_dim"})
+    return dg, LatencyModel(dg, table, step=32), groups, l2_importance(dg, groups), tmp_path_factory.mktemp("onnx")
+
+
+def _pruned_onnx(dg, keep, path):
+    gm = copy.deepcopy(dg.gm)
+    if keep:
+        WidthPruning(keep)(gm)
+    export_onnx(gm, torch.randn(1, 3, 64, 64), path, parity_batches=(1,))
+    return str(path)
+
+
+def _counts(groups, keep):
+    return {g.axis: len(keep[g.name]) for g in groups if g.name in keep}
+
+
+def test_estimate_within_a_quarter_of_measured_and_ranks_plans(small):
+    dg, lm, groups, scores, tmp = small
+    fm = FlopModel(dg)
+    light = plan_width(dg, fm, scores, groups, Budget(fm.flops(), 0.4), round_to=32).detail["keep"]
+    mid = plan_width(dg, fm, scores, groups, Budget(fm.flops(), 0.75), round_to=32).detail["keep"]
+    paths = [_pruned_onnx(dg, k, tmp / f"{i}.onnx") for i, k in enumerate(({}, mid, light))]
+    # the least of two medians from fresh sessions: the estimator the table uses (a session on a
+    # loaded machine is sometimes slow for its whole life; noise only ever adds time)
+    measured = np.min([[r["median_ms"] for r in compare(paths, threads=1, runs=15, warmup=3)]
+                       for _ in range(2)], axis=0)
+    estimates = [lm.cost(_counts(groups, k)) for k in ({}, mid, light)]
+    for ms, est in zip(measured, estimates):
+        assert est == pytest.approx(ms, rel=0.25), (est, ms)
+    assert np.argsort(estimates).tolist() == np.argsort(measured).tolist() == [2, 1, 0]
+
+
+def test_planning_to_the_latency_model(small):
+    dg, lm, groups, scores, _ = small
+    budget = Budget.latency(lm.cost(), 0.6)
+    plan = plan_width(dg, lm, scores, groups, budget, round_to=32)
+    assert plan.detail["cost"] == "ms" and budget.met(plan.flops)
+    assert plan.flops == pytest.approx(lm.cost(plan.detail["counts"]))
+    assert set(lm.breakdown()) >= {"linear", "attention", "norm", "gelu", "add", "overhead"}
+    assert sum(lm.breakdown().values()) == pytest.approx(lm.cost())
+
+
+def test_compress_spends_a_latency_budget(monkeypatch, tmp_path):
+    """``cost: latency``: the width stage plans to the estimated latency (the tables are measured into
+    the cache once), reports both ratios, and keeps the FLOPs ratio honest."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    from vitprune import CompressSpec, compress
+
+    model = randomize(tiny("deit_small_patch16_224", depth=2, img_size=32))
+    result = compress(model, CompressSpec(target_flops=0.6, cost="latency", round_to=8))
+    width = result.report["stages"]["width"]
+    assert width["cost"] == "latency" and width["within_tolerance"]
+    assert width["planned_flops_ratio"] == pytest.approx(result.report["flops_ratio"])
+    assert list(tmp_path.glob("vitprune/latency-t1-b1-*.json"))  # the tables, cached

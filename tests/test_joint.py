@@ -1,0 +1,124 @@
+"""The joint BoundaryDPT+ planner: depth and width moves ranked by loss increase per FLOP saved."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import randomize, tiny, traced
+from vitprune.api import replay
+from vitprune.deps.flops import count_flops
+from vitprune.plan.budget import Budget
+from vitprune.plan.joint import (JointSettings, _calibrate, _divergence, _GroupState, _zeroed,
+                                 channel_loss_estimates, plan_joint)
+from vitprune.plan.stages import copy_teacher
+from vitprune.deps import DependencyGraph
+from vitprune.plan.width import eligible_groups
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+ALL = {"residual", "hidden", "head", "head_dim"}
+
+
+def _model(depth: int = 4):
+    return randomize(tiny("deit_small_patch16_224", depth=depth, img_size=64, num_classes=10))
+
+
+def _batches(n: int = 2, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(4, 3, 64, 64, generator=g), None) for _ in range(n)]
+
+
+def _plan(model, goal, **settings):
+    gm = traced(model)
+    base = count_flops(gm, gm.meta["example_input"])
+    plan = plan_joint(gm, Budget(base, goal), _batches(), JointSettings(kinds=ALL, **settings),
+                      teacher=copy_teacher(model))
+    return plan, base
+
+
+@pytest.mark.parametrize("goal", [0.7, 0.45])
+def test_lands_on_the_budget_and_replays(goal):
+    model = _model()
+    plan, base = _plan(model, goal)
+    x = plan.graph.meta["example_input"]
+    assert plan.within_tolerance and abs(count_flops(plan.graph, x) / base - goal) <= 0.01
+    assert plan.ratio == pytest.approx(count_flops(plan.graph, x) / base)
+    again = replay(model, plan.recipe, (3, 64, 64))  # the recipe rebuilds the same architecture
+    assert count_flops(again, x) == count_flops(plan.graph, x)
+    assert {n: p.shape for n, p in again.named_parameters()} == {n: p.shape for n, p in plan.graph.named_parameters()}
+
+
+def test_a_layer_that_does_nothing_goes_first():
+    """Block 1's attention writes zeros into the residual stream: dropping it (variant "drop":
+    ``x`` instead of ``x + attn``) changes no output, so its loss increase is 0 and, saving a whole
+    branch of FLOPs, it is the first move."""
+    model = _model()
+    with torch.no_grad():
+        model.blocks[1].attn.proj.weight.zero_()
+        model.blocks[1].attn.proj.bias.zero_()
+    plan, _ = _plan(model, 0.85, variant="drop")
+    assert plan.detail["events"][0]["attention"] == [1]
+
+
+def test_cap_share_limits_each_kind():
+    plan, _ = _plan(_model(), 0.45, cap_share=0.25)  # 4 blocks: at most one layer of each kind
+    assert len(plan.detail["attention"]) <= 1 and len(plan.detail["activation"]) <= 1
+    assert plan.within_tolerance
+    none, _ = _plan(_model(), 0.6, cap_share=0.0)
+    assert none.detail["attention"] == [] and none.detail["activation"] == []
+
+
+def _spearman(a, b) -> float:
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def test_channel_estimates_rank_like_measured_removals():
+    """At the original (KL 0, no gradient) the estimate is the Fisher curvature term; its ranking of
+    a group's channels follows the KL increase measured by really zeroing each channel."""
+    model = _model(depth=2)
+    gm = traced(model)
+    dg = DependencyGraph.build(gm)
+    group = next(g for g in eligible_groups(dg, {"hidden"}))
+    batches = _batches(2)
+    references = [torch.log_softmax(gm(images), -1).detach() for images, _ in batches]
+    estimates = channel_loss_estimates(dg, [group], batches, references)[group.name]
+    channels = range(0, group.size, group.size // 24)
+    measured = []
+    for channel in channels:
+        with _zeroed(gm, group, np.array([channel])):
+            measured.append(_divergence(gm, batches, references))
+    assert min(measured) >= 0 and all(estimates >= 0)
+    assert _spearman(estimates[list(channels)], measured) > 0.6
+
+
+def test_the_first_unit_of_each_group_is_priced_as_measured():
+    model = _model(depth=2)
+    gm = traced(model)
+    dg = DependencyGraph.build(gm)
+    batches = _batches(1)
+    references = [torch.log_softmax(gm(images), -1).detach() for images, _ in batches]
+    settings = JointSettings(kinds=ALL)
+    states = {g.name: _GroupState.start(g, s, settings) for g, s in
+              zip(eligible_groups(dg, ALL), channel_loss_estimates(dg, eligible_groups(dg, ALL), batches,
+                                                                   references).values())}
+    _calibrate(gm, states, batches, references)
+    for state in states.values():
+        first = state.order[:state.unit]
+        with _zeroed(gm, state.group, first):
+            measured = _divergence(gm, batches, references)
+        assert float(state.scores[first].sum()) == pytest.approx(measured, rel=1e-4, abs=1e-9)
+
+
+def test_recovery_trains_between_events():
+    model = _model()
+    gm = traced(model)
+    base = count_flops(gm, gm.meta["example_input"])
+    data = [(torch.randn(4, 3, 64, 64), torch.randint(0, 10, (4,))) for _ in range(2)]
+    kwargs = dict(teacher=copy_teacher(model))
+    still = plan_joint(copy.deepcopy(gm), Budget(base, 0.6), data, JointSettings(kinds=ALL), **kwargs)
+    moved = plan_joint(copy.deepcopy(gm), Budget(base, 0.6), data, JointSettings(kinds=ALL, recovery_steps=3),
+                       train_batches=data, **kwargs)
+    assert moved.detail["recovery_steps"] == 3 and still.detail["recovery_steps"] == 0
+    w = "patch_embed.proj.weight"
+    assert not torch.equal(dict(moved.graph.named_parameters())[w], dict(still.graph.named_parameters())[w])

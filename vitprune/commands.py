@@ -1,0 +1,206 @@
+"""What each ``vitprune`` command does once its flags parsed: check what needs no model, load, call
+the API, print. The parser and the exit codes live in :mod:`vitprune.cli`."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import warnings
+from typing import Any, Callable, Sequence
+
+from vitprune import api, sweep
+from vitprune.deploy import DEFAULT_OPSET, bench
+from vitprune.deploy.onnx import check_opset
+from vitprune.deploy.outputs import check_destination, output_paths
+from vitprune.errors import InputError, one_line
+from vitprune.frontend.hetdpt import HetDPTOptions
+from vitprune.frontend.load import LoadedModel, load_model
+from vitprune.report import CompressReport
+from vitprune.spec import CompressSpec, options
+from vitprune.train.data import calibration_batches, loader
+from vitprune.train.finetune import folder_datasets
+
+PROG = "vitprune"
+_OUT_SUFFIXES = (".onnx", ".pt2", ".json")
+
+
+
+def _load(args: argparse.Namespace, seed: int = 0) -> LoadedModel:
+    """MODEL as the loading flags say; random-weight models are built under ``seed``."""
+    hetdpt = None
+    if args.prune_layer_attn is not None or args.prune_layer_act is not None or args.hetdpt_gelu:
+        hetdpt = HetDPTOptions(removed_attention=args.prune_layer_attn, removed_activation=args.prune_layer_act,
+                               extra_gelu=args.hetdpt_gelu)
+    return load_model(args.model, arch=args.arch, trust_pickle=args.trust_pickle, img_size=args.img_size,
+                      num_classes=args.num_classes, seed=seed, hetdpt_options=hetdpt)
+
+
+def spec_from_args(args: argparse.Namespace) -> CompressSpec:
+    """The spec of ``compress``: ``--spec`` file (or defaults), then every flag given on top."""
+    spec = CompressSpec.from_file(args.spec) if args.spec else CompressSpec()
+    if args.target_flops is not None or args.target_latency is not None:
+        # a target given on the command line replaces the file's target, of either kind
+        spec = dataclasses.replace(spec, target_flops=None, target_latency=None)
+    return spec.merged(**{name: getattr(args, name) for name, option in options().items() if option.cli})
+
+
+def _out_prefix(text: str) -> str:
+    if not text or text.endswith(("/", os.sep)) or os.path.isdir(text):
+        raise InputError(f"--out {text!r} must be a file prefix like out/deit_s_50, not a directory")
+    root, ext = os.path.splitext(text)
+    return root if ext.lower() in _OUT_SUFFIXES else text
+
+
+def _check_requests(spec: Any, args: argparse.Namespace) -> None:
+    """Refuse, before loading, what would otherwise be silently ignored (README, "Outputs")."""
+    spec.check_data(args.data is not None)
+    if args.no_export and args.opset is not None:
+        raise InputError(f"--opset {args.opset} sets the ONNX export, which --no-export skips; drop one of them")
+    for dest, option in options().items():  # a flag given at its default value, too
+        if option.needs is not None and getattr(args, dest, None) is not None and not option.needs[0](spec):
+            flag = option.flag_for(dest)
+            raise InputError(f"{flag} has no effect without {option.needs[2]}; add that, or drop {flag}")
+    if args.data is not None and not os.path.isdir(args.data):
+        raise InputError(f"--data {args.data!r} is not a directory")
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    # every check that needs no model runs before the (slow) load: output location, spec, opset
+    prefix = _out_prefix(args.out)
+    export = not args.no_export
+    files, stale = output_paths(prefix, export)
+    check_destination([*files.values(), *stale], f"--out {args.out}")
+    spec = spec_from_args(args)
+    _check_requests(spec, args)
+    opset = args.opset or DEFAULT_OPSET
+    if export:
+        check_opset(opset, "--opset")
+    loaded = _load(args, seed=spec.seed)
+    size = spec.input_size if (spec.input_size and args.img_size is None) else loaded.input_size
+    api.check_input_size(loaded.model, size)
+    calib = train = val = None
+    if args.data is not None:
+        calib = list(calibration_batches(args.data, size, batches=spec.calib_batches,
+                                         batch_size=spec.batch_size, seed=spec.seed))
+        if spec.epochs > 0 or spec.depth_selection == "search":
+            _, val = folder_datasets(args.data, size)  # DIR/val (or validation) when present
+            train = loader(args.data, size, batch_size=spec.batch_size, split="train", shuffle=True,
+                           seed=spec.seed)
+    result = api.compress(loaded.model, spec, example_input_size=size, source=loaded.source,
+                          calib_data=calib, train_data=train, val_data=val)
+    removed = [p for p in stale if os.path.lexists(p)]
+    paths = api.write_outputs(result, prefix, export=export, opset=opset)
+    print(format_summary(CompressReport.from_dict(result.report), paths, removed))
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    loaded = _load(args)
+    d = api.inspect_model(loaded.model, loaded.input_size)
+    print(json.dumps(d, indent=2, default=str) if args.json else api.format_inspect(d))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    if not args.out.lower().endswith(".onnx") or os.path.isdir(args.out):
+        raise InputError(f"--out {args.out!r} must be a file name ending in .onnx")
+    check_destination([args.out], f"--out {args.out}")
+    opset = check_opset(args.opset, "--opset")
+    loaded = _load(args)
+    info = api.export_model(loaded.model, args.out, input_size=loaded.input_size, opset=opset)
+    print(f"wrote {args.out}")
+    for k, v in (info or {}).items():
+        if isinstance(v, (str, int, float, bool)) and k != "path":
+            print(f"  {k}: {v}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    for p in args.onnx:
+        if os.path.isdir(p):
+            raise InputError(f"{p} is a folder, not an ONNX file")
+        if not os.path.isfile(p):
+            raise InputError(f"ONNX file {p} does not exist")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", getattr(bench, "InputMismatchWarning", UserWarning))
+        rows = bench.compare(args.onnx, batch_sizes=args.batch, threads=args.threads,
+                             runs=args.runs, warmup=args.warmup)
+    for w in caught:
+        if issubclass(w.category, getattr(bench, "InputMismatchWarning", ())):
+            print(f"{PROG}: warning: {one_line(w.message)}", file=sys.stderr)
+    print(bench.format_table(rows))
+    return 0
+
+
+def _csv(text: str, kind: type, what: str) -> list:
+    try:
+        out = [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise InputError(f"--{what} expects a comma-separated list, got {text!r}") from None
+    if not out:
+        raise InputError(f"--{what} is empty")
+    return out
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    config = sweep.SweepConfig(targets=_csv(args.targets, float, "targets"),
+                               methods=_csv(args.methods, str, "methods"), seeds=_csv(args.seeds, int, "seeds"),
+                               epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, threads=args.threads,
+                               runs=args.runs, progress=not args.no_progress)
+    loaded = _load(args)
+    size = loaded.input_size
+    _, val = folder_datasets(args.data, size)
+    if val is None:
+        raise InputError(f"--data {args.data!r} has no val/ (or validation/) folder to measure top-1 on")
+    train = loader(args.data, size, batch_size=args.batch_size, split="train", shuffle=True, seed=config.seeds[0])
+    state = sweep.run_sweep(loaded.model, train, val, config, args.out, input_size=size, source=loaded.source)
+    print(sweep.format_markdown(state, config.methods))
+    print(f"wrote {os.path.join(args.out, 'sweep.json')}, sweep.md, sweep.png "
+          f"({len(state['computed'])} point(s) computed now)")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- summary
+def _human(n: Any) -> str:
+    if not isinstance(n, (int, float)) or isinstance(n, bool):
+        return str(n)
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return f"{n:g}"
+
+
+def format_summary(report: CompressReport, paths: dict[str, str] | None, removed: Sequence[str] = ()) -> str:
+    """A few lines: FLOPs and params before/after, the target, the planners' notes, files written
+    and stale files removed."""
+    lines = [f"FLOPs: {_human(report.flops_before)} -> {_human(report.flops_after)} "
+             f"({report.flops_ratio:.3f} of original)",
+             f"params: {_human(report.params_before)} -> {_human(report.params_after)} "
+             f"({report.params_ratio:.3f} of original)"]
+    if report.spec.get("target_flops") is not None:
+        lines.append(f"target FLOPs ratio: {report.spec['target_flops']}")
+    if report.latency_plan is not None:
+        plan = report.latency_plan
+        lines.append(f"latency: {plan['measured_latency_ratio']:.3f} of original measured "
+                     f"(target {plan['target_latency']}, {plan['threads']} ORT thread(s))")
+        if "best_threads" in plan:
+            lines.append(f"fastest ORT intra-op threads at batch 1: {plan['best_threads']} "
+                         f"({plan['best_threads_ms']:.2f} ms; {plan['speedup_at_best_threads']:.2f}x "
+                         f"vs the original at its own best)")
+            lines += [f"note: {n}" for n in plan["thread_notes"]]
+    notes = list(report.notes)
+    if report.depth_scored_on_random_images:
+        notes.append("depth layers were chosen on random images labelled by the model itself; "
+                     "--data DIR scores them on real images")
+    lines += [f"note: {note}" for note in notes]
+    lines += [f"wrote {p}" for p in (paths or {}).values()]
+    lines += [f"removed {p} (left by an earlier run; this run writes no {os.path.splitext(p)[1]})"
+              for p in removed]
+    return "\n".join(lines)
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "compress": cmd_compress, "inspect": cmd_inspect, "export": cmd_export, "bench": cmd_bench, "sweep": cmd_sweep,
+}

@@ -1,0 +1,430 @@
+"""BoundaryDPT+ beyond the paper: one planner that trades depth against width, move by move.
+
+The paper's BoundaryDPT+ removes a fixed share of each kind of layer first and leaves the rest of
+the budget to width pruning. Here every step picks the cheapest next move among
+
+* remove one attention branch (its block keeps the residual and, for ``identity_norm``, the norm),
+* remove one activation (GELU → identity; fc2∘fc1 merged when cheaper),
+* shrink one channel group by a unit (a head, or ``round_to`` channels),
+
+by **estimated loss increase per FLOP saved** (:class:`Move.ratio`). The loss is the distillation
+loss ``KL(original ‖ model)`` on the calibration batches, which recovery minimises and which is 0
+for the original. A layer removal is a large change, so its increase is *measured*: the layer is
+switched off by a gate and the batches run again. A width unit is a small change, so its increase
+is estimated to second order (:func:`channel_loss_estimates`: the gradient term plus the Fisher
+curvature, since at the original the gradient vanishes). Both are in the same unit (nats per image),
+which is what lets the two kinds of move be compared at all; the paper's observation that attention
+and activation *gradients* differ by orders of magnitude is why layers are not priced by gradients.
+
+The budget is spent in ``events``: each event re-estimates every move on the model as it now is,
+takes moves until it has saved its share of what is left, applies them through the passes, and,
+with training data, recovers for a window of distillation steps from the original model (as the
+gated search recovers between its events). A last width plan lands the FLOPs on the budget exactly.
+``cap_share`` (BoundaryDPT+'s ``depth_share``) optionally caps the share of each kind removed.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import heapq
+import itertools
+from dataclasses import dataclass
+from math import ceil
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from passes.activation import ActivationRemoval
+from passes.manager import PassManager
+from passes.width import WidthPruning
+from vitprune.deps import ChannelGroup, DependencyGraph
+from vitprune.deps.branches import find_activations, find_attention_branches, removed_layers
+from vitprune.deps.flops import FlopModel
+from vitprune.frontend.capture import first_tensor, param_tensor
+from vitprune.plan.budget import Budget, Plan
+from vitprune.plan.depth import _insert_gates, depth_passes, depth_savings
+from vitprune.plan.importance import group_scores
+from vitprune.plan.width import eligible_groups, plan_width, planned_groups, unit_size
+from vitprune.train.finetune import FinetuneConfig, distillation_loss
+
+KINDS = ("attention", "activation")
+
+
+@dataclass
+class Move:
+    """One candidate step: ``kind`` "attention"/"activation" (``target`` a block) or "width"
+    (``target`` a group name), its estimated ``loss`` increase and the FLOPs it ``saved``."""
+
+    kind: str
+    target: Any
+    loss: float
+    saved: float
+
+    @property
+    def ratio(self) -> float:
+        return self.loss / self.saved
+
+    def __lt__(self, other: "Move") -> bool:
+        # cheapest per FLOP first; on a tie the larger saving (a free layer before a free channel)
+        return (self.ratio, -self.saved) < (other.ratio, -other.saved)
+
+
+@dataclass
+class JointSettings:
+    """How the joint planner may change the model (the spec's width and depth options)."""
+
+    kinds: set[str]                       # channel-group kinds width moves may shrink
+    round_to: int = 16
+    head_dim_policy: str = "keep"         # "keep": attention narrows by whole heads only
+    min_keep: float = 0.1
+    variant: str = "identity_norm"
+    merge: str = "auto"
+    fold_norm: bool = False
+    cap_share: float | None = None        # at most this share of each kind's layers removed
+    events: int = 4
+    depth_batches: int = 2                # calibration batches the layer removals are measured on
+    recovery_steps: int = 0               # distillation steps after each event (with training data)
+    lr: float = 5e-4
+
+
+def plan_joint(gm: fx.GraphModule, budget: Budget, batches: list, settings: JointSettings, *,
+               teacher: nn.Module | None = None, train_batches: Iterable | None = None,
+               manager: PassManager | None = None) -> Plan:
+    """Spend ``budget`` (the original model's FLOPs) on the cheapest moves, event by event; returns a
+    :class:`Plan` whose ``graph`` is the rewritten (and, with ``train_batches``, recovered) model."""
+    manager = manager if manager is not None else PassManager()
+    counts = {kind: len(_layers(gm, kind, settings.variant)) for kind in KINDS}
+    caps = {k: (n if settings.cap_share is None else round(settings.cap_share * n)) for k, n in counts.items()}
+    recipe: list[dict[str, Any]] = []
+    events: list[dict[str, Any]] = []
+    train_iter = _cycle(train_batches) if train_batches is not None and settings.recovery_steps else None
+    for event in range(settings.events):
+        flop_model = FlopModel(DependencyGraph.build(gm))
+        now = flop_model.flops()
+        if budget.met(now):
+            break
+        quota = (now - budget.limit) / (settings.events - event)
+        # no move may take the model below the budget's lower edge: a whole layer can save more
+        # than is left to save, and a width unit then serves better
+        room = now - (budget.limit - budget.tolerance * budget.base)
+        moves, states = _rank_moves(gm, flop_model, batches, settings, caps, teacher)
+        chosen = _choose(moves, states, flop_model, (quota, room), gm, settings)
+        gm, steps = _apply(gm, chosen, states, settings, manager)
+        recipe += steps
+        events.append(_describe(event, chosen, budget, gm))
+        if train_iter is not None:
+            _recover(gm, teacher, train_iter, settings)
+    gm, steps, landing = _land(gm, budget, batches, settings, manager, teacher)
+    recipe += steps
+    flops = FlopModel(DependencyGraph.build(gm)).flops()
+    detail = {"events": events, "attention": removed_layers(gm, "attention"),
+              "activation": removed_layers(gm, "activation"), "landing": landing,
+              "cap_share": settings.cap_share, "recovery_steps": settings.recovery_steps if train_iter else 0}
+    return Plan("joint", [], flops, budget, detail, graph=gm, recipe=recipe)
+
+
+# -- estimating moves ------------------------------------------------------------------------------
+def _layers(gm: fx.GraphModule, kind: str, variant: str) -> list:
+    if kind == "attention":
+        return [b for b in find_attention_branches(gm) if variant == "drop" or b.norm is not None]
+    return [s for s in find_activations(gm) if s.kind in ("gelu", "relu", "silu")]
+
+
+def _references(gm: fx.GraphModule, batches: Sequence, teacher: nn.Module | None) -> list[torch.Tensor]:
+    """What every move is scored against: the original model's output distribution (the current
+    model's when there is no original), as log-probabilities. The loss is ``KL(reference ‖ model)``,
+    the distillation loss recovery minimises, which is 0 for the original itself."""
+    reference = teacher if teacher is not None else gm
+    with torch.no_grad():
+        return [F.log_softmax(first_tensor(reference(images)).float(), -1) for images, _ in batches]
+
+
+def _rank_moves(gm: fx.GraphModule, flop_model: FlopModel, batches: list, settings: JointSettings,
+                caps: dict[str, int], teacher: nn.Module | None) -> tuple[list[Move], dict[str, "_GroupState"]]:
+    """Every move open now, and the width groups' removal orders (by group name)."""
+    references = _references(gm, batches, teacher)
+    moves = _depth_moves(gm, batches[:settings.depth_batches], references, settings, caps)
+    states = _group_states(flop_model, batches, references, settings)
+    _calibrate(gm, states, batches[:settings.depth_batches], references)
+    moves += [m for m in (s.next_move(flop_model, {}) for s in states.values()) if m is not None]
+    return moves, states
+
+
+def _depth_moves(gm: fx.GraphModule, batches: list, references: list, settings: JointSettings,
+                 caps: dict[str, int]) -> list[Move]:
+    """Every removable layer, its loss increase measured with the layer switched off by a gate."""
+    open_kinds = [k for k in KINDS if len(removed_layers(gm, k)) < caps[k]]
+    if not open_kinds:
+        return []
+    saved = depth_savings(gm, merge=settings.merge, variant=settings.variant)
+    probe = copy.deepcopy(gm).eval()
+    layers = {k: (_layers(probe, k, settings.variant) if k in open_kinds else []) for k in KINDS}
+    gates = _insert_gates(probe, layers["attention"], layers["activation"], settings.variant)
+    base = _divergence(probe, batches, references)
+    moves = []
+    for (kind, block), gate in gates.items():
+        flops = getattr(saved, kind).get(block, 0)
+        if flops <= 0:
+            continue  # a factorised activation saves nothing: never a move
+        gate.alive.fill_(0.0)
+        loss = _divergence(probe, batches, references) - base
+        gate.alive.fill_(1.0)
+        moves.append(Move(kind, block, loss, flops))
+    return moves
+
+
+def _divergence(model: nn.Module, batches: list, references: list) -> float:
+    """Mean ``KL(reference ‖ model)`` per image over ``batches``."""
+    with torch.no_grad():
+        total = sum(float(_kl(first_tensor(model(images)), ref)) for (images, _), ref in zip(batches, references))
+    return total / max(1, len(batches))
+
+
+def _kl(logits: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    return F.kl_div(F.log_softmax(logits.float(), -1), reference, reduction="batchmean", log_target=True)
+
+
+def _group_states(flop_model: FlopModel, batches: list, references: list,
+                  settings: JointSettings) -> dict[str, "_GroupState"]:
+    """Every eligible group, its channels ordered by estimated loss increase (cheapest first)."""
+    dg = flop_model.dg
+    groups = planned_groups(eligible_groups(dg, settings.kinds), settings.head_dim_policy)
+    scores = channel_loss_estimates(dg, groups, batches, references)
+    return {g.name: _GroupState.start(g, scores[g.name], settings) for g in groups}
+
+
+def _calibrate(gm: fx.GraphModule, states: dict[str, "_GroupState"], batches: list, references: list) -> None:
+    """Put every group's estimates on the measured scale of the layer moves: the first unit of each
+    group is really removed (zeroed in place, then restored) and the group's estimates are scaled by
+    measured / estimated. The quadratic estimate ranks a group's channels well but misjudges how much
+    a whole head costs (it overestimates by a few times on random ViTs); the layer moves are measured."""
+    base = _divergence(gm, batches, references)
+    for state in states.values():
+        channels = state.order[:state.unit]
+        estimated = float(state.scores[channels].sum())
+        with _zeroed(gm, state.group, channels):
+            measured = max(0.0, _divergence(gm, batches, references) - base)
+        if estimated > 0:
+            state.scores = state.scores * (measured / estimated)
+
+
+@contextlib.contextmanager
+def _zeroed(gm: fx.GraphModule, group: ChannelGroup, channels: np.ndarray) -> Iterator[None]:
+    """The group's weights at ``channels`` set to 0 for the duration (no copy of the model)."""
+    saved = []
+    with torch.no_grad():
+        for m in group.members:
+            tensor = param_tensor(gm, m.param)
+            index = [slice(None)] * tensor.dim()
+            index[m.dim] = torch.as_tensor(np.nonzero(np.isin(m.coords, channels))[0])
+            saved.append((tensor, tuple(index), tensor[tuple(index)].clone()))
+            tensor[tuple(index)] = 0
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, index, value in saved:
+                p[index] = value
+
+
+def channel_loss_estimates(dg: DependencyGraph, groups: list[ChannelGroup], batches: list,
+                           references: list, seed: int = 0) -> dict[str, np.ndarray]:
+    """Per channel, the increase of ``KL(reference ‖ model)`` when the channel is removed (its weights
+    ``w`` set to 0, a step ``δ = −w``), to second order:
+
+    ``|Σ w·ḡ| + ½ · mean_n (Σ w·g_n)²``
+
+    with ``ḡ`` the gradient of the mean KL (zero while the model *is* the reference) and ``g_n`` the
+    gradient of image ``n``'s log-likelihood of a label drawn from the model's own prediction: the
+    empirical Fisher, the KL's curvature (Theis et al. 2018's Fisher pruning, per channel). Sums run
+    over every weight the channel owns, so a head is priced with everything that goes with it."""
+    gm = dg.gm
+    params = {n: p for n, p in gm.named_parameters() if n in dg.param_dims}
+    first = {n: torch.zeros_like(p) for n, p in params.items()}
+    cache: dict = {}
+    curvature = {g.name: np.zeros(g.size) for g in groups}
+    generator = torch.Generator().manual_seed(seed)
+    images_seen = 0
+    for (images, _), ref in zip(batches, references):
+        gm.zero_grad(set_to_none=True)
+        _kl(first_tensor(gm(images)), ref).backward()
+        _accumulate(first, params, 1.0 / len(batches))
+        for n in range(images.shape[0]):
+            gm.zero_grad(set_to_none=True)
+            logits = first_tensor(gm(images[n:n + 1])).float()
+            label = torch.multinomial(F.softmax(logits.detach(), -1), 1, generator=generator)[:, 0]
+            F.cross_entropy(logits, label).backward()
+            grads = {k: p.detach() * p.grad for k, p in params.items() if p.grad is not None}
+            for g in groups:
+                curvature[g.name] += group_scores(dg, g, grads, "none", {}) ** 2
+            images_seen += 1
+    gm.zero_grad(set_to_none=True)
+    return {g.name: np.abs(group_scores(dg, g, first, "none", cache)) + 0.5 * curvature[g.name] / max(1, images_seen)
+            for g in groups}
+
+
+def _accumulate(into: dict[str, torch.Tensor], params: dict[str, nn.Parameter], weight: float) -> None:
+    for name, p in params.items():
+        if p.grad is not None:
+            into[name] += p.detach() * p.grad * weight
+
+
+@dataclass
+class _GroupState:
+    """One group's removal order (cheapest channels first) and how many units it has given up."""
+
+    group: ChannelGroup
+    order: np.ndarray          # channels, cheapest to remove first
+    scores: np.ndarray
+    unit: int
+    floor: int
+    kept: int
+
+    @classmethod
+    def start(cls, group: ChannelGroup, scores: np.ndarray, settings: JointSettings) -> "_GroupState":
+        unit = unit_size(group, settings.round_to)
+        floor = min(group.size, max(unit, ceil(settings.min_keep * group.size / unit) * unit))
+        return cls(group, np.argsort(scores, kind="stable"), scores, unit, floor, group.size)
+
+    def next_move(self, flop_model: FlopModel, counts: dict[int, int]) -> Move | None:
+        if self.kept - self.unit < self.floor:
+            return None
+        removed = self.group.size - self.kept
+        loss = float(self.scores[self.order[removed:removed + self.unit]].sum())
+        before = flop_model.flops(counts)
+        saved = before - flop_model.flops({**counts, self.group.axis: self.kept - self.unit})
+        if saved <= 0:
+            return None
+        return Move("width", self.group.name, loss, saved)
+
+    def keep(self) -> list[int]:
+        return sorted(self.order[self.group.size - self.kept:].tolist())
+
+
+# -- choosing and applying -------------------------------------------------------------------------
+def _choose(moves: list[Move], states: dict[str, _GroupState], flop_model: FlopModel,
+            limits: tuple[float, float], gm: fx.GraphModule, settings: JointSettings) -> list[Move]:
+    """Greedy by loss per FLOP until the event's quota is saved, never saving more than ``room``
+    (``limits = (quota, room)``). A width move's saving depends on the other widths (the residual
+    stream feeds every linear), so it is re-priced when it comes up."""
+    quota, room = limits
+    heap = list(moves)
+    heapq.heapify(heap)
+    counts: dict[int, int] = {}
+    dead = set()
+    chosen, saved = [], 0.0
+    while heap and saved < quota:
+        move = heapq.heappop(heap)
+        if saved + move.saved > room:
+            continue
+        if move.kind == "width":
+            if move.target in dead:
+                continue
+            state = states[move.target]
+            fresh = state.next_move(flop_model, counts)
+            if fresh is None:
+                continue
+            if fresh.ratio > move.ratio * (1 + 1e-9) and heap and fresh.ratio > heap[0].ratio:
+                heapq.heappush(heap, fresh)  # re-priced: wait for its turn
+                continue
+            state.kept -= state.unit
+            counts[state.group.axis] = state.kept
+            move = fresh
+            nxt = state.next_move(flop_model, counts)
+            if nxt is not None:
+                heapq.heappush(heap, nxt)
+        else:
+            dead |= _groups_of_layer(gm, move, states, settings)
+        chosen.append(move)
+        saved += move.saved
+    return chosen
+
+
+def _groups_of_layer(gm: fx.GraphModule, move: Move, states: dict[str, _GroupState],
+                     settings: JointSettings) -> set[str]:
+    """The channel groups that leave the model with a removed layer (its width moves are void)."""
+    if move.kind == "attention":
+        layer = next(b for b in find_attention_branches(gm) if b.index == move.target)
+        owned = set(layer.params)
+    else:
+        site = next(s for s in find_activations(gm) if s.index == move.target)
+        if not ActivationRemoval([], settings.merge).merges(site):
+            return set()
+        owned = {site.fc1_weight, site.fc1_bias, site.fc2_weight} - {None}
+    return {name for name, s in states.items() if all(m.param in owned for m in s.group.members)}
+
+
+def _apply(gm: fx.GraphModule, chosen: list[Move], states: dict[str, _GroupState], settings: JointSettings,
+           manager: PassManager) -> tuple[fx.GraphModule, list[dict[str, Any]]]:
+    """Width first (the groups exist in this graph), then the layer removals."""
+    recipe: list[dict[str, Any]] = []
+    layers = {k: sorted(m.target for m in chosen if m.kind == k) for k in KINDS}
+    void = set()
+    for m in chosen:
+        if m.kind != "width":
+            void |= _groups_of_layer(gm, m, states, settings)
+    shrunk = {m.target for m in chosen if m.kind == "width"} - void
+    if shrunk:
+        keep = {name: states[name].keep() for name in sorted(shrunk)}
+        result = manager.apply(WidthPruning(keep), gm)
+        gm, recipe = result.graph_module, recipe + ([result.recipe] if result.recipe else [])
+    if layers["attention"] or layers["activation"]:
+        for p in depth_passes(layers["attention"], layers["activation"], settings.variant, settings.merge,
+                              settings.fold_norm):
+            result = manager.apply(p, gm)
+            gm, recipe = result.graph_module, recipe + ([result.recipe] if result.recipe else [])
+    return gm, recipe
+
+
+def _land(gm: fx.GraphModule, budget: Budget, batches: list, settings: JointSettings, manager: PassManager,
+          teacher: nn.Module | None) -> tuple[fx.GraphModule, list[dict[str, Any]], dict[str, Any]]:
+    """A width plan for whatever the events left above the budget, so the FLOPs land on it."""
+    flop_model = FlopModel(DependencyGraph.build(gm))
+    if budget.met(flop_model.flops()):
+        return gm, [], {"width_plan": False}
+    dg = flop_model.dg
+    groups = eligible_groups(dg, settings.kinds)
+    scores = channel_loss_estimates(dg, groups, batches, _references(gm, batches, teacher))
+    plan = plan_width(dg, flop_model, scores, groups, budget, round_to=settings.round_to,
+                      min_keep=settings.min_keep, head_dim_policy=settings.head_dim_policy)
+    result = manager.apply(plan.passes[0], gm)
+    return result.graph_module, [result.recipe] if result.recipe else [], {"width_plan": True, "notes": plan.notes}
+
+
+def _describe(event: int, chosen: list[Move], budget: Budget, gm: fx.GraphModule) -> dict[str, Any]:
+    flops = FlopModel(DependencyGraph.build(gm)).flops()
+    return {"event": event, "flops_ratio": budget.ratio(flops),
+            "attention": sorted(m.target for m in chosen if m.kind == "attention"),
+            "activation": sorted(m.target for m in chosen if m.kind == "activation"),
+            "width_units": sum(1 for m in chosen if m.kind == "width")}
+
+
+# -- recovery between events -------------------------------------------------------------------------
+def _cycle(batches: Iterable) -> Iterator:
+    return itertools.cycle(batches) if isinstance(batches, (list, tuple)) else _repeat(batches)
+
+
+def _repeat(batches: Iterable) -> Iterator:
+    while True:
+        yield from batches
+
+
+def _recover(gm: fx.GraphModule, teacher: nn.Module | None, batches: Iterator, settings: JointSettings) -> None:
+    """``recovery_steps`` of distillation from the original (labels when there is no original)."""
+    config = FinetuneConfig(kd_weight=1.0 if teacher is not None else 0.0,
+                            label_weight=0.0 if teacher is not None else 1.0)
+    opt = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=settings.lr, weight_decay=0.0)
+    gm.train()
+    for _ in range(settings.recovery_steps):
+        images, labels = next(batches)
+        with torch.no_grad():
+            t = first_tensor(teacher(images)) if teacher is not None else None
+        loss = distillation_loss(first_tensor(gm(images)), t, labels, config)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    gm.eval()

@@ -1,0 +1,262 @@
+"""Running the sweep: every method × target × seed, each point measured the same way.
+
+For each point::
+
+    prune (method registry) → top-1 before recovery → fine-tune (the same budget for every method,
+    distillation from the original) → top-1 → ONNX export → ORT latency interleaved with the
+    original's ONNX in the same run (speedup = original median / point median)
+
+and, with a :class:`ScaleModel`, the same architecture rebuilt on it and timed against it. A point
+that cannot be planned (a :class:`PlanError`) is recorded as ``skipped``; any other failure as
+``error`` with its traceback: one broken point must not end a long sweep.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+import json
+import os
+import re
+import sys
+import time
+import traceback
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from vitprune.deploy.bench import compare
+from vitprune.deploy.onnx import export_onnx
+from vitprune.deps.flops import count_flops, count_params
+from vitprune.errors import InputError, PlanError
+from vitprune.plan.stages import copy_teacher
+from vitprune.sweep.config import METHODS, PointContext, Pruned, ScaleModel, SweepConfig
+from vitprune.sweep.report import write_reports
+from vitprune.sweep.state import arch_key, jsonable, load_state, new_state, point_key, save_state
+from vitprune.train.finetune import FinetuneConfig, evaluate, finetune
+
+#: Batch size for calibration batches drawn from a bare dataset (a DataLoader keeps its own).
+_CALIB_BATCH = 32
+#: The latency columns of a point, kept under "pairwise" when :func:`rebench` re-times it.
+_LATENCY = ("original_ms", "latency_ms", "latency_p90_ms", "speedup")
+
+
+def _as_loader(data: Any, batch_size: int, shuffle: bool) -> Any:
+    """Datasets become DataLoaders (evaluation iterates batches); DataLoaders pass through."""
+    if isinstance(data, Dataset) and not isinstance(data, DataLoader):
+        return DataLoader(data, batch_size=batch_size, shuffle=shuffle,
+                          generator=torch.Generator().manual_seed(0) if shuffle else None)
+    return data
+
+
+def _calibration(train_data: Any, n: int, seed: int) -> list:
+    """``n`` shuffled (images, labels) batches from the training data, fixed by ``seed``."""
+    dataset = train_data.dataset if isinstance(train_data, DataLoader) else train_data
+    bs = train_data.batch_size if isinstance(train_data, DataLoader) and train_data.batch_size else _CALIB_BATCH
+    loader = DataLoader(dataset, batch_size=bs, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    return [(images, labels) for images, labels in itertools.islice(loader, n)]
+
+
+def _file_name(key: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.+-]", "_", key)
+
+
+class _Sweep:
+    """One invocation: the state (loaded or new), the models and data, and how each point is run."""
+
+    def __init__(self, model: nn.Module, train_data: Any, val_data: Any, config: SweepConfig, out_dir: str,
+                 input_size: tuple[int, int, int], scale: ScaleModel | None, source: dict | None,
+                 on_point: Callable[[dict], None] | None) -> None:
+        self.model, self.train, self.val, self.cfg = model.eval(), train_data, val_data, config
+        self.out, self.size, self.scale, self.source, self.on_point = out_dir, tuple(input_size), scale, source, on_point
+        self.path = os.path.join(out_dir, "sweep.json")
+        self.onnx_dir = os.path.join(out_dir, "onnx")
+        os.makedirs(self.onnx_dir, exist_ok=True)
+        self.state = load_state(self.path, config) or new_state(config, self.size, scale.name if scale else None)
+
+    def _save(self) -> None:
+        save_state(self.path, self.state)
+
+    def _timed(self, model: nn.Module, x: torch.Tensor, path: str, base_onnx: str, runs: int,
+               warmup: int) -> list[dict[str, Any]]:
+        """Export ``model`` to ``path`` and time it interleaved with ``base_onnx``: [base row, its row]."""
+        export_onnx(model.eval(), x, path, parity_batches=(1,))
+        return compare([base_onnx, path], batch_sizes=(1,), threads=self.cfg.threads, runs=runs, warmup=warmup)
+
+    # -- original -------------------------------------------------------------------------------
+    def original(self) -> dict[str, Any]:
+        """Top-1, FLOPs, params and ONNX of the swept model (computed once per output folder)."""
+        path = os.path.join(self.onnx_dir, "original.onnx")
+        if self.state.get("original") is None or not os.path.exists(path):
+            x = torch.zeros(1, *self.size)
+            export_onnx(self.model, x, path, parity_batches=(1,))
+            self.state["original"] = {"top1": evaluate(self.model, self.val), "flops": count_flops(self.model, x),
+                                      "params": count_params(self.model), "onnx": path}
+            self._save()
+        return self.state["original"]
+
+    # -- one point ------------------------------------------------------------------------------
+    def run_point(self, method: str, target: float, seed: int) -> dict[str, Any]:
+        """Prune, evaluate, fine-tune, evaluate, time; failures are recorded, never raised."""
+        rec: dict[str, Any] = {"key": point_key(method, target, seed), "method": method,
+                               "label": METHODS[method].label, "target": target, "seed": seed}
+        t0 = time.perf_counter()
+        try:
+            self._point(rec, t0)
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # recorded, not fatal: one broken point must not end a long sweep
+            rec.update(status="error", error=f"{type(e).__name__}: {' '.join(str(e).split())[:500]}",
+                       traceback=traceback.format_exc(limit=6)[-2000:])
+        finally:
+            rec["seconds"] = round(time.perf_counter() - t0, 2)
+        return rec
+
+    def _point(self, rec: dict[str, Any], t0: float) -> None:
+        method, seed = rec["method"], rec["seed"]
+        torch.manual_seed(seed)
+        ctx = PointContext(self.size, seed, _calibration(self.train, self.cfg.calib_batches, seed), self.cfg,
+                           self.source)
+        try:
+            pruned = METHODS[method].prune(copy.deepcopy(self.model), rec["target"], ctx)
+        except PlanError as e:
+            rec.update(status="skipped", reason=" ".join(str(e).split()))
+            return
+        self._describe(rec, pruned, t0)
+        student = pruned.model
+        rec["top1_pruned"] = evaluate(student, self.val)
+        if self.cfg.epochs > 0:
+            self._recover(rec, student, seed)
+        rec["top1"] = evaluate(student, self.val)
+        x = torch.zeros(1, *self.size)
+        path = os.path.join(self.onnx_dir, _file_name(rec["key"]) + ".onnx")
+        rows = self._timed(student, x, path, self.state["original"]["onnx"], self.cfg.runs, self.cfg.warmup)
+        rec.update(original_ms=rows[0]["median_ms"], latency_ms=rows[1]["median_ms"],
+                   latency_p90_ms=rows[1]["p90_ms"], original_p90_ms=rows[0]["p90_ms"],
+                   speedup=rows[1]["speedup"], onnx=path)
+        if self.scale is not None and METHODS[method].scale is not None:
+            rec["scaled"] = self.scaled(method, pruned.arch)
+        rec["status"] = "done"
+
+    def _describe(self, rec: dict[str, Any], pruned: Pruned, t0: float) -> None:
+        """FLOPs, params and architecture of the pruned model, relative to the original."""
+        orig = self.state["original"]
+        flops, params = count_flops(pruned.model, torch.zeros(1, *self.size)), count_params(pruned.model)
+        rec.update(flops=flops, flops_ratio=flops / orig["flops"], params=params,
+                   params_ratio=params / orig["params"], arch=pruned.arch,
+                   info=json.loads(json.dumps(pruned.info, default=jsonable)),
+                   compile_seconds=round(time.perf_counter() - t0, 2))
+
+    def _recover(self, rec: dict[str, Any], student: nn.Module, seed: int) -> None:
+        """The shared recovery budget: distillation from a frozen copy of the original."""
+        t1 = time.perf_counter()
+        hist = finetune(student, copy_teacher(self.model), self.train, self.val, FinetuneConfig(
+            epochs=self.cfg.epochs, lr=self.cfg.lr, batch_size=self.cfg.batch_size, seed=seed,
+            kd_weight=self.cfg.kd_weight, label_weight=self.cfg.label_weight,
+            warmup_epochs=min(1.0, self.cfg.epochs * 0.2), progress=False))
+        rec["finetune_seconds"] = round(time.perf_counter() - t1, 2)
+        rec["history"] = [{"epoch": e["epoch"], "loss": e["loss"], "top1": e["top1"]} for e in hist["epochs"]]
+
+    # -- the scale model ------------------------------------------------------------------------
+    def scaled(self, method: str, arch: dict[str, Any]) -> dict[str, Any]:
+        """Latency of ``arch`` rebuilt on the scale model (cached by architecture: seeds share it)."""
+        akey = f"{method}:{arch_key(arch)}"
+        cached = self.state["scaled"].get(akey)
+        if cached is not None:
+            return dict(cached, arch_key=akey)
+        scale, base = self.scale, self._scale_base()
+        x = torch.zeros(1, *scale.input_size)
+        dst = METHODS[method].scale(arch, self.model, self.size, scale.factory().eval(), scale.input_size, self.cfg)
+        path = os.path.join(self.onnx_dir, f"scaled_{_file_name(akey)}.onnx")
+        rows = self._timed(dst, x, path, base["onnx"], self.cfg.scale_runs, self.cfg.scale_warmup)
+        entry = {"model": scale.name, "flops_ratio": count_flops(dst, x) / base["flops"],
+                 "params": count_params(dst), "original_ms": rows[0]["median_ms"],
+                 "latency_ms": rows[1]["median_ms"], "latency_p90_ms": rows[1]["p90_ms"],
+                 "speedup": rows[1]["speedup"]}
+        self.state["scaled"][akey] = entry
+        os.remove(path)  # large; the numbers are what matter
+        return dict(entry, arch_key=akey)
+
+    def _scale_base(self) -> dict[str, Any]:
+        path = os.path.join(self.onnx_dir, "scale_original.onnx")
+        info = self.state.get("scale_original")
+        if info is None or not os.path.exists(path):
+            m = self.scale.factory().eval()
+            x = torch.zeros(1, *self.scale.input_size)
+            export_onnx(m, x, path, parity_batches=(1,))
+            info = {"model": self.scale.name, "flops": count_flops(m, x), "params": count_params(m), "onnx": path}
+            self.state["scale_original"] = info
+        return info
+
+    # -- all points -----------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        """Every point not already in the state, saved after each; then the reports."""
+        self.original()
+        self.state["config"] = dataclasses.asdict(self.cfg)  # what this invocation swept (budget unchanged)
+        todo = [(m, t, s) for m in self.cfg.methods for t in self.cfg.targets for s in self.cfg.seeds]
+        self.state["computed"] = []
+        with tqdm(total=len(todo), desc="sweep", unit="point", disable=not self.cfg.progress, file=sys.stderr,
+                  dynamic_ncols=True) as bar:
+            for method, target, seed in todo:
+                key = point_key(method, target, seed)
+                bar.set_postfix_str(key)
+                if key not in self.state["points"]:
+                    rec = self._record(self.run_point(method, target, seed))
+                    if rec["status"] != "done":
+                        bar.write(f"{key}: {rec['status']}: {rec.get('reason') or rec.get('error')}")
+                bar.update(1)
+        self._save()
+        write_reports(self.state, self.out)
+        return self.state
+
+    def _record(self, rec: dict[str, Any]) -> dict[str, Any]:
+        self.state["points"][rec["key"]] = rec
+        self.state["computed"].append(rec["key"])
+        self._save()
+        if self.on_point is not None:
+            self.on_point(rec)
+        return rec
+
+
+def run_sweep(model: nn.Module, train_data: Any, val_data: Any, config: SweepConfig | None = None,
+              out_dir: str | os.PathLike = "sweep", *, input_size: tuple[int, int, int],
+              scale: ScaleModel | None = None, source: dict | None = None,
+              on_point: Callable[[dict], None] | None = None) -> dict[str, Any]:
+    """Run (or resume) the sweep; returns the ``sweep.json`` content. ``state["computed"]`` lists the
+    points this call computed (empty when everything was already there)."""
+    config = config or SweepConfig()
+    if val_data is None:
+        raise InputError("the sweep needs validation data (DIR/val) to measure top-1")
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    val_data = _as_loader(val_data, config.batch_size, shuffle=False)
+    train_data = _as_loader(train_data, config.batch_size, shuffle=True)
+    return _Sweep(model, train_data, val_data, config, out_dir, input_size, scale, source, on_point).run()
+
+
+def rebench(state: dict[str, Any], out_dir: str | os.PathLike, *, runs: int = 50, warmup: int = 5,
+            threads: int = 1) -> bool:
+    """Re-time every finished point's ONNX and the original together, in *one* interleaved run.
+
+    Per-point timings are pairs measured minutes apart; on a shared machine a burst of load can land in
+    one pair's median (tiny models run in ~1 ms). One round-robin over all models puts every point under
+    the same conditions. The pairwise numbers are kept under ``"pairwise"``. Skipped (returns False)
+    when the same set of points was already re-timed, so a resumed sweep changes nothing.
+    """
+    done = sorted(k for k, p in state["points"].items() if p["status"] == "done" and os.path.exists(p.get("onnx", "")))
+    if not done or (state.get("rebench") or {}).get("points") == done:
+        return False
+    paths = [state["original"]["onnx"]] + [state["points"][k]["onnx"] for k in done]
+    rows = compare(paths, batch_sizes=(1,), threads=threads, runs=runs, warmup=warmup)
+    for key, row in zip(done, rows[1:]):
+        p = state["points"][key]
+        p.setdefault("pairwise", {q: p.get(q) for q in _LATENCY})
+        p.update(original_ms=rows[0]["median_ms"], original_p90_ms=rows[0]["p90_ms"], latency_ms=row["median_ms"],
+                 latency_p90_ms=row["p90_ms"], speedup=row["speedup"])
+    state["rebench"] = {"points": done, "runs": runs, "warmup": warmup, "threads": threads,
+                        "original_ms": rows[0]["median_ms"], "original_p90_ms": rows[0]["p90_ms"]}
+    save_state(os.path.join(os.fspath(out_dir), "sweep.json"), state)
+    return True
