@@ -16,7 +16,7 @@ from conftest import tiny_vit
 from torch.utils.data import DataLoader, TensorDataset
 
 from vitprune import CompressSpec, compress
-from vitprune.errors import InputError
+from vitprune.errors import InputError, OutputError
 from vitprune.frontend.capture import example_input_for, capture
 from vitprune.train.finetune import FinetuneConfig, evaluate, finetune, load_checkpoint
 
@@ -259,7 +259,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
         raise OSError("No space left on device")
 
     monkeypatch.setattr(torch, "save", torn_save)
-    with pytest.raises(OSError):
+    with pytest.raises(OutputError, match="No space left on device"):  # one line for the user, exit 2
         finetune(tiny_student(seed=3), tiny_model(seed=1), random_data(32), None,
                  quick(epochs=3, checkpoint=str(path)))
     monkeypatch.setattr(torch, "save", real_save)

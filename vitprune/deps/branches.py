@@ -243,6 +243,13 @@ def ancestors(start: fx.Node, follow: Callable[[fx.Node], bool] | None = None) -
 
 
 def _attention_branch(gm: fx.GraphModule, core: fx.Node, order: dict[fx.Node, int]) -> AttentionBranch:
+    return _delimit(gm, core, *residual_add(gm, core, order), order)
+
+
+def residual_add(gm: fx.GraphModule, core: fx.Node, order: dict[fx.Node, int]) -> tuple[fx.Node, fx.Node, fx.Node]:
+    """``(add, residual, branch)``: the first ``add(residual, branch)`` after an attention core whose
+    one operand comes from the core and the other does not — where the block's attention rejoins
+    the residual stream. The one finder of attention blocks (the token layout reads it too)."""
     desc = descendants(core)
     adds = sorted((n for n in desc if _key(n, gm) in _ADDS), key=order.__getitem__)
     for add in adds:
@@ -253,8 +260,7 @@ def _attention_branch(gm: fx.GraphModule, core: fx.Node, order: dict[fx.Node, in
         if len(inside) != 1:
             continue
         branch = inside[0]
-        residual = tensors[0] if tensors[1] is branch else tensors[1]
-        return _delimit(gm, core, add, residual, branch, order)
+        return add, tensors[0] if tensors[1] is branch else tensors[1], branch
     raise BranchError(f"attention at `{core.format_node()}` reaches no residual add(x, branch): "
                       "vitprune removes attention only in residual (pre-norm) blocks")
 

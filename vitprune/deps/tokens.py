@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 
 import torch.fx as fx
 
-from vitprune.deps.branches import ancestors, is_attention_core
+from vitprune.deps.branches import BranchError, ancestors, is_attention_core, residual_add
 from vitprune.deps.graph import DependencyGraph
 from vitprune.deps.rules import op_key
 from vitprune.errors import UnsupportedModelError
@@ -89,22 +89,16 @@ def analyse_tokens(gm: fx.GraphModule) -> TokenLayout:
 
 
 def _residual_add(core: fx.Node, gm: fx.GraphModule, order: dict[fx.Node, int]) -> tuple[fx.Node, fx.Node]:
-    """The first ``add`` downstream of ``core`` whose other operand feeds the core: (add, stream)."""
-    feeds_core = ancestors(core)
-    frontier, seen = [core], {core}
-    while frontier:
-        frontier.sort(key=order.__getitem__)
-        node = frontier.pop(0)
-        for u in node.users:
-            if u in seen:
-                continue
-            seen.add(u)
-            if op_key(u, gm) == "add" and len(u.args) == 2:
-                other = u.args[1] if u.args[0] is node or u.args[0] in seen else u.args[0]
-                if isinstance(other, fx.Node) and other in feeds_core and _is_stream(other):
-                    return u, other
-            frontier.append(u)
-    raise TokenLayoutError(f"tokens: no residual add found after `{core.format_node()}`")
+    """The block's residual add (:func:`~vitprune.deps.branches.residual_add`) and the stream entering
+    the block, which must feed the core and be (batch, tokens, channels) for tokens to be cut there."""
+    try:
+        add, stream, _ = residual_add(gm, core, order)
+    except BranchError as e:
+        raise TokenLayoutError(f"tokens: {e}") from e
+    if stream not in ancestors(core) or not _is_stream(stream):
+        raise TokenLayoutError(f"tokens: the residual add `{add.format_node()}` after `{core.format_node()}` "
+                               "does not add the attention to the (batch, tokens, channels) stream it read")
+    return add, stream
 
 
 def _is_stream(node: fx.Node) -> bool:

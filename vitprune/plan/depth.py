@@ -84,7 +84,7 @@ from vitprune.deps.branches import ActivationSite, AttentionBranch, find_activat
 from vitprune.errors import InputError, PlanError
 from vitprune.plan.budget import Budget, Plan
 from vitprune.train.data import split_batch
-from vitprune.train.finetune import FinetuneConfig, distillation_loss
+from vitprune.train.finetune import FinetuneConfig, distillation_loss, freeze
 from vitprune.deps.flops import node_flops  # (importing flops also registers the CPU SDPA FLOP formula)
 
 __all__ = ["DepthGate", "SearchLoss", "Selection", "apply_depth", "depth_flops_options", "depth_passes",
@@ -376,7 +376,7 @@ def gated_search(gm: fx.GraphModule, teacher: nn.Module | None, train_batches: I
     if any(counts[k] > len(pools[k]) for k in KINDS):
         raise InputError(f"asked to remove {n_attention} attention / {n_activation} activation layers; "
                          f"there are {len(pools['attention'])} / {len(pools['activation'])} candidates")
-    run = _SearchRun(student, _frozen(teacher if teacher is not None else copy.deepcopy(gm)),
+    run = _SearchRun(student, freeze(teacher if teacher is not None else copy.deepcopy(gm)),
                      _insert_gates(student, branches, sites, variant), _cycle(train_batches),
                      estimator, loss or SearchLoss(), lr, weight_decay, log)
     narrow = {"attention": candidates_attention is None, "activation": candidates_activation is None}
@@ -539,13 +539,6 @@ class _SearchRun:
                 grads[kind][block] = -float(est.sum())
             g.clear()
         return grads
-
-
-def _frozen(teacher: nn.Module) -> nn.Module:
-    teacher.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    return teacher
 
 
 def _prune_lowest(gates: dict[tuple[str, int], DepthGate], kind: str, done: list[int],

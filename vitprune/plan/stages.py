@@ -45,6 +45,7 @@ from vitprune.plan.width import eligible_groups, plan_width
 from vitprune.report import RANDOM_SCORING
 from vitprune.spec import CompressSpec
 from vitprune.train.data import images_only
+from vitprune.train.finetune import freeze
 
 #: The stages that plan to the FLOPs target, per method (in the order they run).
 METHOD_STAGES: dict[str, tuple[str, ...]] = {
@@ -102,10 +103,7 @@ def needs_teacher(spec: CompressSpec, train_data: Any) -> bool:
 
 def copy_teacher(model: nn.Module) -> nn.Module:
     """A frozen copy of the original model (distillation target and depth-search reference)."""
-    teacher = copy.deepcopy(model).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    return teacher
+    return freeze(copy.deepcopy(model))
 
 
 def calibration(spec: CompressSpec, input_size: tuple[int, int, int], calib_data: Any) -> list:

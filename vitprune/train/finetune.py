@@ -46,7 +46,6 @@ import logging
 import math
 import os
 import random
-import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -65,6 +64,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDa
 
 from tqdm.auto import tqdm
 
+from vitprune.deploy.outputs import atomic_write
 from vitprune.errors import InputError, VitpruneError
 from vitprune.frontend.capture import first_tensor
 from vitprune.train.data import image_folder, split_batch
@@ -417,20 +417,17 @@ def _has_unused_parameters(model: nn.Module) -> bool:
 
 # -- checkpoints --------------------------------------------------------------------------------------
 def _atomic_save(obj: Any, path: str) -> None:
-    """``torch.save`` to a temp file in the same folder, then ``os.replace``: readers see the old file
-    or the new one, never a torn one."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """``torch.save`` through :func:`~vitprune.deploy.outputs.atomic_write`: readers see the old
+    checkpoint or the new one, never a torn one."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """``model`` in eval mode with no parameter requiring a gradient (a teacher): in place, returned."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
