@@ -6,6 +6,7 @@ Public API::
 """
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from vitprune.errors import VitpruneError
@@ -31,8 +32,6 @@ def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'vitprune' has no attribute {name!r}")
-    import importlib
-
     return getattr(importlib.import_module(module), name)
 
 

@@ -97,17 +97,9 @@ def default_threads() -> tuple[int, ...]:
     return tuple(sorted({1, available_cores()}))
 
 
-def bench_onnx(
-    path: str | os.PathLike,
-    *,
-    batch_sizes: Sequence[int] = (1,),
-    threads: Threads = None,
-    warmup: int = 5,
-    runs: int = 30,
-    input_shape: tuple[int, ...] | None = None,
-    progress: bool = False,
-) -> list[dict[str, Any]]:
-    """Time one ONNX model; one row per batch size and thread count.
+def bench_onnx(path: str | os.PathLike, **settings: Any) -> list[dict[str, Any]]:
+    """Time one ONNX model (``settings`` as :func:`compare` takes them); one row per batch size and
+    thread count.
 
     Rows: {"model", "batch", "threads", "median_ms", "p90_ms", "mean_ms", "runs", "best_threads",
     "best_ms"} and, on a setting slower than one with fewer threads, "note". ``threads`` is one
@@ -115,8 +107,7 @@ def bench_onnx(
     per-sample shape (C, H, W); by default it is read from the model's input, which must then be
     static apart from the batch axis.
     """
-    return _bench([path], batch_sizes=batch_sizes, threads=threads, warmup=warmup, runs=runs,
-                  input_shape=input_shape, progress=progress)
+    return compare([path], **settings)
 
 
 def compare(

@@ -26,8 +26,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import timm
 import torch
 from torch import nn
+from torchvision import models
 
 from vitprune.errors import InputError, LoadError
 from vitprune.frontend import hetdpt
@@ -220,8 +222,6 @@ def _timm_kwargs(img_size: int | None, num_classes: int | None) -> dict[str, Any
 
 
 def _create_timm(name: str, kwargs: dict[str, Any]) -> nn.Module:
-    import timm
-
     if not name or not timm.is_model(name):
         raise LoadError(f"unknown timm architecture {name!r}{_suggest(name)}")
     try:
@@ -235,8 +235,6 @@ def _create_timm(name: str, kwargs: dict[str, Any]) -> nn.Module:
 
 
 def _suggest(name: str) -> str:
-    import timm
-
     names: list[str] = []
     for part in re.split(r"[_\-.]+", name):
         if len(part) >= 3:
@@ -252,22 +250,16 @@ def _did_you_mean(name: str, names: list[str], listing: str) -> str:
 
 
 def _torchvision_classifiers() -> list[str]:
-    from torchvision import models
-
     return models.list_models(module=models)  # classification only: not detection, video, ...
 
 
 def _is_torchvision_vit(name: str) -> bool:
-    from torchvision import models
-
     if name not in _torchvision_classifiers():
         return False
     return models.get_model_builder(name).__module__ == "torchvision.models.vision_transformer"
 
 
 def _create_torchvision(name: str, kwargs: dict[str, Any]) -> nn.Module:
-    from torchvision import models
-
     classifiers = _torchvision_classifiers()
     if name not in classifiers:
         if name and name in models.list_models():

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -115,8 +116,6 @@ def export_image_folder(root: str | os.PathLike, image_size: int = 32, seed: int
     The images are the upsampled pixels before normalisation, rounded to 8 bits; timm's loader
     converts them to RGB. Existing files of the same name are overwritten.
     """
-    from PIL import Image
-
     pixels, labels, train, test = _pixels_and_splits(image_size, seed, test_fraction)
     gray = (pixels[:, 0] * 255.0).round_().to(torch.uint8).numpy()
     counts = {}
