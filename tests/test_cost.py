@@ -82,6 +82,16 @@ def test_table_is_measured_once_and_cached(tmp_path):
         LatencyTable(0, 1, directory=tmp_path)
 
 
+def test_a_table_timed_on_a_busy_machine_is_used_but_not_cached(tmp_path, monkeypatch):
+    monkeypatch.setattr("vitprune.plan.cost.busy_load", lambda: 100.0)
+    table = LatencyTable(1, 1, directory=tmp_path, runs=2, warmup=0)
+    assert table.ensure([("norm", (16, 32))]) == 1 and table.get("norm", (16, 32)) > 0
+    assert not table.path.exists() and "busy machine" in table.notes[0]
+    monkeypatch.setattr("vitprune.plan.cost.busy_load", lambda: 0.0)
+    quiet = LatencyTable(1, 1, directory=tmp_path, runs=2, warmup=0)
+    assert quiet.ensure([("norm", (16, 32))]) == 1 and quiet.path.exists() and quiet.notes == []
+
+
 # -- whole graphs ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):

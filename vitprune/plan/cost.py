@@ -56,7 +56,7 @@ import torch
 import torch.fx as fx
 from onnx import TensorProto, helper, numpy_helper
 
-from vitprune.deploy.bench import InputMismatchWarning, compare
+from vitprune.deploy.bench import InputMismatchWarning, available_cores, compare
 from vitprune.deploy.outputs import atomic_write
 from vitprune.deps import DependencyGraph
 from vitprune.errors import InputError
@@ -220,6 +220,7 @@ class LatencyTable:
         self.path = Path(directory or cache_dir()) / f"latency-t{threads}-b{batch}-{digest}.json"
         self.entries: dict[str, float] = self._load()
         self.measured = 0  # entries this object measured (the rest came from the file)
+        self.notes: list[str] = []  # e.g. a table measured on a busy machine, used but not cached
 
     def _load(self) -> dict[str, float]:
         try:
@@ -238,10 +239,19 @@ class LatencyTable:
         missing = sorted({k for k in keys if _entry(*k) not in self.entries})
         if not missing and _entry("overhead", ()) in self.entries:
             return 0
+        load = busy_load()
         times = measure(missing, self.threads, runs=self.runs, warmup=self.warmup)
+        load = max(load, busy_load())
         self.entries.update({_entry(*k): v for k, v in times.items()})
         self.measured += len(missing)
-        self.save()
+        if load > 2 * available_cores():
+            # a table timed while other work held the cores would mislead every later plan on this
+            # machine (seen: 2-thread plans stopping at 0.74 of the FLOPs for a 0.5 latency target)
+            self.notes.append(f"the latency tables were measured on a busy machine (1-minute load {load:.1f} "
+                              f"on {available_cores()} cores): used for this plan but not cached; rerun "
+                              f"when the machine is quiet")
+        else:
+            self.save()
         return len(missing)
 
     def save(self) -> None:
@@ -252,6 +262,14 @@ class LatencyTable:
     @property
     def overhead(self) -> float:
         return self.entries.get(_entry("overhead", ()), 0.0)
+
+
+def busy_load() -> float:
+    """The 1-minute load average (0 where the platform has none)."""
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return 0.0
 
 
 # -- the model ---------------------------------------------------------------------------------------

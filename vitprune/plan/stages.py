@@ -200,6 +200,8 @@ def width_stage(gm: fx.GraphModule, ctx: StageContext) -> Stage:
     cost_model, budget = _width_cost(spec, flop_model, budget)
     plan = plan_width(dg, cost_model, scores, groups, budget, round_to=spec.round_to, min_keep=spec.min_keep,
                       ranking=spec.ranking, head_dim_policy=spec.head_dim_policy)
+    if isinstance(cost_model, LatencyModel):
+        plan.notes += cost_model.table.notes
     gm, recipe = _apply(plan, gm, ctx.manager)
     info = {
         "target_flops": spec.target_flops,
