@@ -29,7 +29,6 @@ import copy
 import heapq
 import itertools
 from dataclasses import dataclass
-from math import ceil
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -48,7 +47,7 @@ from vitprune.frontend.capture import first_tensor, param_tensor
 from vitprune.plan.budget import Budget, Plan
 from vitprune.plan.depth import _insert_gates, depth_passes, depth_savings
 from vitprune.plan.importance import group_scores
-from vitprune.plan.width import eligible_groups, plan_width, planned_groups, unit_size
+from vitprune.plan.width import eligible_groups, floor_width, plan_width, planned_groups, unit_size
 from vitprune.train.finetune import FinetuneConfig, distillation_loss
 
 KINDS = ("attention", "activation")
@@ -112,8 +111,8 @@ def plan_joint(gm: fx.GraphModule, budget: Budget, batches: list, settings: Join
         # than is left to save, and a width unit then serves better
         room = now - (budget.limit - budget.tolerance * budget.base)
         moves, states = _rank_moves(gm, flop_model, batches, settings, caps, teacher)
-        chosen = _choose(moves, states, flop_model, (quota, room), gm, settings)
-        gm, steps = _apply(gm, chosen, states, settings, manager)
+        chosen, void = _choose(moves, states, flop_model, (quota, room), gm, settings)
+        gm, steps = _apply(gm, chosen, void, states, settings, manager)
         recipe += steps
         events.append(_describe(event, chosen, budget, gm))
         if train_iter is not None:
@@ -287,8 +286,8 @@ class _GroupState:
     @classmethod
     def start(cls, group: ChannelGroup, scores: np.ndarray, settings: JointSettings) -> "_GroupState":
         unit = unit_size(group, settings.round_to)
-        floor = min(group.size, max(unit, ceil(settings.min_keep * group.size / unit) * unit))
-        return cls(group, np.argsort(scores, kind="stable"), scores, unit, floor, group.size)
+        return cls(group, np.argsort(scores, kind="stable"), scores, unit,
+                   floor_width(group, unit, settings.min_keep), group.size)
 
     def next_move(self, flop_model: FlopModel, counts: dict[int, int]) -> Move | None:
         if self.kept - self.unit < self.floor:
@@ -307,10 +306,12 @@ class _GroupState:
 
 # -- choosing and applying -------------------------------------------------------------------------
 def _choose(moves: list[Move], states: dict[str, _GroupState], flop_model: FlopModel,
-            limits: tuple[float, float], gm: fx.GraphModule, settings: JointSettings) -> list[Move]:
+            limits: tuple[float, float], gm: fx.GraphModule,
+            settings: JointSettings) -> tuple[list[Move], set[str]]:
     """Greedy by loss per FLOP until the event's quota is saved, never saving more than ``room``
     (``limits = (quota, room)``). A width move's saving depends on the other widths (the residual
-    stream feeds every linear), so it is re-priced when it comes up."""
+    stream feeds every linear), so it is re-priced when it comes up. Returns the moves and the
+    groups that leave with a removed layer (their width moves, even earlier ones, are void)."""
     quota, room = limits
     heap = list(moves)
     heapq.heapify(heap)
@@ -341,7 +342,7 @@ def _choose(moves: list[Move], states: dict[str, _GroupState], flop_model: FlopM
             dead |= _groups_of_layer(gm, move, states, settings)
         chosen.append(move)
         saved += move.saved
-    return chosen
+    return chosen, dead
 
 
 def _groups_of_layer(gm: fx.GraphModule, move: Move, states: dict[str, _GroupState],
@@ -358,25 +359,19 @@ def _groups_of_layer(gm: fx.GraphModule, move: Move, states: dict[str, _GroupSta
     return {name for name, s in states.items() if all(m.param in owned for m in s.group.members)}
 
 
-def _apply(gm: fx.GraphModule, chosen: list[Move], states: dict[str, _GroupState], settings: JointSettings,
-           manager: PassManager) -> tuple[fx.GraphModule, list[dict[str, Any]]]:
+def _apply(gm: fx.GraphModule, chosen: list[Move], void: set[str], states: dict[str, _GroupState],
+           settings: JointSettings, manager: PassManager) -> tuple[fx.GraphModule, list[dict[str, Any]]]:
     """Width first (the groups exist in this graph), then the layer removals."""
-    recipe: list[dict[str, Any]] = []
     layers = {k: sorted(m.target for m in chosen if m.kind == k) for k in KINDS}
-    void = set()
-    for m in chosen:
-        if m.kind != "width":
-            void |= _groups_of_layer(gm, m, states, settings)
-    shrunk = {m.target for m in chosen if m.kind == "width"} - void
-    if shrunk:
-        keep = {name: states[name].keep() for name in sorted(shrunk)}
-        result = manager.apply(WidthPruning(keep), gm)
-        gm, recipe = result.graph_module, recipe + ([result.recipe] if result.recipe else [])
+    shrunk = sorted({m.target for m in chosen if m.kind == "width"} - void)
+    passes = [WidthPruning({name: states[name].keep() for name in shrunk})] if shrunk else []
     if layers["attention"] or layers["activation"]:
-        for p in depth_passes(layers["attention"], layers["activation"], settings.variant, settings.merge,
-                              settings.fold_norm):
-            result = manager.apply(p, gm)
-            gm, recipe = result.graph_module, recipe + ([result.recipe] if result.recipe else [])
+        passes += depth_passes(layers["attention"], layers["activation"], settings.variant, settings.merge,
+                               settings.fold_norm)
+    recipe: list[dict[str, Any]] = []
+    for p in passes:
+        result = manager.apply(p, gm)
+        gm, recipe = result.graph_module, recipe + ([result.recipe] if result.recipe else [])
     return gm, recipe
 
 

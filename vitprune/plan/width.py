@@ -86,7 +86,7 @@ def plan_width(dg: DependencyGraph, cost_model: FlopModel | LatencyModel, scores
     groups = planned_groups(groups, head_dim_policy)
     orders = {g.name: np.argsort(-scores[g.name], kind="stable") for g in groups}
     units = {g.name: unit_size(g, round_to) for g in groups}
-    floors = {g.name: _floor(g, units[g.name], min_keep) for g in groups}
+    floors = {g.name: floor_width(g, units[g.name], min_keep) for g in groups}
 
     def counts_of(kept: dict[str, int]) -> dict[int, int]:
         return {g.axis: kept[g.name] for g in groups}
@@ -139,7 +139,8 @@ def rounding_notes(groups: list[ChannelGroup], kept: dict[str, int], round_to: i
     return notes
 
 
-def _floor(group: ChannelGroup, unit: int, min_keep: float) -> int:
+def floor_width(group: ChannelGroup, unit: int, min_keep: float) -> int:
+    """The fewest channels ``group`` keeps: ``min_keep`` of it, in whole units, at least one unit."""
     n = max(unit, ceil(min_keep * group.size / unit) * unit)
     return min(n, group.size)
 
