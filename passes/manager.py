@@ -51,11 +51,19 @@ class PassManager:
         self._names.append(p.name)
         return result
 
+    def apply_all(self, passes: Sequence[Pass], gm: fx.GraphModule) -> tuple[fx.GraphModule, list[dict]]:
+        """Apply ``passes`` in order; returns the final graph and the recipes of the passes that left one."""
+        recipe = []
+        for p in passes:
+            result = self.apply(p, gm)
+            gm = result.graph_module
+            if result.recipe:
+                recipe.append(result.recipe)
+        return gm, recipe
+
     def run(self, gm: fx.GraphModule) -> fx.GraphModule:
         """Apply every pass given at construction, in order; returns the final graph."""
-        for p in self.passes:
-            gm = self.apply(p, gm).graph_module
-        return gm
+        return self.apply_all(self.passes, gm)[0]
 
     def recipe(self) -> list[dict]:
         """The replayable steps of the passes that changed the graph."""

@@ -83,6 +83,15 @@ def test_manager_names_the_failing_pass_and_what_ran_before():
     assert manager.ran == ["attention"]
 
 
+def test_manager_applies_a_sequence_and_keeps_the_recipes_that_replay_it():
+    gm = traced(MODELS["deit_tiny"]())
+    manager = PassManager()
+    gm, recipe = manager.apply_all([AttentionRemoval([1]), AttentionRemoval([]), Cleanup()], gm)
+    assert manager.ran == ["attention", "attention", "cleanup"]
+    assert recipe[0] == {"pass": "attention", "blocks": [1], "variant": "identity_norm"}
+    assert all(step for step in recipe)  # a pass that changed nothing leaves no empty step
+
+
 def test_passes_keep_no_state_between_call_and_ensures():
     """What ensures checks travels in the result: two graphs, one pass object, no cross-talk."""
     a, b = traced(MODELS["deit_tiny"]()), traced(MODELS["deit_tiny"]())

@@ -126,13 +126,7 @@ def apply_depth(gm: fx.GraphModule, attention_blocks: Sequence[int], activation_
     """Remove the listed attention branches and activations (in place); returns (gm, recipes).
     ``manager`` (a fresh one by default) records the passes so failures name what ran before."""
     manager = manager if manager is not None else PassManager()
-    recipe = []
-    for p in depth_passes(attention_blocks, activation_blocks, variant, merge, fold_norm):
-        result = manager.apply(p, gm)
-        gm = result.graph_module
-        if result.recipe:
-            recipe.append(result.recipe)
-    return gm, recipe
+    return manager.apply_all(depth_passes(attention_blocks, activation_blocks, variant, merge, fold_norm), gm)
 
 
 # -- gates ---------------------------------------------------------------------------------------

@@ -368,11 +368,7 @@ def _apply(gm: fx.GraphModule, chosen: list[Move], void: set[str], states: dict[
     if layers["attention"] or layers["activation"]:
         passes += depth_passes(layers["attention"], layers["activation"], settings.variant, settings.merge,
                                settings.fold_norm)
-    recipe: list[dict[str, Any]] = []
-    for p in passes:
-        result = manager.apply(p, gm)
-        gm, recipe = result.graph_module, recipe + ([result.recipe] if result.recipe else [])
-    return gm, recipe
+    return manager.apply_all(passes, gm)
 
 
 def _land(gm: fx.GraphModule, budget: Budget, batches: list, settings: JointSettings, manager: PassManager,
@@ -386,8 +382,8 @@ def _land(gm: fx.GraphModule, budget: Budget, batches: list, settings: JointSett
     scores = channel_loss_estimates(dg, groups, batches, _references(gm, batches, teacher))
     plan = plan_width(dg, flop_model, scores, groups, budget, round_to=settings.round_to,
                       min_keep=settings.min_keep, head_dim_policy=settings.head_dim_policy)
-    result = manager.apply(plan.passes[0], gm)
-    return result.graph_module, [result.recipe] if result.recipe else [], {"width_plan": True, "notes": plan.notes}
+    gm, recipe = manager.apply_all(plan.passes, gm)
+    return gm, recipe, {"width_plan": True, "notes": plan.notes}
 
 
 def _describe(event: int, chosen: list[Move], budget: Budget, gm: fx.GraphModule) -> dict[str, Any]:

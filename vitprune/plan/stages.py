@@ -127,12 +127,7 @@ def run_stages(gm: fx.GraphModule, ctx: StageContext) -> tuple[fx.GraphModule, l
 def _apply(plan: Plan, gm: fx.GraphModule, manager: PassManager) -> tuple[fx.GraphModule, list[dict[str, Any]]]:
     if plan.graph is not None:  # the planner already rewrote (and trained) the graph
         return plan.graph, plan.recipe
-    recipe = []
-    for p in plan.passes:
-        result = manager.apply(p, gm)
-        gm = result.graph_module
-        recipe += [result.recipe] if result.recipe else []
-    return gm, recipe
+    return manager.apply_all(plan.passes, gm)
 
 
 # -- depth -------------------------------------------------------------------------------------
