@@ -9,10 +9,14 @@ import pytest
 import torch
 
 from conftest import randomize, tiny, traced
+from passes.activation import ActivationRemoval
+from passes.attention import AttentionRemoval
 from passes.width import WidthPruning
+from vitprune import CompressSpec, compress
 from vitprune.deploy.bench import compare
 from vitprune.deploy.onnx import export_onnx
 from vitprune.deps import DependencyGraph
+from vitprune.deps.branches import find_activations, find_attention_branches
 from vitprune.deps.flops import FlopModel
 from vitprune.errors import InputError
 from vitprune.plan.budget import Budget
@@ -136,21 +140,57 @@ def test_planning_to_the_latency_model(small):
     dg, lm, groups, scores, _ = small
     budget = Budget.latency(lm.cost(), 0.6)
     plan = plan_width(dg, lm, scores, groups, budget, round_to=32)
-    assert plan.detail["cost"] == "ms" and budget.met(plan.flops)
-    assert plan.flops == pytest.approx(lm.cost(plan.detail["counts"]))
+    assert plan.detail["cost"] == "ms" and budget.met(plan.cost) and plan.flops is None  # ms, not FLOPs
+    assert plan.cost == pytest.approx(lm.cost(plan.detail["counts"])) and plan.ratio == budget.ratio(plan.cost)
     assert set(lm.breakdown()) >= {"linear", "attention", "norm", "gelu", "add", "overhead"}
     assert sum(lm.breakdown().values()) == pytest.approx(lm.cost())
+
+
+@pytest.mark.parametrize("removal", [AttentionRemoval([1], "identity_norm"), AttentionRemoval([1], "drop"),
+                                     ActivationRemoval([0], "always"), ActivationRemoval([0], "never")],
+                         ids=["attention-identity_norm", "attention-drop", "activation-merged",
+                              "activation-factorised"])
+def test_a_removal_is_priced_as_the_graph_after_it(small, removal):
+    """The joint planner's price of a layer removal is what :meth:`LatencyModel.cost` says the graph
+    loses when the pass really runs. Attention and a factorised activation: the rewritten graph's
+    ops are a subset of the original's, timed by the same table entries, so the two agree to float
+    rounding. A merged fc2∘fc1 (C → C) is priced from fc1's sweep of output widths while the rewritten
+    graph times it by its own sweeps; both read the same measured entry, and only the denoising of
+    a sweep (timing noise) can tell them apart: within a tenth of the merged linear's time."""
+    dg, lm, *_ = small
+    after = copy.deepcopy(dg.gm)
+    removal(after)
+    lost = lm.cost() - LatencyModel(DependencyGraph.build(after), lm.table, step=lm.step).cost()
+    if isinstance(removal, AttentionRemoval):
+        price = lm.attention_saving(find_attention_branches(dg.gm)[1], removal.variant)
+        assert price > 0 and price == pytest.approx(lost, rel=1e-9)
+        return
+    site = find_activations(dg.gm)[0]
+    price = lm.activation_saving(site, removal.merges(site))
+    merged = lm.merged_linear_cost(site.fc1, site.fc2) if removal.merges(site) else 0.0
+    assert price > 0 and price == pytest.approx(lost, rel=1e-9, abs=0.1 * merged)
 
 
 def test_compress_spends_a_latency_budget(monkeypatch, tmp_path):
     """``cost: latency``: the width stage plans to the estimated latency (the tables are measured into
     the cache once), reports both ratios, and keeps the FLOPs ratio honest."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    from vitprune import CompressSpec, compress
-
     model = randomize(tiny("deit_small_patch16_224", depth=2, img_size=32))
     result = compress(model, CompressSpec(target_flops=0.6, cost="latency", round_to=8))
     width = result.report["stages"]["width"]
     assert width["cost"] == "latency" and width["within_tolerance"]
     assert width["planned_flops_ratio"] == pytest.approx(result.report["flops_ratio"])
     assert list(tmp_path.glob("vitprune/latency-t1-b1-*.json"))  # the tables, cached
+
+
+def test_boundarydpt_plus_spends_a_latency_budget(monkeypatch, tmp_path):
+    """``cost: latency`` with method boundarydpt+: the joint stage plans to the estimated latency of
+    this machine's tables and says so, while the FLOPs ratio it reports is the real one."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # a fresh table: measured here
+    model = randomize(tiny("deit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=10))
+    result = compress(model, CompressSpec(method="boundarydpt+", target_flops=0.6, cost="latency",
+                                          calib_batches=1, batch_size=2))
+    joint = result.report["stages"]["joint"]
+    assert joint["cost"] == "latency" and joint["within_tolerance"]
+    assert abs(joint["planned_cost_ratio"] - 0.6) <= 0.03
+    assert joint["planned_flops_ratio"] == pytest.approx(result.report["flops_ratio"])

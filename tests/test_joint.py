@@ -1,5 +1,7 @@
-"""The joint BoundaryDPT+ planner: depth and width moves ranked by loss increase per FLOP saved."""
+"""The joint BoundaryDPT+ planner: depth and width moves ranked by loss increase per FLOP saved, or
+per estimated ORT millisecond saved with a latency cost model."""
 import copy
+from functools import partial
 
 import numpy as np
 import pytest
@@ -7,9 +9,11 @@ import torch
 
 from conftest import randomize, tiny, traced
 from vitprune.api import replay
-from vitprune.deps.flops import count_flops
+from vitprune.deps.flops import FlopModel, count_flops
+from vitprune.errors import InputError
 from vitprune.plan.budget import Budget
-from vitprune.plan.joint import (JointSettings, _calibrate, _divergence, _GroupState, _zeroed,
+from vitprune.plan.cost import LatencyModel, LatencyTable
+from vitprune.plan.joint import (JointSettings, _calibrate, _divergence, _GroupState, _layer_prices, _zeroed,
                                  channel_loss_estimates, plan_joint)
 from vitprune.plan.stages import copy_teacher
 from vitprune.deps import DependencyGraph
@@ -122,3 +126,31 @@ def test_recovery_trains_between_events():
     assert moved.detail["recovery_steps"] == 3 and still.detail["recovery_steps"] == 0
     w = "patch_embed.proj.weight"
     assert not torch.equal(dict(moved.graph.named_parameters())[w], dict(still.graph.named_parameters())[w])
+
+
+# -- a latency cost -----------------------------------------------------------------------------------
+def test_plans_to_a_latency_budget(tmp_path):
+    """With a latency cost model the moves are priced in estimated ms and the planner stops on a
+    latency budget: the rewritten graph's estimated latency meets it, while ``flops`` stays the real
+    FLOPs. A factorised activation (``merge="never"``) saves no FLOPs but does save its GELU's time,
+    so only the latency cost makes it a move."""
+    model = randomize(tiny("deit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=10))
+    gm = traced(model)
+    latency = partial(LatencyModel, table=LatencyTable(1, 1, directory=tmp_path, runs=3, warmup=1))
+    budget = Budget.latency(latency(DependencyGraph.build(gm)).cost(), 0.6)
+    batches = [(torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(n)), None) for n in range(2)]
+    settings = JointSettings(kinds=ALL, events=2, merge="never")  # round_to 16: the tables' grid step
+    prices = {name: _layer_prices(gm, cost(DependencyGraph.build(gm)), settings)["activation"]
+              for name, cost in (("flops", FlopModel), ("latency", latency))}
+    saved = {name: [price({}) for price in by_block.values()] for name, by_block in prices.items()}
+    assert set(saved["flops"]) == {0} and min(saved["latency"]) > 0
+    plan = plan_joint(copy.deepcopy(gm), budget, batches, settings, teacher=copy_teacher(model), cost=latency)
+    after = latency(DependencyGraph.build(plan.graph)).cost()
+    assert budget.met(after) and budget.close(after) and plan.detail["within_tolerance"]
+    assert plan.detail["cost"] == "latency"
+    assert plan.detail["planned_cost_ratio"] == pytest.approx(budget.ratio(after)) == pytest.approx(plan.ratio)
+    assert plan.within_tolerance  # in the budget's unit (ms), not FLOPs against a base in ms
+    assert all("latency_ratio" in e for e in plan.detail["events"])
+    assert plan.flops == count_flops(plan.graph, plan.graph.meta["example_input"])
+    with pytest.raises(InputError, match="budget is in flops but its cost model counts latency"):
+        plan_joint(gm, Budget(plan.flops, 0.6), batches, settings, cost=latency)

@@ -126,3 +126,14 @@ def test_bad_label_input_and_batch_size_are_refused():
             mosaic_label(digits)
     with pytest.raises(InputError):
         mosaic_loaders(batch_size=0)
+
+
+def test_materialized_dataset_holds_the_same_items(splits):
+    """materialize() composes every mosaic at once: the same tensors as item-by-item access."""
+    _, test = splits
+    dense = test.materialize()
+    assert len(dense) == len(test)
+    for i in (0, 1, 777, len(test) - 1):
+        image, label = test[i]
+        dense_image, dense_label = dense[i]
+        assert torch.equal(image, dense_image) and int(label) == int(dense_label)

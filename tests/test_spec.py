@@ -187,6 +187,19 @@ def test_requests_that_need_training_data():
             CompressSpec(target_latency=0.5, **kw)
 
 
+@pytest.mark.parametrize("method", ["width", "boundarydpt+"])
+def test_cost_latency_is_for_the_planners_that_spend_it(method):
+    """The width and the joint BoundaryDPT+ planners can plan to estimated latency; the others plan to
+    FLOPs only, so ``cost: latency`` with them would be ignored and is refused."""
+    assert CompressSpec(method=method, target_flops=0.5, cost="latency").cost == "latency"
+    for other in ("boundarydpt", "cpvit"):
+        with pytest.raises(SpecError, match=rf"cost 'latency' .* needs method 'width' or 'boundarydpt\+' .*"
+                                            rf"got method '{other}'"):
+            CompressSpec(method=other, target_flops=0.5, cost="latency")
+    with pytest.raises(SpecError, match="got method .*, target_latency"):
+        CompressSpec(method=method, target_latency=0.5, cost="latency")
+
+
 def test_keep_everything_beside_a_removal_is_refused_not_skipped():
     """target_flops=1.0 used to return an empty recipe, silently dropping what else was asked."""
     with pytest.raises(SpecError, match=r"target_flops=1.0 keeps the whole model, but remove_attention=\[1\], "

@@ -108,6 +108,51 @@ def test_scale_recipe_maps_blocks_widths_and_tokens():
     assert count_flops(gm, torch.zeros(1, 3, 64, 64)) < 0.6 * count_flops(dst, torch.zeros(1, 3, 64, 64))
 
 
+def test_scale_recipe_maps_a_block_left_with_one_head():
+    """A block pruned to one head has no head factor: its head-dim group is named hidden:… in the recipe.
+    It maps to the scale model's head-dim group (and to hidden:… where the scale model is left with one head)."""
+    src = _vit(depth=2, embed_dim=96, heads=3)
+    from vitprune.api import replay
+
+    steps = [{"pass": "width", "counts": {"head:blocks.0.attn.qkv.weight[0]": 1}},
+             {"pass": "width", "counts": {"hidden:blocks.0.attn.qkv.weight[0]": 16}}]
+    gm = replay(src, [{"pass": "width", "keep": {"head:blocks.0.attn.qkv.weight[0]": [0]}},
+                      {"pass": "width", "keep": {"hidden:blocks.0.attn.qkv.weight[0]": list(range(16))}}], (3, 32, 32))
+    assert gm.get_parameter("blocks.0.attn.qkv.weight").shape[0] == 3 * 16  # the recipe is what the planner sees
+    dst = _vit(depth=4, embed_dim=192, heads=6, img=64)
+    out = sw.scale_recipe(steps, src, (3, 32, 32), dst, (3, 64, 64), round_to=16)
+    assert {k: len(v) for k, v in out[1]["keep"].items()} == {"head_dim:blocks.0.attn.qkv.weight[0]": 16,
+                                                             "head_dim:blocks.1.attn.qkv.weight[0]": 16}
+    scaled = replay(dst, out, (3, 64, 64))
+    assert scaled.get_parameter("blocks.0.attn.qkv.weight").shape[0] == 3 * 2 * 16  # 2 of 6 heads, 16 of 32
+    one = _vit(depth=2, embed_dim=192, heads=3, img=64)  # 1 of 3 heads here too: the replay names it hidden
+    out = sw.scale_recipe(steps, src, (3, 32, 32), one, (3, 64, 64), round_to=16)
+    assert list(out[1]["keep"]) == ["hidden:blocks.0.attn.qkv.weight[0]"]
+    assert replay(one, out, (3, 64, 64)).get_parameter("blocks.0.attn.qkv.weight").shape[0] == 3 * 32
+
+
+def test_merge_states_joins_a_sweep_split_over_processes(tmp_path):
+    """Two --out folders of one sweep (same budget) become one record; another budget is refused."""
+    from vitprune.sweep.state import load_state, merge_states, new_state, save_state
+
+    cfg = sw.SweepConfig(methods=("width",), progress=False)
+    a, b = new_state(cfg, (3, 32, 32), None), new_state(cfg, (3, 32, 32), None)
+    a["points"]["width@0.5#s0"] = {"status": "done", "top1": 1.0}
+    b["points"]["width@0.5#s0"] = {"status": "done", "top1": 2.0}  # already in a: a's own point stays
+    b["points"]["tp_width@0.5#s0"] = {"status": "done", "top1": 3.0}
+    b["scaled"]["tp_width:x"] = {"speedup": 2.0}
+    save_state(str(tmp_path / "a.json"), a)
+    save_state(str(tmp_path / "b.json"), b)
+    assert merge_states(str(tmp_path / "a.json"), [str(tmp_path / "b.json")], cfg) == 1
+    merged = load_state(str(tmp_path / "a.json"), cfg)
+    assert {k: p["top1"] for k, p in merged["points"].items()} == {"width@0.5#s0": 1.0, "tp_width@0.5#s0": 3.0}
+    assert merged["scaled"] == {"tp_width:x": {"speedup": 2.0}}
+    with pytest.raises(InputError, match="budget"):
+        merge_states(str(tmp_path / "a.json"), [str(tmp_path / "b.json")], sw.SweepConfig(epochs=5, progress=False))
+    with pytest.raises(InputError, match="does not exist"):
+        merge_states(str(tmp_path / "a.json"), [str(tmp_path / "c.json")], cfg)
+
+
 def test_tp_width_meets_target_and_runs():
     pytest.importorskip("torch_pruning")
     model = _vit(depth=2)
@@ -197,6 +242,25 @@ def test_sweep_records_skips_and_resumes(tmp_path):
     with pytest.raises(InputError, match="budget"):
         sw.run_sweep(_vit(), train, val, sw.SweepConfig(methods=("width",), epochs=1, progress=False), tmp_path,
                      input_size=(3, 32, 32))
+
+
+def test_rescale_retimes_every_scaled_architecture_in_one_run(tmp_path):
+    """A sweep with a scale model, then rescale: every distinct architecture re-timed together (the
+    pair numbers kept), points and the scaled cache agree, a second call changes nothing."""
+    train, val = _digits()
+    cfg = sw.SweepConfig(targets=(0.6, 0.4), methods=("width",), epochs=0, runs=2, warmup=0, scale_runs=1,
+                         scale_warmup=0, calib_batches=1, progress=False)
+    scale = sw.ScaleModel("vit-64", lambda: _vit(depth=4, embed_dim=192, heads=6, img=64), (3, 64, 64))
+    state = sw.run_sweep(_vit(), train, val, cfg, tmp_path, input_size=(3, 32, 32), scale=scale)
+    assert sw.rescale(state, tmp_path, _vit(), (3, 32, 32), scale, cfg, runs=2, warmup=0)
+    assert len(state["rescale"]["archs"]) == 2 and len(state["scaled"]) == 2
+    for p in state["points"].values():
+        entry = state["scaled"][p["scaled"]["arch_key"]]
+        assert "pairwise" in entry and p["scaled"]["speedup"] == entry["speedup"] > 0
+        assert entry["original_ms"] == state["rescale"]["original_ms"]
+    assert not [f for f in os.listdir(tmp_path / "onnx") if f.startswith("rescale")]  # ~90 MB each at DeiT-S size
+    assert json.loads((tmp_path / "sweep.json").read_text())["rescale"] == state["rescale"]
+    assert not sw.rescale(state, tmp_path, _vit(), (3, 32, 32), scale, cfg, runs=2, warmup=0)
 
 
 def test_cli_sweep(tmp_path, capsys):

@@ -35,9 +35,12 @@ RANKINGS: tuple[str, ...] = ("global", "uniform")
 #: How attention is narrowed: "keep" removes whole heads and leaves head_dim whole (the faster shapes
 #: in ONNX Runtime, measured in benchmarks/README.md); "shrink" may also narrow head_dim.
 HEAD_DIM_POLICIES: tuple[str, ...] = ("keep", "shrink")
-#: What the width planner's target fraction measures: FLOPs, or the latency estimated from per-op
+#: What a planner's target fraction measures: FLOPs, or the latency estimated from per-op
 #: ONNX Runtime tables measured once on this machine (:mod:`vitprune.plan.cost`).
 COSTS: tuple[str, ...] = ("flops", "latency")
+#: The methods whose planner can spend estimated latency (``cost: latency``): the width planner and
+#: the joint BoundaryDPT+ planner; the others plan to FLOPs only.
+LATENCY_COST_METHODS: tuple[str, ...] = ("width", "boundarydpt+")
 #: Parts of the explicit token form ``keep=F,start=N[,every=M]``, each given at most once.
 TOKEN_PARTS: tuple[str, ...] = ("keep", "start", "every")
 #: Seeds torch's generators accept.
@@ -138,8 +141,8 @@ class CompressSpec:
         "keep", "keep: narrow attention by whole heads only (head_dim stays whole: faster in ORT); "
         "shrink: head_dim may narrow too", choices=HEAD_DIM_POLICIES)
     cost: str = _field(
-        "flops", "what the width target measures: flops, or latency estimated from per-op ONNX Runtime "
-        "tables measured once on this machine (cached; --latency-threads)", choices=COSTS)
+        "flops", "what the target measures for methods width and boundarydpt+: flops, or latency estimated "
+        "from per-op ONNX Runtime tables measured once on this machine (cached; --latency-threads)", choices=COSTS)
     prune_residual: bool = _field(True, "keep the residual stream width", flag="--no-residual", switch=False)
     prune_mlp: bool = _field(True, "keep MLP widths", flag="--no-mlp", switch=False)
     prune_heads: bool = _field(True, "keep all heads", flag="--no-heads", switch=False)
@@ -267,14 +270,16 @@ class CompressSpec:
 
     def _check_conflicts(self) -> None:
         """Requests the chosen path would skip are refused, naming both sides: the latency loop never
-        trains, ``cost: latency`` plans widths only, a field whose ``needs`` (:class:`Option`) is unmet
-        does nothing, and ``target_flops: 1.0`` keeps every FLOP, so compress removes nothing."""
+        trains, ``cost: latency`` needs a planner that spends latency (width, boundarydpt+), a field
+        whose ``needs`` (:class:`Option`) is unmet does nothing, and ``target_flops: 1.0`` keeps every
+        FLOP, so compress removes nothing."""
         if self.target_latency is not None and (self.epochs or self.depth_selection == "search"):
             raise SpecError("target_latency does not train: it cannot be combined with epochs > 0 or "
                             "depth_selection 'search'")
-        if self.cost == "latency" and (self.method != "width" or self.target_latency is not None):
-            raise SpecError(f"cost 'latency' plans widths to a fraction of the estimated latency: it needs "
-                            f"method 'width' and target_flops (got method {self.method!r}"
+        if self.cost == "latency" and (self.method not in LATENCY_COST_METHODS or self.target_latency is not None):
+            methods = " or ".join(map(repr, LATENCY_COST_METHODS))
+            raise SpecError(f"cost 'latency' plans to a fraction of the estimated latency: it needs method "
+                            f"{methods} and target_flops (got method {self.method!r}"
                             f"{', target_latency' if self.target_latency is not None else ''}); "
                             f"--target-latency uses the latency model by itself")
         for f in fields(self):

@@ -1,14 +1,14 @@
 """Planning to a *measured* latency target: FLOPs are a proxy, ONNX Runtime time is the goal.
 
 ``target_latency = t`` asks for an ONNX model whose batch-1 ORT latency is ``t`` × the original's,
-measured on this machine with ``latency_threads`` threads. For width pruning the first round plans
-to the *latency model* (``cost: latency``, :mod:`vitprune.plan.cost`: per-op ORT tables measured once
-on this machine and cached), so the plan is already shaped for latency rather than for FLOPs; other
-methods plan to a FLOPs target. Every round exports the candidate and times it interleaved with the
-original (so machine noise cancels); when the measured ratio misses by more than ``tolerance``, the
-next round scales its target by the measured miss (the model's error, or the FLOPs/latency
-efficiency, is locally a constant). It stops within ``tolerance`` of ``t`` or after ``max_rounds``;
-the report lists every round.
+measured on this machine with ``latency_threads`` threads. For width pruning and BoundaryDPT+ the
+first round plans to the *latency model* (``cost: latency``, :mod:`vitprune.plan.cost`: per-op ORT
+tables measured once on this machine and cached), so the plan is already shaped for latency rather
+than for FLOPs; other methods plan to a FLOPs target. Every round exports the candidate and times it
+interleaved with the original (so machine noise cancels); when the measured ratio misses by more
+than ``tolerance``, the next round scales its target by the measured miss (the model's error, or the
+FLOPs/latency efficiency, is locally a constant). It stops within ``tolerance`` of ``t`` or after
+``max_rounds``; the report lists every round.
 
 The thread count to deploy with is measured too, once, at the end: extra threads can make a small
 model slower (issue 13), so the original and the chosen candidate are timed at 1 thread, at one per
@@ -31,7 +31,7 @@ from vitprune.driver.pipeline import compress_to_flops
 from vitprune.frontend.capture import capture, example_input_for
 from vitprune.plan.budget import LATENCY_TOLERANCE
 from vitprune.report import CompressReport, CompressResult
-from vitprune.spec import CompressSpec
+from vitprune.spec import LATENCY_COST_METHODS, CompressSpec
 
 
 def compress_to_latency(model: nn.Module, spec: CompressSpec, input_size: tuple[int, int, int], *,
@@ -49,7 +49,7 @@ def compress_to_latency(model: nn.Module, spec: CompressSpec, input_size: tuple[
         # the original goes through the same capture as the candidates: one IR, one exporter path
         export_onnx(capture(model, example_input_for(example_input_size)), x, original, parity_batches=(1,))
         flops_target = target
-        cost = "latency" if spec.method == "width" else "flops"
+        cost = "latency" if spec.method in LATENCY_COST_METHODS else "flops"
         for _ in range(max_rounds):
             flops_spec = dataclasses.replace(spec, target_latency=None, target_flops=flops_target, cost=cost,
                                              latency_threads=spec.latency_threads if cost == "latency" else 1)

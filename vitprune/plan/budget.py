@@ -67,7 +67,8 @@ class Budget:
 
 @dataclass
 class Plan:
-    """A planner's decision: ``passes`` to apply in order, the ``flops`` they lead to (batch 1), the
+    """A planner's decision: ``passes`` to apply in order, the ``flops`` they lead to (batch 1; None when a
+    latency plan does not count them), ``cost`` in the budget's unit when that is not FLOPs, the
     ``budget`` planned against (None for an explicit request), ``detail`` for the report (JSON-able: keeps, counts, scores) and
     ``notes`` for the user. ``graph``: set when planning already produced the rewritten graph (the
     gated depth search trains while it selects), with ``recipe`` the passes' recipes."""
@@ -80,12 +81,18 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     graph: fx.GraphModule | None = None
     recipe: list[dict[str, Any]] = field(default_factory=list)
+    cost: float | None = None  # in the budget's unit (ms for a latency budget); None: the same as flops
+
+    @property
+    def spent(self) -> float | None:
+        """What the plan spends in the budget's unit."""
+        return self.flops if self.cost is None else self.cost
 
     @property
     def ratio(self) -> float:
-        """Planned FLOPs as a fraction of the budget's base (the original model)."""
-        return self.budget.ratio(self.flops)
+        """The planned cost as a fraction of the budget's base (the original model)."""
+        return self.budget.ratio(self.spent)
 
     @property
     def within_tolerance(self) -> bool:
-        return self.budget.close(self.flops)
+        return self.budget.close(self.spent)

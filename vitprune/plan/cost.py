@@ -1,9 +1,11 @@
-"""A latency cost model for width planning: measured ONNX Runtime time per op, summed over the graph.
+"""A latency cost model for planning: measured ONNX Runtime time per op, summed over the graph.
 
 Why: FLOPs are what the planner can count, latency is what users pay. Two plans of equal FLOPs can
 differ by a fifth in ORT latency (issue 13: head_dim 46 vs 64, odd widths), so the planner can plan
 against :class:`LatencyModel` instead of :class:`~vitprune.deps.flops.FlopModel`; both expose
 ``cost(counts)`` (as :class:`~vitprune.deps.flops.FlopModel` does) with ``counts = {leaf axis: kept}``.
+The joint planner (:mod:`vitprune.plan.joint`) also prices layer removals from the same tables: the
+nodes a removal deletes (:meth:`LatencyModel.attention_saving`, :meth:`LatencyModel.activation_saving`).
 
 **How the table is measured.** Every op of the captured graph that costs time is one of five kinds,
 keyed by the shape that sets its time (all sizes at the table's batch; ``M`` = rows = batch × tokens):
@@ -59,6 +61,7 @@ from onnx import TensorProto, helper, numpy_helper
 from vitprune.deploy.bench import InputMismatchWarning, available_cores, compare
 from vitprune.deploy.outputs import atomic_write
 from vitprune.deps import DependencyGraph
+from vitprune.deps.branches import ActivationSite, AttentionBranch
 from vitprune.errors import InputError
 
 __all__ = ["LatencyTable", "LatencyModel", "cache_dir", "machine_id", "build_op_model"]
@@ -352,13 +355,15 @@ class LatencyModel:
             kind = _site_kind(node, dg.gm)
             if kind is not None and dg.node_dims.get(node):
                 self.sites.append((kind, node))
-        timed = {node for _, node in self.sites}
-        self.launches = sum(1 for n in dg.gm.graph.nodes if n not in timed and n.op == "call_function"
-                            and isinstance(n.target, torch._ops.OpOverload) and "sym_size" not in str(n.target))
-        self._full = [self._key(kind, node, {}) for kind, node in self.sites]
-        table.ensure([("chain", ()), *(k for kind_key in self._full for k in self._sweeps(*kind_key))])
-        self._fixed = table.overhead + self.launches * table.get("chain", ()) / _CHAIN
-        self._curves = {key: self._curve(*key) for key in set(self._full)}
+        self._kind_of = {node: kind for kind, node in self.sites}
+        self._launched = {n for n in dg.gm.graph.nodes if n not in self._kind_of and n.op == "call_function"
+                          and isinstance(n.target, torch._ops.OpOverload) and "sym_size" not in str(n.target)}
+        self.launches = len(self._launched)
+        self._full = {node: self._key(kind, node, {}) for kind, node in self.sites}
+        table.ensure([("chain", ()), *(k for kind_key in self._full.values() for k in self._sweeps(*kind_key))])
+        self._launch_ms = table.get("chain", ()) / _CHAIN
+        self._fixed = table.overhead + self.launches * self._launch_ms
+        self._curves = {key: self._curve(*key) for key in set(self._full.values())}
 
     def _shape(self, node: fx.Node, counts: dict[int, int]) -> list[int]:
         return [self.dg.table.kept_size(a, counts) for a in self.dg.node_dims[node]]
@@ -415,19 +420,61 @@ class LatencyModel:
             out *= _interp(xs, ys, key[1][a], (key[0], a) in _STEPWISE) / full if full > 0 else 1.0
         return out
 
+    def _node_cost(self, node: fx.Node, counts: dict[int, int]) -> float:
+        """One node's share of :meth:`cost`: a timed op's table time, another op's kernel launch, else 0."""
+        if node in self._kind_of:
+            return self._site_cost(self._full[node], self._key(self._kind_of[node], node, counts))
+        return self._launch_ms if node in self._launched else 0.0
+
     def cost(self, counts: dict[int, int] | None = None) -> float:
         """Estimated latency in ms when leaf ``r`` keeps ``counts[r]`` channels (default: all)."""
         counts = counts or {}
-        total = self._fixed
-        for (kind, node), full in zip(self.sites, self._full):
-            total += self._site_cost(full, self._key(kind, node, counts))
-        return total
+        return sum((self._node_cost(node, counts) for _, node in self.sites), self._fixed)
 
     def breakdown(self, counts: dict[int, int] | None = None) -> dict[str, float]:
         """Estimated ms per op kind, and ``overhead`` (the call and the other ops' launches)."""
         counts = counts or {}
         out = {"overhead": self._fixed}
-        for (kind, node), full in zip(self.sites, self._full):
+        for kind, node in self.sites:
             key = self._key(kind, node, counts)
-            out[key[0]] = out.get(key[0], 0.0) + self._site_cost(full, key)
+            out[key[0]] = out.get(key[0], 0.0) + self._site_cost(self._full[node], key)
         return out
+
+    # -- what a removal saves (the joint planner's layer moves, priced from the same tables) --------
+    def nodes_cost(self, nodes: Iterable[fx.Node], counts: dict[int, int] | None = None) -> float:
+        """Estimated ms of ``nodes`` of this graph, as :meth:`cost` counts them: what deleting them saves."""
+        counts = counts or {}
+        return sum(self._node_cost(n, counts) for n in dict.fromkeys(nodes))  # each node once, in order
+
+    def merged_linear_cost(self, first: fx.Node, second: fx.Node, counts: dict[int, int] | None = None) -> float:
+        """Estimated ms of the one linear that replaces ``second ∘ first`` (fc2∘fc1 merged): ``first``'s
+        rows and input width, ``second``'s output width, by ``first``'s product rule (its measured sweep
+        of output widths; a ViT's merged ``C → C`` is a point of fc1's ``C → 4C`` sweep)."""
+        if self._kind_of.get(first) != "linear" or self._kind_of.get(second) != "linear":
+            raise InputError(f"merged_linear_cost needs two timed linears of this graph, got "
+                             f"`{first.format_node()}` and `{second.format_node()}`")
+        counts = counts or {}
+        _, (rows, d_in, _) = self._key("linear", first, counts)
+        d_out = self._key("linear", second, counts)[1][2]
+        return self._site_cost(self._full[first], ("linear", (rows, d_in, d_out)))
+
+    def attention_saving(self, branch: AttentionBranch, variant: str, counts: dict[int, int] | None = None) -> float:
+        """Estimated ms saved by removing ``branch`` (:class:`passes.attention.AttentionRemoval`): its
+        nodes (qkv, attention, proj, their reshapes; a layer-scale mul is priced as removed, as when γ
+        folds into LN1); ``variant="drop"`` also deletes the residual add, and LN1 when only the
+        branch reads it. ``identity_norm`` keeps both."""
+        gone = list(branch.nodes)
+        if variant == "drop":
+            gone.append(branch.add)
+            if branch.norm is not None and set(branch.norm.users) <= set(branch.nodes):
+                gone.append(branch.norm)
+        return self.nodes_cost(gone, counts)
+
+    def activation_saving(self, site: ActivationSite, merged: bool, counts: dict[int, int] | None = None) -> float:
+        """Estimated ms saved by removing ``site``'s activation (:class:`passes.activation.
+        ActivationRemoval`): fc1, the activation and fc2 less the one merged linear when the pass
+        merges (``merged``), else the activation alone (the factorised pair stays)."""
+        if not merged:
+            return self.nodes_cost([site.act], counts)
+        gone = self.nodes_cost([site.fc1, site.act, *site.between, site.fc2], counts)
+        return gone - self.merged_linear_cost(site.fc1, site.fc2, counts)

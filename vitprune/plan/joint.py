@@ -7,8 +7,11 @@ the budget to width pruning. Here every step picks the cheapest next move among
 * remove one activation (GELU → identity; fc2∘fc1 merged when cheaper),
 * shrink one channel group by a unit (a head, or ``round_to`` channels),
 
-by **estimated loss increase per FLOP saved** (:class:`Move.ratio`). The loss is the distillation
-loss ``KL(original ‖ model)`` on the calibration batches, which recovery minimises and which is 0
+by **estimated loss increase per unit of cost saved** (:class:`Move.ratio`): FLOPs by default, or
+estimated ORT milliseconds when a latency target is given (``cost`` builds a
+:class:`~vitprune.plan.cost.LatencyModel`: a width unit is priced by its ``cost(counts)``
+difference, a layer by the measured op times of the nodes its removal deletes). The loss is the
+distillation loss ``KL(original ‖ model)`` on the calibration batches, which recovery minimises and which is 0
 for the original. A layer removal is a large change, so its increase is *measured*: the layer is
 switched off by a gate and the batches run again. A width unit is a small change, so its increase
 is estimated to second order (:func:`channel_loss_estimates`: the gradient term plus the Fisher
@@ -19,7 +22,7 @@ and activation *gradients* differ by orders of magnitude is why layers are not p
 The budget is spent in ``events``: each event re-estimates every move on the model as it now is,
 takes moves until it has saved its share of what is left, applies them through the passes, and,
 with training data, recovers for a window of distillation steps from the original model (as the
-gated search recovers between its events). A last width plan lands the FLOPs on the budget exactly.
+gated search recovers between its events). A last width plan lands the cost on the budget exactly.
 ``cap_share`` (BoundaryDPT+'s ``depth_share``) optionally caps the share of each kind removed.
 """
 from __future__ import annotations
@@ -28,8 +31,9 @@ import contextlib
 import copy
 import heapq
 import itertools
-from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from functools import partial
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -43,8 +47,10 @@ from passes.width import WidthPruning
 from vitprune.deps import ChannelGroup, DependencyGraph
 from vitprune.deps.branches import find_activations, find_attention_branches, removed_layers
 from vitprune.deps.flops import FlopModel
+from vitprune.errors import InputError
 from vitprune.frontend.capture import first_tensor, param_tensor
 from vitprune.plan.budget import Budget, Plan
+from vitprune.plan.cost import LatencyModel
 from vitprune.plan.depth import _insert_gates, depth_passes, depth_savings
 from vitprune.plan.importance import group_scores
 from vitprune.plan.width import eligible_groups, floor_width, plan_width, planned_groups, unit_size
@@ -52,23 +58,31 @@ from vitprune.train.finetune import FinetuneConfig, distillation_loss
 
 KINDS = ("attention", "activation")
 
+CostModel = FlopModel | LatencyModel
+#: Builds the cost model of a graph: ``FlopModel``, or e.g. ``functools.partial(LatencyModel, table=t)``.
+CostBuilder = Callable[[DependencyGraph], CostModel]
+#: The most width plans the landing takes (see :func:`_land`).
+LANDINGS = 3
+
 
 @dataclass
 class Move:
     """One candidate step: ``kind`` "attention"/"activation" (``target`` a block) or "width"
-    (``target`` a group name), its estimated ``loss`` increase and the FLOPs it ``saved``."""
+    (``target`` a group name), its estimated ``loss`` increase and the cost (FLOPs or ms) it ``saved``;
+    a layer's ``price`` gives what it saves at the widths chosen so far (``counts``)."""
 
     kind: str
     target: Any
     loss: float
     saved: float
+    price: Callable[[dict[int, int]], float] | None = field(default=None, compare=False, repr=False)
 
     @property
     def ratio(self) -> float:
         return self.loss / self.saved
 
     def __lt__(self, other: "Move") -> bool:
-        # cheapest per FLOP first; on a tie the larger saving (a free layer before a free channel)
+        # cheapest per unit saved first; on a tie the larger saving (a free layer before a free channel)
         return (self.ratio, -self.saved) < (other.ratio, -other.saved)
 
 
@@ -92,9 +106,12 @@ class JointSettings:
 
 def plan_joint(gm: fx.GraphModule, budget: Budget, batches: list, settings: JointSettings, *,
                teacher: nn.Module | None = None, train_batches: Iterable | None = None,
-               manager: PassManager | None = None) -> Plan:
-    """Spend ``budget`` (the original model's FLOPs) on the cheapest moves, event by event; returns a
-    :class:`Plan` whose ``graph`` is the rewritten (and, with ``train_batches``, recovered) model."""
+               manager: PassManager | None = None, cost: CostBuilder = FlopModel) -> Plan:
+    """Spend ``budget`` (the original model's cost, in the unit ``cost`` counts: FLOPs, or ms with a
+    :class:`LatencyModel` and a ``Budget.latency``) on the cheapest moves, event by event. Returns a
+    :class:`Plan` whose ``graph`` is the rewritten (and, with ``train_batches``, recovered) model and
+    whose ``flops`` are its FLOPs whatever the cost; ``detail`` names the ``cost`` and holds the
+    ``planned_cost_ratio`` and ``within_tolerance`` in the budget's unit."""
     manager = manager if manager is not None else PassManager()
     counts = {kind: len(_layers(gm, kind, settings.variant)) for kind in KINDS}
     caps = {k: (n if settings.cap_share is None else round(settings.cap_share * n)) for k, n in counts.items()}
@@ -102,28 +119,41 @@ def plan_joint(gm: fx.GraphModule, budget: Budget, batches: list, settings: Join
     events: list[dict[str, Any]] = []
     train_iter = _cycle(train_batches) if train_batches is not None and settings.recovery_steps else None
     for event in range(settings.events):
-        flop_model = FlopModel(DependencyGraph.build(gm))
-        now = flop_model.flops()
+        cost_model = _cost_model(cost, gm, budget)
+        now = cost_model.cost()
         if budget.met(now):
             break
         quota = (now - budget.limit) / (settings.events - event)
         # no move may take the model below the budget's lower edge: a whole layer can save more
         # than is left to save, and a width unit then serves better
         room = now - (budget.limit - budget.tolerance * budget.base)
-        moves, states = _rank_moves(gm, flop_model, batches, settings, caps, teacher)
-        chosen, void = _choose(moves, states, flop_model, (quota, room), gm, settings)
+        moves, states = _rank_moves(gm, cost_model, batches, settings, caps, teacher)
+        chosen, void = _choose(moves, states, cost_model, (quota, room), gm, settings)
         gm, steps = _apply(gm, chosen, void, states, settings, manager)
         recipe += steps
-        events.append(_describe(event, chosen, budget, gm))
+        events.append(_describe(event, chosen, budget, _cost_model(cost, gm, budget).cost()))
         if train_iter is not None:
             _recover(gm, teacher, train_iter, settings)
-    gm, steps, landing = _land(gm, budget, batches, settings, manager, teacher)
+    gm, steps, landing, final = _land(gm, budget, batches, settings, manager, teacher, cost)
     recipe += steps
-    flops = FlopModel(DependencyGraph.build(gm)).flops()
+    spent = final.cost()
+    flops = final.flops() if isinstance(final, FlopModel) else FlopModel(final.dg).flops()
     detail = {"events": events, "attention": removed_layers(gm, "attention"),
               "activation": removed_layers(gm, "activation"), "landing": landing,
-              "cap_share": settings.cap_share, "recovery_steps": settings.recovery_steps if train_iter else 0}
-    return Plan("joint", [], flops, budget, detail, graph=gm, recipe=recipe)
+              "cap_share": settings.cap_share, "recovery_steps": settings.recovery_steps if train_iter else 0,
+              "cost": budget.unit, "planned_cost_ratio": budget.ratio(spent),
+              "within_tolerance": budget.close(spent)}
+    return Plan("joint", [], flops, budget, detail, graph=gm, recipe=recipe, cost=spent)
+
+
+def _cost_model(cost: CostBuilder, gm: fx.GraphModule, budget: Budget) -> CostModel:
+    """``cost``'s model of ``gm`` as it is now; refused when it counts another unit than ``budget``."""
+    model = cost(DependencyGraph.build(gm))
+    unit = "latency" if isinstance(model, LatencyModel) else "flops"
+    if unit != budget.unit:
+        raise InputError(f"the joint planner's budget is in {budget.unit} but its cost model counts {unit}; "
+                         f"pass a budget in the cost model's unit (Budget.latency for a LatencyModel)")
+    return model
 
 
 # -- estimating moves ------------------------------------------------------------------------------
@@ -142,38 +172,60 @@ def _references(gm: fx.GraphModule, batches: Sequence, teacher: nn.Module | None
         return [F.log_softmax(first_tensor(reference(images)).float(), -1) for images, _ in batches]
 
 
-def _rank_moves(gm: fx.GraphModule, flop_model: FlopModel, batches: list, settings: JointSettings,
+def _rank_moves(gm: fx.GraphModule, cost_model: CostModel, batches: list, settings: JointSettings,
                 caps: dict[str, int], teacher: nn.Module | None) -> tuple[list[Move], dict[str, "_GroupState"]]:
     """Every move open now, and the width groups' removal orders (by group name)."""
     references = _references(gm, batches, teacher)
-    moves = _depth_moves(gm, batches[:settings.depth_batches], references, settings, caps)
-    states = _group_states(flop_model, batches, references, settings)
+    moves = _depth_moves(gm, cost_model, batches[:settings.depth_batches], references, settings, caps)
+    states = _group_states(cost_model, batches, references, settings)
     _calibrate(gm, states, batches[:settings.depth_batches], references)
-    moves += [m for m in (s.next_move(flop_model, {}) for s in states.values()) if m is not None]
+    moves += [m for m in (s.next_move(cost_model, {}) for s in states.values()) if m is not None]
     return moves, states
 
 
-def _depth_moves(gm: fx.GraphModule, batches: list, references: list, settings: JointSettings,
-                 caps: dict[str, int]) -> list[Move]:
+def _depth_moves(gm: fx.GraphModule, cost_model: CostModel, batches: list, references: list,
+                 settings: JointSettings, caps: dict[str, int]) -> list[Move]:
     """Every removable layer, its loss increase measured with the layer switched off by a gate."""
     open_kinds = [k for k in KINDS if len(removed_layers(gm, k)) < caps[k]]
     if not open_kinds:
         return []
-    saved = depth_savings(gm, merge=settings.merge, variant=settings.variant)
+    prices = _layer_prices(gm, cost_model, settings)
     probe = copy.deepcopy(gm).eval()
     layers = {k: (_layers(probe, k, settings.variant) if k in open_kinds else []) for k in KINDS}
     gates = _insert_gates(probe, layers["attention"], layers["activation"], settings.variant)
     base = _divergence(probe, batches, references)
     moves = []
     for (kind, block), gate in gates.items():
-        flops = getattr(saved, kind).get(block, 0)
-        if flops <= 0:
-            continue  # a factorised activation saves nothing: never a move
+        price = prices[kind].get(block)
+        cut = price({}) if price is not None else 0
+        if cut <= 0:
+            continue  # a factorised activation saves no FLOPs: never a move when counting FLOPs
         gate.alive.fill_(0.0)
         loss = _divergence(probe, batches, references) - base
         gate.alive.fill_(1.0)
-        moves.append(Move(kind, block, loss, flops))
+        moves.append(Move(kind, block, loss, cut, price))
     return moves
+
+
+def _layer_prices(gm: fx.GraphModule, cost_model: CostModel,
+                  settings: JointSettings) -> dict[str, dict[int, Callable[[dict[int, int]], float]]]:
+    """Per kind and block, what removing the layer saves in the cost model's unit, given the widths
+    chosen so far (``counts``): the FLOPs of :func:`depth_savings` (at the event's widths, as the
+    FLOPs planner always priced them), or the estimated ms of the nodes the removal deletes at
+    ``counts`` (a factorised activation still saves its GELU's time, less as its width shrinks)."""
+    if isinstance(cost_model, FlopModel):
+        flops = depth_savings(gm, merge=settings.merge, variant=settings.variant)
+        return {kind: {block: partial(_unchanged, saved) for block, saved in getattr(flops, kind).items()}
+                for kind in KINDS}
+    rule = ActivationRemoval([], settings.merge)
+    return {"attention": {b.index: partial(cost_model.attention_saving, b, settings.variant)
+                          for b in _layers(gm, "attention", settings.variant)},
+            "activation": {s.index: partial(cost_model.activation_saving, s, rule.merges(s))
+                           for s in _layers(gm, "activation", settings.variant)}}
+
+
+def _unchanged(saved: float, counts: dict[int, int]) -> float:
+    return saved
 
 
 def _divergence(model: nn.Module, batches: list, references: list) -> float:
@@ -187,10 +239,10 @@ def _kl(logits: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     return F.kl_div(F.log_softmax(logits.float(), -1), reference, reduction="batchmean", log_target=True)
 
 
-def _group_states(flop_model: FlopModel, batches: list, references: list,
+def _group_states(cost_model: CostModel, batches: list, references: list,
                   settings: JointSettings) -> dict[str, "_GroupState"]:
     """Every eligible group, its channels ordered by estimated loss increase (cheapest first)."""
-    dg = flop_model.dg
+    dg = cost_model.dg
     groups = planned_groups(eligible_groups(dg, settings.kinds), settings.head_dim_policy)
     scores = channel_loss_estimates(dg, groups, batches, references)
     return {g.name: _GroupState.start(g, scores[g.name], settings) for g in groups}
@@ -289,13 +341,13 @@ class _GroupState:
         return cls(group, np.argsort(scores, kind="stable"), scores, unit,
                    floor_width(group, unit, settings.min_keep), group.size)
 
-    def next_move(self, flop_model: FlopModel, counts: dict[int, int]) -> Move | None:
+    def next_move(self, cost_model: CostModel, counts: dict[int, int]) -> Move | None:
         if self.kept - self.unit < self.floor:
             return None
         removed = self.group.size - self.kept
         loss = float(self.scores[self.order[removed:removed + self.unit]].sum())
-        before = flop_model.flops(counts)
-        saved = before - flop_model.flops({**counts, self.group.axis: self.kept - self.unit})
+        before = cost_model.cost(counts)
+        saved = before - cost_model.cost({**counts, self.group.axis: self.kept - self.unit})
         if saved <= 0:
             return None
         return Move("width", self.group.name, loss, saved)
@@ -305,13 +357,13 @@ class _GroupState:
 
 
 # -- choosing and applying -------------------------------------------------------------------------
-def _choose(moves: list[Move], states: dict[str, _GroupState], flop_model: FlopModel,
+def _choose(moves: list[Move], states: dict[str, _GroupState], cost_model: CostModel,
             limits: tuple[float, float], gm: fx.GraphModule,
             settings: JointSettings) -> tuple[list[Move], set[str]]:
-    """Greedy by loss per FLOP until the event's quota is saved, never saving more than ``room``
-    (``limits = (quota, room)``). A width move's saving depends on the other widths (the residual
-    stream feeds every linear), so it is re-priced when it comes up. Returns the moves and the
-    groups that leave with a removed layer (their width moves, even earlier ones, are void)."""
+    """Greedy by loss per unit of cost saved until the event's quota is saved, never saving more than
+    ``room`` (``limits = (quota, room)``). A move's saving depends on the widths chosen before it (the
+    residual stream feeds every linear), so it is re-priced when it comes up. Returns the moves and
+    the groups that leave with a removed layer (their width moves, even earlier ones, are void)."""
     quota, room = limits
     heap = list(moves)
     heapq.heapify(heap)
@@ -320,22 +372,20 @@ def _choose(moves: list[Move], states: dict[str, _GroupState], flop_model: FlopM
     chosen, saved = [], 0.0
     while heap and saved < quota:
         move = heapq.heappop(heap)
-        if saved + move.saved > room:
+        if saved + move.saved > room or (move.kind == "width" and move.target in dead):
             continue
+        fresh = _repriced(move, states, cost_model, counts)
+        if fresh is None:
+            continue
+        if fresh.ratio > move.ratio * (1 + 1e-9) and heap and fresh.ratio > heap[0].ratio:
+            heapq.heappush(heap, fresh)  # re-priced: wait for its turn
+            continue
+        move = fresh
         if move.kind == "width":
-            if move.target in dead:
-                continue
             state = states[move.target]
-            fresh = state.next_move(flop_model, counts)
-            if fresh is None:
-                continue
-            if fresh.ratio > move.ratio * (1 + 1e-9) and heap and fresh.ratio > heap[0].ratio:
-                heapq.heappush(heap, fresh)  # re-priced: wait for its turn
-                continue
             state.kept -= state.unit
             counts[state.group.axis] = state.kept
-            move = fresh
-            nxt = state.next_move(flop_model, counts)
+            nxt = state.next_move(cost_model, counts)
             if nxt is not None:
                 heapq.heappush(heap, nxt)
         else:
@@ -343,6 +393,15 @@ def _choose(moves: list[Move], states: dict[str, _GroupState], flop_model: FlopM
         chosen.append(move)
         saved += move.saved
     return chosen, dead
+
+
+def _repriced(move: Move, states: dict[str, _GroupState], cost_model: CostModel,
+              counts: dict[int, int]) -> Move | None:
+    """``move`` priced at the widths chosen so far (None: it saves nothing there)."""
+    if move.kind == "width":
+        return states[move.target].next_move(cost_model, counts)
+    saved = move.price(counts)
+    return replace(move, saved=saved) if saved > 0 else None
 
 
 def _groups_of_layer(gm: fx.GraphModule, move: Move, states: dict[str, _GroupState],
@@ -371,24 +430,36 @@ def _apply(gm: fx.GraphModule, chosen: list[Move], void: set[str], states: dict[
     return manager.apply_all(passes, gm)
 
 
+Landing = tuple[fx.GraphModule, list[dict[str, Any]], dict[str, Any], CostModel]
+
+
 def _land(gm: fx.GraphModule, budget: Budget, batches: list, settings: JointSettings, manager: PassManager,
-          teacher: nn.Module | None) -> tuple[fx.GraphModule, list[dict[str, Any]], dict[str, Any]]:
-    """A width plan for whatever the events left above the budget, so the FLOPs land on it."""
-    flop_model = FlopModel(DependencyGraph.build(gm))
-    if budget.met(flop_model.flops()):
-        return gm, [], {"width_plan": False}
-    dg = flop_model.dg
-    groups = eligible_groups(dg, settings.kinds)
-    scores = channel_loss_estimates(dg, groups, batches, _references(gm, batches, teacher))
-    plan = plan_width(dg, flop_model, scores, groups, budget, round_to=settings.round_to,
-                      min_keep=settings.min_keep, head_dim_policy=settings.head_dim_policy)
-    gm, recipe = manager.apply_all(plan.passes, gm)
-    return gm, recipe, {"width_plan": True, "notes": plan.notes}
+          teacher: nn.Module | None, cost: CostBuilder) -> Landing:
+    """Width plans for whatever the events left above the budget, so the cost lands on it; returns
+    the graph, its recipes, the account and the cost model of the graph as it ends. FLOPs land with
+    one plan; an estimated latency is estimated again on the rewritten graph (from sweeps through its
+    new shapes), which can put it a little above the plan's estimate: then up to :data:`LANDINGS`."""
+    recipe: list[dict[str, Any]] = []
+    landing: dict[str, Any] = {"width_plan": False}
+    cost_model = _cost_model(cost, gm, budget)
+    for _ in range(LANDINGS):
+        if budget.met(cost_model.cost()):
+            break
+        dg = cost_model.dg
+        groups = eligible_groups(dg, settings.kinds)
+        scores = channel_loss_estimates(dg, groups, batches, _references(gm, batches, teacher))
+        plan = plan_width(dg, cost_model, scores, groups, budget, round_to=settings.round_to,
+                          min_keep=settings.min_keep, head_dim_policy=settings.head_dim_policy)
+        gm, steps = manager.apply_all(plan.passes, gm)
+        recipe += steps
+        landing = {"width_plan": True, "notes": landing.get("notes", []) + plan.notes}
+        cost_model = _cost_model(cost, gm, budget)
+    return gm, recipe, landing, cost_model
 
 
-def _describe(event: int, chosen: list[Move], budget: Budget, gm: fx.GraphModule) -> dict[str, Any]:
-    flops = FlopModel(DependencyGraph.build(gm)).flops()
-    return {"event": event, "flops_ratio": budget.ratio(flops),
+def _describe(event: int, chosen: list[Move], budget: Budget, spent: float) -> dict[str, Any]:
+    """The event's moves and where they left the cost (``flops_ratio``, or ``latency_ratio``)."""
+    return {"event": event, f"{budget.unit}_ratio": budget.ratio(spent),
             "attention": sorted(m.target for m in chosen if m.kind == "attention"),
             "activation": sorted(m.target for m in chosen if m.kind == "activation"),
             "width_units": sum(1 for m in chosen if m.kind == "width")}

@@ -12,8 +12,9 @@ and a JSON-able account of what it decided.
   target (which blocks: one-shot scores or the gated search, ``depth_selection``).
 * ``boundarydpt+``: the joint planner (:mod:`vitprune.plan.joint`): move by move, the cheapest of
   removing an attention branch, removing an activation or shrinking a channel group, by estimated
-  loss increase per FLOP saved, with recovery between events when there is training data;
-  ``depth_share`` optionally caps the share of each kind's layers removed.
+  loss increase per FLOP saved (per estimated ORT millisecond saved with ``cost: latency``), with
+  recovery between events when there is training data; ``depth_share`` optionally caps the share of
+  each kind's layers removed.
 * ``cpvit``: heads kept by the cumulative head score (``prune_heads_cpvit``), then the progressive
   token schedule meeting the target.
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable
 
 import torch.fx as fx
@@ -38,7 +40,7 @@ from vitprune.errors import PlanError
 from vitprune.plan.budget import Budget, Plan
 from vitprune.plan.cost import LatencyModel, LatencyTable
 from vitprune.plan.depth import depth_passes, plan_depth
-from vitprune.plan.joint import JointSettings, plan_joint
+from vitprune.plan.joint import CostBuilder, CostModel, JointSettings, plan_joint
 from vitprune.plan.importance import l2_importance, random_calibration, taylor_importance
 from vitprune.plan.tokens import TokenFlops, cpvit_head_keep, cpvit_plan, parse_tokens
 from vitprune.plan.width import eligible_groups, plan_width
@@ -160,16 +162,21 @@ def _scored_on(ctx: StageContext, mode: str) -> str:
 # -- depth and width together (BoundaryDPT+) -----------------------------------------------------
 def joint_stage(gm: fx.GraphModule, ctx: StageContext) -> Stage:
     spec = ctx.spec
+    flop_model = ctx.flop_model or FlopModel(DependencyGraph.build(gm))
+    build, cost_model, budget = _cost(spec, flop_model, ctx.budget)
     settings = JointSettings(kinds=_width_kinds(spec), round_to=spec.round_to, head_dim_policy=spec.head_dim_policy,
                              min_keep=spec.min_keep,
                              variant=spec.attention_variant, merge=spec.merge, fold_norm=spec.fold_norm,
                              cap_share=spec.depth_share, lr=spec.lr,
                              recovery_steps=spec.search_steps if ctx.train_batches is not None else 0)
-    plan = plan_joint(gm, ctx.budget, ctx.batches, settings, teacher=ctx.teacher,
-                      train_batches=ctx.train_batches, manager=ctx.manager)
+    plan = plan_joint(gm, budget, ctx.batches, settings, teacher=ctx.teacher,
+                      train_batches=ctx.train_batches, manager=ctx.manager, cost=build)
     gm, recipe = _apply(plan, gm, ctx.manager)
-    info = dict(plan.detail, planned_flops_ratio=plan.ratio, within_tolerance=plan.within_tolerance,
+    # plan.flops is FLOPs whatever the cost: the FLOPs ratio is against the original's FLOPs
+    info = dict(plan.detail, planned_flops_ratio=ctx.budget.ratio(plan.flops),
                 scored_on=_scored_on(ctx, "one_shot"))
+    if isinstance(cost_model, LatencyModel) and cost_model.table.notes:
+        info["notes"] = list(cost_model.table.notes)
     return gm, recipe, info
 
 
@@ -192,7 +199,7 @@ def width_stage(gm: fx.GraphModule, ctx: StageContext) -> Stage:
             if dg.unsupported else ""
         raise PlanError(f"no prunable channel group of the kinds {sorted(kinds)}{detail}")
     scores = taylor_importance(dg, groups, ctx.batches) if spec.importance == "taylor" else l2_importance(dg, groups)
-    cost_model, budget = _width_cost(spec, flop_model, budget)
+    _, cost_model, budget = _cost(spec, flop_model, budget)
     plan = plan_width(dg, cost_model, scores, groups, budget, round_to=spec.round_to, min_keep=spec.min_keep,
                       ranking=spec.ranking, head_dim_policy=spec.head_dim_policy)
     if isinstance(cost_model, LatencyModel):
@@ -211,13 +218,17 @@ def width_stage(gm: fx.GraphModule, ctx: StageContext) -> Stage:
     return gm, recipe, info
 
 
-def _width_cost(spec: CompressSpec, flop_model: FlopModel, budget: Budget) -> tuple[Any, Budget]:
-    """FLOPs, or ORT latency estimated from the per-op tables of this machine (spec ``cost``): then
-    the target is a fraction of the captured model's estimated latency (only the width stage runs)."""
+def _cost(spec: CompressSpec, flop_model: FlopModel, budget: Budget) -> tuple[CostBuilder, CostModel, Budget]:
+    """What a planning stage spends: FLOPs, or ORT latency estimated from the per-op tables of this
+    machine (spec ``cost``), whose target is then a fraction of the captured model's estimated latency
+    (the width or joint stage is the only one that plans). Returns the cost model's builder (the
+    joint planner rebuilds it as it rewrites the graph), the model of ``flop_model``'s graph, and
+    the budget in its unit."""
     if spec.cost == "flops":
-        return flop_model, budget
-    latency = LatencyModel(flop_model.dg, LatencyTable(spec.latency_threads, 1))
-    return latency, Budget.latency(latency.cost(), budget.goal)
+        return FlopModel, flop_model, budget
+    build = partial(LatencyModel, table=LatencyTable(spec.latency_threads, 1))
+    latency = build(flop_model.dg)
+    return build, latency, Budget.latency(latency.cost(), budget.goal)
 
 
 # -- heads and tokens (CP-ViT) -------------------------------------------------------------------

@@ -101,9 +101,10 @@ def plan_width(dg: DependencyGraph, cost_model: FlopModel | LatencyModel, scores
     counts = counts_of(kept)
     keep = {g.name: sorted(orders[g.name][:kept[g.name]].tolist()) for g in groups}
     unit = "ms" if isinstance(cost_model, LatencyModel) else "flops"
-    plan = Plan("width", [WidthPruning(keep)], cost(kept), budget,
-                detail={"keep": keep, "counts": counts, "cost": unit, "head_dim_policy": head_dim_policy})
-    if not budget.met(plan.flops) and not budget.met(cost(floors)):
+    spent = cost(kept)
+    plan = Plan("width", [WidthPruning(keep)], spent if unit == "flops" else None, budget,
+                detail={"keep": keep, "counts": counts, "cost": unit, "head_dim_policy": head_dim_policy}, cost=spent)
+    if not budget.met(spent) and not budget.met(cost(floors)):
         raise PlanError(f"target {budget.unit} {budget.goal:.3f} is below what the floors allow "
                         f"({budget.ratio(cost(floors)):.3f} with min_keep={min_keep}); lower min_keep or raise the target")
     if not plan.within_tolerance:

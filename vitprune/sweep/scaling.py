@@ -73,6 +73,7 @@ class _Mapping:
     dst_depth: int = 0
     bmap: list[int] = field(default_factory=list)
     removed_attention: set[int] = field(default_factory=set)
+    heads_left: dict[str, int] = field(default_factory=dict)  # dst head group (after "head:") → heads kept
 
     def __post_init__(self) -> None:
         self.src_depth, self.dst_depth = _depth_of(self.src_model), _depth_of(self.dst_model)
@@ -88,19 +89,35 @@ def _map_removal(step: dict[str, Any], mapping: _Mapping) -> dict[str, Any]:
     return dict(step, blocks=mapping.dst_blocks_of(step["blocks"]))
 
 
+def _source_name(name: str, src_sizes: dict[str, int]) -> str:
+    """The group's name in the unpruned source model. An attention left with one head has no head
+    factor any more, so its head-dim group is classified ``hidden`` (:func:`~vitprune.deps.groups.classify`)
+    under the same first parameter dim: it is the source's ``head_dim`` group."""
+    if name in src_sizes:
+        return name
+    kind, _, rest = name.partition(":")
+    if kind == "hidden" and f"head_dim:{rest}" in src_sizes:
+        return f"head_dim:{rest}"
+    raise PlanError(f"cannot map width group {name}: not in the source model")
+
+
 def _map_width(step: dict[str, Any], mapping: _Mapping, src_sizes: dict[str, int],
                dst_sizes: dict[str, int]) -> dict[str, Any]:
     keep: dict[str, list[int]] = {}
     for name, count in step["counts"].items():
-        if name not in src_sizes:
-            raise PlanError(f"cannot map width group {name}: not in the source model")
-        m = _BLOCK.search(name)
-        targets = ([_BLOCK.sub(lambda mm: f"{mm.group(1)}{j}{mm.group(3)}", name, count=1)
-                    for j in mapping.dst_blocks_of([int(m.group(2))])] if m else [name])
+        source = _source_name(name, src_sizes)
+        m = _BLOCK.search(source)
+        targets = ([_BLOCK.sub(lambda mm: f"{mm.group(1)}{j}{mm.group(3)}", source, count=1)
+                    for j in mapping.dst_blocks_of([int(m.group(2))])] if m else [source])
         for t in targets:
             if t not in dst_sizes:
                 raise PlanError(f"cannot map width group {name}: {t} not in the scale model")
-            n = _round_width(count, src_sizes[name], dst_sizes[t], name.split(":", 1)[0], mapping.round_to)
+            kind, _, rest = t.partition(":")
+            n = _round_width(count, src_sizes[source], dst_sizes[t], kind, mapping.round_to)
+            if kind == "head":
+                mapping.heads_left[rest] = n
+            if kind == "head_dim" and mapping.heads_left.get(rest) == 1:
+                t = f"hidden:{rest}"  # the scale model's block is left with one head too: named as the replay sees it
             keep[t] = list(range(n))
     return {"pass": "width", "keep": keep}
 

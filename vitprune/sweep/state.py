@@ -81,3 +81,32 @@ def save_state(path: str, state: dict[str, Any]) -> None:
     """Replace ``path`` with ``state`` in one rename."""
     text = json.dumps(state, indent=1, default=jsonable)
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def merge_states(path: str, others: list[str], config: SweepConfig) -> int:
+    """Copy into the record at ``path`` the points (and scaled timings) of the records ``others`` that
+    it lacks: one sweep split over several processes, each with its own ``--out``, becomes one record.
+    Every record must share ``config``'s fine-tuning budget (refused otherwise, as on resume). The
+    merged points keep their own ONNX paths; re-time them together (:func:`~vitprune.sweep.rebench`)
+    so their speedups come from one run. Returns how many points were added."""
+    state = load_state(path, config)
+    if state is None:
+        raise InputError(f"{path} does not exist: run the sweep there first (its original model is measured there)")
+    added = 0
+    for other in others:
+        if os.path.abspath(other) == os.path.abspath(path):
+            continue
+        theirs = load_state(other, config)
+        if theirs is None:
+            raise InputError(f"{other} does not exist: nothing to merge")
+        if theirs.get("input_size") != state.get("input_size"):
+            raise InputError(f"{other} was swept at input size {theirs.get('input_size')}, "
+                             f"{path} at {state.get('input_size')}: not the same sweep")
+        for key, point in theirs["points"].items():
+            if key not in state["points"]:
+                state["points"][key] = point
+                added += 1
+        for key, entry in theirs["scaled"].items():
+            state["scaled"].setdefault(key, entry)
+    save_state(path, state)
+    return added
