@@ -40,7 +40,8 @@ from vitprune.train.finetune import FinetuneConfig, evaluate, finetune
 
 #: Batch size for calibration batches drawn from a bare dataset (a DataLoader keeps its own).
 _CALIB_BATCH = 32
-#: The latency columns of a point, kept under "pairwise" when :func:`rebench` re-times it.
+#: The latency columns of a point (and of a scaled architecture), kept under "pairwise" when
+#: :func:`rebench` (:func:`rescale`) re-times it.
 _LATENCY = ("original_ms", "latency_ms", "latency_p90_ms", "speedup")
 
 
@@ -283,20 +284,21 @@ def rescale(state: dict[str, Any], out_dir: str | os.PathLike, model: nn.Module,
     x = torch.zeros(1, *scale.input_size)
     base = scale.factory().eval()
     paths = [os.path.join(folder, "rescale_original.onnx")]
-    export_onnx(base, x, paths[0], parity_batches=(1,))
-    for i, key in enumerate(keys):
-        method, arch = archs[key]
-        dst = METHODS[method].scale(arch, model, input_size, scale.factory().eval(), scale.input_size, config)
-        paths.append(os.path.join(folder, f"rescale_{i}.onnx"))
-        export_onnx(dst.eval(), x, paths[-1], parity_batches=(1,))
     try:
+        export_onnx(base, x, paths[0], parity_batches=(1,))
+        for i, key in enumerate(keys):
+            method, arch = archs[key]
+            dst = METHODS[method].scale(arch, model, input_size, scale.factory().eval(), scale.input_size, config)
+            paths.append(os.path.join(folder, f"rescale_{i}.onnx"))
+            export_onnx(dst.eval(), x, paths[-1], parity_batches=(1,))
         rows = compare(paths, batch_sizes=(1,), threads=config.threads, runs=runs, warmup=warmup)
-    finally:
+    finally:  # large files, whatever happened: the numbers are what is kept
         for path in paths:
-            os.remove(path)
+            if os.path.exists(path):
+                os.remove(path)
     for key, row in zip(keys, rows[1:]):
         entry = state["scaled"][key]
-        entry.setdefault("pairwise", {q: entry.get(q) for q in ("original_ms", "latency_ms", "latency_p90_ms", "speedup")})
+        entry.setdefault("pairwise", {q: entry.get(q) for q in _LATENCY})
         entry.update(original_ms=rows[0]["median_ms"], latency_ms=row["median_ms"], latency_p90_ms=row["p90_ms"],
                      speedup=row["speedup"])
     for p in state["points"].values():
