@@ -146,9 +146,9 @@ def test_plans_to_a_latency_budget(tmp_path):
     assert set(saved["flops"]) == {0} and min(saved["latency"]) > 0
     plan = plan_joint(copy.deepcopy(gm), budget, batches, settings, teacher=copy_teacher(model), cost=latency)
     after = latency(DependencyGraph.build(plan.graph)).cost()
-    assert budget.met(after) and budget.close(after) and plan.detail["within_tolerance"]
+    assert budget.met(after) and budget.close(after)
     assert plan.detail["cost"] == "latency"
-    assert plan.detail["planned_cost_ratio"] == pytest.approx(budget.ratio(after)) == pytest.approx(plan.ratio)
+    assert plan.ratio == pytest.approx(budget.ratio(after))
     assert plan.within_tolerance  # in the budget's unit (ms), not FLOPs against a base in ms
     assert all("latency_ratio" in e for e in plan.detail["events"])
     assert plan.flops == count_flops(plan.graph, plan.graph.meta["example_input"])

@@ -110,8 +110,8 @@ def plan_joint(gm: fx.GraphModule, budget: Budget, batches: list, settings: Join
     """Spend ``budget`` (the original model's cost, in the unit ``cost`` counts: FLOPs, or ms with a
     :class:`LatencyModel` and a ``Budget.latency``) on the cheapest moves, event by event. Returns a
     :class:`Plan` whose ``graph`` is the rewritten (and, with ``train_batches``, recovered) model and
-    whose ``flops`` are its FLOPs whatever the cost; ``detail`` names the ``cost`` and holds the
-    ``planned_cost_ratio`` and ``within_tolerance`` in the budget's unit."""
+    whose ``flops`` are its FLOPs whatever the cost and whose ``cost`` is in the budget's unit
+    (``Plan.ratio``, ``Plan.within_tolerance``); ``detail`` names the ``cost``."""
     manager = manager if manager is not None else PassManager()
     counts = {kind: len(_layers(gm, kind, settings.variant)) for kind in KINDS}
     caps = {k: (n if settings.cap_share is None else round(settings.cap_share * n)) for k, n in counts.items()}
@@ -136,14 +136,12 @@ def plan_joint(gm: fx.GraphModule, budget: Budget, batches: list, settings: Join
             _recover(gm, teacher, train_iter, settings)
     gm, steps, landing, final = _land(gm, budget, batches, settings, manager, teacher, cost)
     recipe += steps
-    spent = final.cost()
     flops = final.flops() if isinstance(final, FlopModel) else FlopModel(final.dg).flops()
     detail = {"events": events, "attention": removed_layers(gm, "attention"),
               "activation": removed_layers(gm, "activation"), "landing": landing,
               "cap_share": settings.cap_share, "recovery_steps": settings.recovery_steps if train_iter else 0,
-              "cost": budget.unit, "planned_cost_ratio": budget.ratio(spent),
-              "within_tolerance": budget.close(spent)}
-    return Plan("joint", [], flops, budget, detail, graph=gm, recipe=recipe, cost=spent)
+              "cost": budget.unit}
+    return Plan("joint", [], flops, budget, detail, graph=gm, recipe=recipe, cost=final.cost())
 
 
 def _cost_model(cost: CostBuilder, gm: fx.GraphModule, budget: Budget) -> CostModel:

@@ -173,8 +173,8 @@ def joint_stage(gm: fx.GraphModule, ctx: StageContext) -> Stage:
                       train_batches=ctx.train_batches, manager=ctx.manager, cost=build)
     gm, recipe = _apply(plan, gm, ctx.manager)
     # plan.flops is FLOPs whatever the cost: the FLOPs ratio is against the original's FLOPs
-    info = dict(plan.detail, planned_flops_ratio=ctx.budget.ratio(plan.flops),
-                scored_on=_scored_on(ctx, "one_shot"))
+    info = dict(plan.detail, planned_flops_ratio=ctx.budget.ratio(plan.flops), planned_cost_ratio=plan.ratio,
+                within_tolerance=plan.within_tolerance, scored_on=_scored_on(ctx, "one_shot"))
     if isinstance(cost_model, LatencyModel) and cost_model.table.notes:
         info["notes"] = list(cost_model.table.notes)
     return gm, recipe, info
