@@ -5,10 +5,14 @@ Why this shape: pruning papers report FLOPs that never turn into latency (USERS.
 claim is measured here, in plain ORT on CPU with fixed thread counts. Models are timed round-robin,
 one run of each (model, thread count) session in turn (the starting one rotating every round), so a
 noisy neighbour on a shared machine slows all of them alike instead of whichever happened to run at
-that moment; speedups are ratios of medians, which ignore the occasional outlier run.
+that moment; speedups are ratios of medians, which ignore the occasional outlier run. Sessions stop
+their pool's spinning when a run returns (:func:`vitprune.deploy.onnx.ort_session`): otherwise the
+session timed last keeps a core busy while the next one runs, and every multi-thread row measures
+that (issue 13's "DeiT-B at 0.093 FLOPs runs slower on 2 threads than on 1" was this: 35.8 ms on 1
+thread and 20.4 ms on 2 once fixed, 9.97× the original at 2 threads).
 
-More threads are not always faster (issue 13: DeiT-B pruned to 0.093 FLOPs ran 18.2 ms on 1 thread
-and 22.3 ms on 2 at batch 1), so the thread count is measured, not assumed: every row says which
+More threads are not always faster (small ops cannot amortise waking the pool; other processes may
+hold the cores), so the thread count is measured, not assumed: every row says which
 setting was fastest for its model and batch (``best_threads``, an ``int`` that
 ``SessionOptions.intra_op_num_threads`` takes as-is, with the other options of
 :func:`vitprune.deploy.onnx.ort_session`), and a setting slower than one with fewer threads says why.

@@ -33,6 +33,12 @@ between grid points time is interpolated linearly. Steps in the kernels show up 
 points; a width between two grid points gets the line between them, so the model can only see an
 alignment penalty at sizes it measured: plan with ``round_to`` a multiple of ``step``.
 
+**Busy machines.** Timing noise only adds time, and a burst of other work can hit a whole chunk of
+one sweep. Points are shuffled across chunks, each is the least of two medians, and a large linear
+over :data:`_SLOW` × the median time per multiply-add of the table's large linears is measured again
+(:func:`slow_entries`); a table that still has such entries is used, with a note in
+``LatencyTable.notes``, but not cached.
+
 **Cache.** One JSON file per machine (platform, CPU model, core count), ORT version, thread count and
 batch, under ``$XDG_CACHE_HOME/vitprune/`` (default ``~/.cache/vitprune/``), written atomically
 (:func:`vitprune.deploy.outputs.atomic_write`). A new model measures only the points the file does
@@ -66,7 +72,9 @@ from vitprune.errors import InputError
 
 __all__ = ["LatencyTable", "LatencyModel", "cache_dir", "machine_id", "build_op_model"]
 
-TABLE_VERSION = 1
+# 2: sessions stop spinning between runs (deploy.onnx.ort_session); multi-thread tables timed before
+# that carried the previous op session's spinning worker
+TABLE_VERSION = 2
 OPSET = 18
 KINDS = ("linear", "attention", "norm", "gelu", "add")
 _CHAIN = 32
@@ -238,21 +246,32 @@ class LatencyTable:
         return self.entries[_entry(kind, key)]
 
     def ensure(self, keys: Iterable[Key]) -> int:
-        """Measure the ``(kind, key)`` entries (and the overhead) not yet known; returns how many."""
+        """Measure the ``(kind, key)`` entries (and the overhead) not yet known; returns how many.
+        Linears far slower per multiply-add than the table's other large ones are measured
+        again (:func:`slow_entries`); a table that still has some is used but not cached."""
         missing = sorted({k for k in keys if _entry(*k) not in self.entries})
         if not missing and _entry("overhead", ()) in self.entries:
             return 0
-        load = busy_load()
         times = measure(missing, self.threads, runs=self.runs, warmup=self.warmup)
-        load = max(load, busy_load())
+        for _ in range(_RETRIES):
+            slow = slow_entries(times)
+            if not slow:
+                break
+            again = measure(slow, self.threads, runs=self.runs, warmup=self.warmup, repeats=1)
+            times.update({k: min(times[k], again[k]) for k in slow})
         self.entries.update({_entry(*k): v for k, v in times.items()})
         self.measured += len(missing)
-        if load > 2 * available_cores():
+        slow = slow_entries(times)
+        if slow:
             # a table timed while other work held the cores would mislead every later plan on this
-            # machine (seen: 2-thread plans stopping at 0.74 of the FLOPs for a 0.5 latency target)
-            self.notes.append(f"the latency tables were measured on a busy machine (1-minute load {load:.1f} "
-                              f"on {available_cores()} cores): used for this plan but not cached; rerun "
-                              f"when the machine is quiet")
+            # machine (seen: 2-thread DeiT-B plans stopping at 0.87 of the FLOPs for a 0.5 latency
+            # target, its full-width linears timed 4-5x slower per multiply-add than the rest)
+            worst = max(slow, key=lambda k: times[k] / prod(k[1]))
+            self.notes.append(f"{len(slow)} latency-table linears stayed over {_SLOW:g}x slower per multiply-add "
+                              f"than the table's other large linears after {_RETRIES} re-measurements (e.g. "
+                              f"{_entry(*worst)}: {times[worst]:.3g} ms), so other work was holding the "
+                              f"cores: the table is used for this plan but not cached; rerun when the "
+                              f"machine is quiet")
         else:
             self.save()
         return len(missing)
@@ -267,12 +286,25 @@ class LatencyTable:
         return self.entries.get(_entry("overhead", ()), 0.0)
 
 
-def busy_load() -> float:
-    """The 1-minute load average (0 where the platform has none)."""
-    try:
-        return os.getloadavg()[0]
-    except (OSError, AttributeError):
-        return 0.0
+#: A linear this many times slower per multiply-add than the median of the table's large linears
+#: was timed while other work held the cores, and is measured again, up to _RETRIES times. On a quiet
+#: machine DeiT-S's large linears span 0.87-1.58x of their median (1 and 2 threads), a GEMM's time
+#: being close to proportional to its work once it is large; a busy one gave 4-5x.
+_SLOW = 2.5
+_RETRIES = 2
+_LARGE = 1 / 4  # "large": at least this share of the largest linear's work (narrow GEMMs run slower per MAC)
+
+
+def slow_entries(times: dict[Key, float]) -> list[Key]:
+    """Linear entries of ``times`` (ms) over :data:`_SLOW` × the median time per multiply-add of the
+    large ones (at least :data:`_LARGE` of the largest one's work; at least four of them). Linears
+    are most of a ViT's time; the other kinds are too small or too few for a steady median."""
+    work = {k: prod(k[1]) for k in times if k[0] == "linear"}
+    large = [k for k, w in work.items() if w >= _LARGE * max(work.values(), default=0)]
+    if len(large) < 4:
+        return []
+    median = float(np.median([times[k] / work[k] for k in large]))
+    return [k for k in large if times[k] / work[k] > _SLOW * median]
 
 
 # -- the model ---------------------------------------------------------------------------------------
