@@ -15,7 +15,8 @@ Random weights (no hub access here): latency depends on shapes only.
 batch 1 and the run's threads, to the same fraction of the model's estimated latency), and ``ref``
 (hand-built uniform: the same head count in every block, head_dim whole, residual a multiple of 32,
 MLP hidden a multiple of 64). ``proxy`` is the summed normalised L2 importance kept, relative to
-``shrink``.
+``shrink``; for ``latency`` also relative to ``keep`` planned to the latency plan's FLOPs (the
+issue's "at equal FLOPs"). ``est. ms`` is the cost model's estimate at batch 1 and the run's threads.
 
     python benchmarks/latency.py --targets 0.5 --variants --threads 1,2 --batches 1,8 --runs 10
 """
@@ -71,8 +72,12 @@ def uniform_reference(dg, fm: FlopModel, groups, scores, goal: float) -> dict[st
     return {g.name: sorted(np.argsort(-scores[g.name])[:n[g.kind]].tolist()) for g in groups if g.kind in n}
 
 
-def variant_rows(model, name: str, target: float, threads: int, round_to: int, workdir: str) -> list[tuple]:
-    """(label, path, flops, params, proxy, plan seconds, estimated ms) per width plan at ``target``."""
+def variant_rows(model, name: str, target: float, threads: int, round_to: int, workdir: str,
+                 notes: list[str]) -> list[tuple]:
+    """(label, path, flops, params, proxy, plan seconds, estimated ms, equal-FLOPs proxy) per width
+    plan at ``target`` (the last: the ``latency`` plan's importance kept over that of the default
+    ``keep`` plan planned to the same FLOPs, the issue's accuracy proxy; None on other rows);
+    the latency table's notes (e.g. measured on a busy machine, not cached) go to ``notes``."""
     gm, dg = analyse(model, (3, 224, 224))
     fm = FlopModel(dg)
     groups = eligible_groups(dg, KINDS)
@@ -89,6 +94,11 @@ def variant_rows(model, name: str, target: float, threads: int, round_to: int, w
     keeps["latency"] = plan_width(dg, lm, scores, groups, Budget.latency(lm.cost(), target),
                                   round_to=round_to).detail["keep"]
     times["latency"] = time.perf_counter() - t0
+    notes += [f"{name} at {target}, {threads} thread(s): {n}" for n in lm.table.notes]
+    latency_flops = fm.flops({g.axis: len(keeps["latency"].get(g.name, range(g.size))) for g in groups})
+    same_flops = plan_width(dg, fm, scores, groups, Budget(fm.flops(), latency_flops / fm.flops()),
+                            round_to=round_to).detail["keep"]
+    equal_flops_proxy = kept_importance(scores, keeps["latency"], groups) / kept_importance(scores, same_flops, groups)
     keeps["ref"], times["ref"] = uniform_reference(dg, fm, groups, scores, budget.limit), 0.0
     x = example_input_for((3, 224, 224), batch=1)
     out = []
@@ -99,12 +109,13 @@ def variant_rows(model, name: str, target: float, threads: int, round_to: int, w
         export_onnx(pruned, x, path, parity_batches=(1,))
         out.append((label, path, count_flops(pruned, x), sum(p.numel() for p in pruned.parameters()),
                     kept_importance(scores, keep, groups) / kept_importance(scores, keeps["shrink"], groups),
-                    times[label], lm.cost({g.axis: len(keep.get(g.name, range(g.size))) for g in groups})))
+                    times[label], lm.cost({g.axis: len(keep.get(g.name, range(g.size))) for g in groups}),
+                    equal_flops_proxy if label == "latency" else None))
     return out
 
 
 def run(model_name: str, targets: list[float], batches: list[int], threads: int, runs: int,
-        round_to: int, workdir: str, variants: bool = False) -> list[dict]:
+        round_to: int, workdir: str, variants: bool = False, notes: list[str] | None = None) -> list[dict]:
     torch.manual_seed(0)
     model = timm.create_model(model_name, pretrained=False).eval()
     x = example_input_for((3, 224, 224), batch=1)
@@ -115,11 +126,12 @@ def run(model_name: str, targets: list[float], batches: list[int], threads: int,
              "compile_s": 0.0, "plan": "original"}]
     for target in targets:
         if variants:
-            for label, path, flops, params, proxy, secs, est in variant_rows(model, model_name, target, threads,
-                                                                              round_to, workdir):
+            for label, path, flops, params, proxy, secs, est, eq in variant_rows(model, model_name, target, threads,
+                                                                              round_to, workdir,
+                                                                              notes if notes is not None else []):
                 paths.append(path)
                 info.append({"target": target, "flops": flops, "params": params, "compile_s": secs,
-                             "plan": label, "proxy": proxy, "estimate_ms": est})
+                             "plan": label, "proxy": proxy, "estimate_ms": est, "proxy_equal_flops": eq})
             continue
         t0 = time.perf_counter()
         result = compress(model, CompressSpec(target_flops=target, round_to=round_to))
@@ -140,20 +152,23 @@ def run(model_name: str, targets: list[float], batches: list[int], threads: int,
             "median_ms": row["median_ms"], "p90_ms": row["p90_ms"], "speedup": row["speedup"],
             "efficiency": row["speedup"] * flops_ratio, "compile_s": info[i]["compile_s"],
             "plan": info[i]["plan"], "proxy": info[i].get("proxy"), "estimate_ms": info[i].get("estimate_ms"),
-            "threads": threads,
+            "proxy_equal_flops": info[i].get("proxy_equal_flops"),
+            "threads": threads, "others_cores": row["others_cores"],
         })
     return out
 
 
 def table(rows: list[dict]) -> str:
     head = ("| model | plan | target | threads | batch | FLOPs ratio | params (M) | median ms | p90 ms | "
-            "speedup | efficiency | proxy | compile s |")
-    lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "speedup | efficiency | est. ms | proxy | proxy vs keep, same FLOPs | compile s |")
+    lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         proxy = "" if r.get("proxy") is None else f"{r['proxy']:.4f}"
+        equal = "" if r.get("proxy_equal_flops") is None else f"{r['proxy_equal_flops']:.4f}"
+        est = "" if r.get("estimate_ms") is None else f"{r['estimate_ms']:.1f}"
         lines.append(f"| {r['model']} | {r['plan']} | {r['target']:.2f} | {r['threads']} | {r['batch']} | "
                      f"{r['flops_ratio']:.3f} | {r['params_M']:.1f} | {r['median_ms']:.1f} | {r['p90_ms']:.1f} | "
-                     f"{r['speedup']:.2f}× | {r['efficiency']:.2f} | {proxy} | {r['compile_s']:.1f} |")
+                     f"{r['speedup']:.2f}× | {r['efficiency']:.2f} | {est} | {proxy} | {equal} | {r['compile_s']:.1f} |")
     return "\n".join(lines)
 
 
@@ -169,16 +184,22 @@ def main() -> None:
     p.add_argument("--round-to", type=int, default=16)
     p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     args = p.parse_args()
-    rows = []
+    rows, notes = [], []
     with tempfile.TemporaryDirectory() as workdir:
         for threads in [int(t) for t in args.threads.split(",")]:
             for name in args.models.split(","):
                 rows += run(name, [float(t) for t in args.targets.split(",")],
                             [int(b) for b in args.batches.split(",")], threads, args.runs,
-                            args.round_to, workdir, args.variants)
+                            args.round_to, workdir, args.variants, notes)
     print(f"ORT {ort.__version__}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores, threads={args.threads}, round_to={args.round_to}\n")
     print(table(rows))
+    busy = {(r["model"], r["threads"]): r["others_cores"] for r in rows if r["others_cores"] is not None}
+    if busy:
+        print("\nCPU other processes took while timing (cores): "
+              + ", ".join(f"{m} {t} thread(s) {c:.2f}" for (m, t), c in busy.items()))
+    for note in notes:
+        print(f"- {note}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

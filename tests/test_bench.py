@@ -4,6 +4,9 @@ input. Small models, few runs."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
 
 import onnx
 import onnxruntime as ort
@@ -20,7 +23,7 @@ from conftest import tiny
 
 IMG = 96  # 37 tokens: long enough that depth dominates latency, short enough to stay quick
 KEYS = {"model", "batch", "threads", "median_ms", "p90_ms", "mean_ms", "runs", "best_threads",
-        "best_ms"}
+        "best_ms", "others_cores"}
 
 
 def _export_vit(path, depth: int) -> str:
@@ -61,6 +64,7 @@ def test_bench_rows_are_sane(vits):
         assert set(r) == KEYS
         assert r["model"] == full and r["threads"] == 1 and r["runs"] == 7
         assert 0 < r["median_ms"] <= r["p90_ms"] < 10_000 and r["mean_ms"] > 0
+        assert r["others_cores"] is None or 0 <= r["others_cores"] <= bench.available_cores() + 0.5
     # twice the images cost more than one (it would not, if the batch were silently ignored)
     assert rows[1]["median_ms"] > rows[0]["median_ms"]
 
@@ -221,7 +225,7 @@ def _measured(model: str, medians: dict[int, float]) -> list[dict]:
 
 def test_slower_thread_count_says_why(tinies, tmp_path):
     nodes = len(onnx.load(tinies[0]).graph.node)
-    quiet, busy = bench._Machine(cores=2, load=0.0), bench._Machine(cores=2, load=1.8)
+    quiet, busy = bench._Machine(cores=2, others=0.0), bench._Machine(cores=2, others=0.8)
     # small ops on an idle machine: synchronisation is the reason, with the numbers behind it
     rows = _measured(tinies[0], {1: 0.5, 2: 0.6})
     bench._mark_best(rows, n_models=1, n_settings=2, machine=quiet)
@@ -233,7 +237,7 @@ def test_slower_thread_count_says_why(tinies, tmp_path):
     rows = _measured(_matmul_model(tmp_path / "mm.onnx"), {1: 18.2, 2: 22.3, 4: 30.0})
     bench._mark_best(rows, n_models=1, n_settings=3, machine=busy)
     assert rows[1]["note"].startswith("2 threads slower than 1 at batch 1 (22.3 vs 18.2 ms): other "
-                                      "processes kept the cores busy (1-minute load 1.8 on 2 cores")
+                                      "processes kept the cores busy (they used 0.8 of the 2 cores while timing)")
     assert "4 threads oversubscribe the 2 available cores" in rows[2]["note"]
     # an idle machine and big ops: no measured cause to cite, so the note says what was seen
     rows = _measured(_matmul_model(tmp_path / "mm.onnx"), {1: 18.2, 2: 22.3})
@@ -251,3 +255,27 @@ def test_slower_thread_count_says_why(tinies, tmp_path):
     assert all(r["best_threads"] == 2 and "note" not in r for r in rows)
     lines = bench.format_table(rows).splitlines()
     assert lines[-1] == f"| {tinies[0]} | 1 | 2 | 1.200 |  |"
+
+
+@pytest.mark.skipif(bench._busy_s() is None, reason="no /proc/stat: others' CPU use is not measurable")
+def test_cpu_taken_by_other_processes_is_measured():
+    idle = bench._CpuUse()
+    time.sleep(0.6)
+    before = idle.others()
+    hog = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 2: pass"])
+    try:
+        time.sleep(0.3)  # the interpreter is up and spinning
+        busy = bench._CpuUse()
+        time.sleep(1.0)
+        during = busy.others()
+    finally:
+        hog.wait()
+    assert during - before > 0.5  # a spinning process is about one core, not counted as ours
+
+
+def test_time_alone_times_one_model_back_to_back(vits):
+    full, pruned = vits
+    full_ms, pruned_ms = (bench.time_alone(p, threads=1, warmup=1, runs=5) for p in (full, pruned))
+    assert 0 < pruned_ms < full_ms < 10_000  # half the depth is the cheaper one, timed alone too
+    with pytest.raises(InputError, match="threads"):
+        bench.time_alone(full, threads=0)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import tiny
+from conftest import randomize, tiny
 from vitprune import CompressSpec, compress
 from vitprune.errors import SpecError
 from vitprune.deploy.bench import default_threads
@@ -50,6 +50,23 @@ def test_latency_target_measures_and_reports_rounds():
     for (label, t), note in zip(slower, notes):
         assert note.startswith((f"{label}: {t} threads slower than ", f"{label}: {t} threads no faster than "))
     json.dumps(plan)  # the report is written as JSON
+
+
+def test_latency_target_plans_boundarydpt_plus_on_the_latency_model():
+    """BoundaryDPT+ to a latency target: the joint planner spends estimated ORT time, so its moves
+    (layers and widths) land the first round on the latency model's fraction, and the round's
+    measured ratio is what the report keeps."""
+    model = randomize(tiny("deit_small_patch16_224", img_size=64, depth=4, num_classes=10))
+    spec = CompressSpec(method="boundarydpt+", target_latency=0.5, calib_batches=1, batch_size=2)
+    result = compress_to_latency(model, spec, (3, 64, 64), runs=5, max_rounds=1)
+    plan = result.report["latency_plan"]
+    (first,) = plan["rounds"]
+    assert first["cost"] == "latency" and first["flops_target"] == 0.5
+    joint = result.report["stages"]["joint"]
+    assert joint["within_tolerance"] and abs(joint["planned_cost_ratio"] - 0.5) <= 0.02
+    assert joint["attention"] or joint["activation"] or joint["planned_flops_ratio"] < 0.9
+    assert plan["measured_latency_ratio"] == first["latency_ratio"] and 0 < first["latency_ratio"] < 1
+    assert result.report["flops_ratio"] == first["flops_ratio"] == pytest.approx(joint["planned_flops_ratio"])
 
 
 def test_compress_dispatches_on_target_latency(monkeypatch):

@@ -37,7 +37,7 @@ from tqdm import tqdm
 from vitprune.errors import InputError
 from vitprune.deploy.onnx import _describe, ort_session
 
-__all__ = ["bench_onnx", "compare", "format_table", "best_settings", "default_threads",
+__all__ = ["bench_onnx", "compare", "time_alone", "format_table", "best_settings", "default_threads",
            "available_cores", "InputMismatchWarning"]
 
 
@@ -51,6 +51,8 @@ Threads = int | Sequence[int] | None
 # Below this average time per node, waking and joining a thread pool (a few µs to tens of µs per
 # parallel section in ORT) is a visible share of each op, so extra threads can lose.
 _SMALL_OP_US = 100.0
+# Others' CPU use (in cores) from which the table says the machine was busy.
+_BUSY = 0.25
 # Medians closer than this are a tie on a shared machine: no cause is claimed for so small a gap.
 _TIE = 0.02
 
@@ -71,10 +73,44 @@ class _Timed:
 
 @dataclass(frozen=True)
 class _Machine:
-    """What a "more threads were slower" note cites: cores free to us, and how busy they already were."""
+    """What a "more threads were slower" note cites: cores free to us, and how busy others kept them."""
 
     cores: int
-    load: float | None  # 1-minute load average just before the sessions opened (None: not on this OS)
+    others: float | None  # cores' worth of CPU others used while timing (None: not measurable here)
+
+
+class _CpuUse:
+    """CPU time other processes (and the hypervisor, as steal) took on this process's CPUs between
+    :meth:`__init__` and :meth:`others`, in cores. Why not the load average: it counts waiting
+    tasks, not CPU taken, and in a VM it can read 4-5 while both CPUs sit idle (seen here)."""
+
+    def __init__(self) -> None:
+        self.start = (time.perf_counter(), _busy_s(), _own_s())
+
+    def others(self) -> float | None:
+        wall, busy, own = (b - a if a is not None and b is not None else None
+                           for a, b in zip(self.start, (time.perf_counter(), _busy_s(), _own_s())))
+        if busy is None or wall <= 0:
+            return None
+        return max(0.0, busy - own) / wall
+
+
+def _busy_s() -> float | None:
+    """Seconds this process's CPUs have been busy since boot (Linux ``/proc/stat``; None elsewhere)."""
+    try:
+        cpus = {f"cpu{c}" for c in os.sched_getaffinity(0)}
+        with open("/proc/stat") as f:
+            lines = [line.split() for line in f if line.startswith("cpu")]
+    except (AttributeError, OSError):
+        return None
+    # user nice system idle iowait irq softirq steal: all but idle and iowait are busy
+    ticks = sum(sum(int(v) for i, v in enumerate(f[1:9]) if i not in (3, 4)) for f in lines if f[0] in cpus)
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _own_s() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def available_cores() -> int:
@@ -101,12 +137,28 @@ def default_threads() -> tuple[int, ...]:
     return tuple(sorted({1, available_cores()}))
 
 
+def time_alone(path: str | os.PathLike, *, threads: int = 1, warmup: int = 2, runs: int = 7) -> float:
+    """Median ms of one model timed on its own: its runs back to back in one session whose pool keeps
+    spinning between them. That is how an op runs inside a graph (the pool awake from the op
+    before), so the per-op latency tables time their one-op models this way: timed round-robin
+    with the pool stopped after each run, every run of a one-op model also pays for waking the
+    pool, which at 2 threads made narrow DeiT-S plans look ~20% slower than they ran."""
+    _, (threads,) = _check_settings((1,), threads, warmup, runs)
+    model = _open(path, threads, None, keep_spinning=True)
+    feed = _feed(model, 1 if not _is_int(model.batch_dim) else model.batch_dim)
+    times = [_time_one(model, feed) for _ in range(warmup + runs)][warmup:]
+    return float(statistics.median(times))
+
+
 def bench_onnx(path: str | os.PathLike, **settings: Any) -> list[dict[str, Any]]:
     """Time one ONNX model (``settings`` as :func:`compare` takes them); one row per batch size and
     thread count.
 
     Rows: {"model", "batch", "threads", "median_ms", "p90_ms", "mean_ms", "runs", "best_threads",
-    "best_ms"} and, on a setting slower than one with fewer threads, "note". ``threads`` is one
+    "best_ms", "others_cores"} and, on a setting slower than one with fewer threads, "note".
+    "others_cores" is the CPU other processes took on our cores while timing, in cores (None where
+    the OS does not say): beyond a fraction of a core the absolute times are inflated (ratios hold
+    better, the models being interleaved). ``threads`` is one
     intra-op thread count or several (None: :func:`default_threads`). ``input_shape`` is the
     per-sample shape (C, H, W); by default it is read from the model's input, which must then be
     static apart from the batch axis.
@@ -189,6 +241,10 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
         summary = [{**b, "note": "; ".join(b["notes"])} for b in best]
         text += ("\n\nfastest intra-op thread count (SessionOptions.intra_op_num_threads):\n"
                  + _markdown(summary, columns + ["note"]))
+    busy = max((r["others_cores"] for r in rows if r.get("others_cores") is not None), default=None)
+    if busy is not None and busy >= _BUSY:
+        text += (f"\n\nother processes used {busy:.1f} of the {available_cores()} cores while timing: "
+                 f"absolute times are inflated; compare the ratios")
     return text
 
 
@@ -210,7 +266,7 @@ def _bench(paths: list[str | os.PathLike], *, batch_sizes: Sequence[int], thread
     Every (model, thread count) gets its own session; rows come batch by batch, thread count by
     thread count, in ``paths`` order."""
     batch_sizes, settings = _check_settings(batch_sizes, threads, warmup, runs)
-    machine = _Machine(available_cores(), _load_average())
+    cpu = _CpuUse()
     sessions = [_open(p, t, input_shape) for t in settings for p in paths]
     for model in sessions:
         for batch in batch_sizes:
@@ -233,6 +289,9 @@ def _bench(paths: list[str | os.PathLike], *, batch_sizes: Sequence[int], thread
             for model in sessions:
                 rows.append(_row(model, batch))
                 model.times_ms = []
+    machine = _Machine(available_cores(), cpu.others())
+    for row in rows:
+        row["others_cores"] = machine.others
     _mark_best(rows, len(paths), len(settings), machine)
     return rows
 
@@ -262,13 +321,6 @@ def _check_threads(threads: Threads) -> tuple[int, ...]:
         raise InputError(f"threads must be an integer >= 1 or a non-empty list of them (e.g. "
                          f"(1, 2)), got {threads!r}")
     return tuple(sorted({int(t) for t in listed}))
-
-
-def _load_average() -> float | None:
-    try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):  # Windows has no load average
-        return None
 
 
 def _mark_best(rows: list[dict[str, Any]], n_models: int, n_settings: int,
@@ -305,9 +357,9 @@ def _slower_note(row: dict[str, Any], faster: dict[str, Any], machine: _Machine,
     reasons = []
     if t > machine.cores:
         reasons.append(f"{t} threads oversubscribe the {machine.cores} available cores")
-    elif machine.load is not None and machine.load + t > machine.cores + 0.5:
-        reasons.append(f"other processes kept the cores busy (1-minute load {machine.load:.1f} on "
-                       f"{machine.cores} cores before timing), so the threads had to share them")
+    elif machine.others is not None and machine.others + t > machine.cores + 0.5:
+        reasons.append(f"other processes kept the cores busy (they used {machine.others:.1f} of the "
+                       f"{machine.cores} cores while timing), so the threads had to share them")
     per_op_us = faster["median_ms"] * 1e3 / nodes if nodes else None
     if per_op_us is not None and per_op_us < _SMALL_OP_US:
         reasons.append(f"per-op work too small to amortise thread synchronisation ({nodes} ONNX "
@@ -332,11 +384,11 @@ def _node_count(path: str) -> int | None:
 
 
 def _open(path: str | os.PathLike, threads: int,
-          input_shape: tuple[int, ...] | None) -> _Timed:
+          input_shape: tuple[int, ...] | None, *, keep_spinning: bool = False) -> _Timed:
     """Load a session and work out the sample shape and dtype it wants."""
     if os.path.isdir(path):
         raise InputError(f"{path} is a folder, not an ONNX file")
-    session = ort_session(path, threads)  # InputError for a missing / non-ONNX file
+    session = ort_session(path, threads, keep_spinning=keep_spinning)  # InputError for a missing / non-ONNX file
     inputs = session.get_inputs()
     if len(inputs) != 1:
         raise InputError(f"{path}: bench supports single-input models, this one has {len(inputs)}")

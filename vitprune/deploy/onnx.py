@@ -139,7 +139,8 @@ def run_onnx(path: str | os.PathLike, inputs: np.ndarray, threads: int | None = 
                          f"{tuple(np.shape(inputs))}: {_describe(e)}") from e
 
 
-def ort_session(path: str | os.PathLike, threads: int | None = None) -> ort.InferenceSession:
+def ort_session(path: str | os.PathLike, threads: int | None = None, *,
+                keep_spinning: bool = False) -> ort.InferenceSession:
     """A CPU session with the settings every vitprune measurement uses.
 
     ``threads`` sets intra-op threads (None: ORT's default); inter-op is 1 with sequential execution
@@ -149,7 +150,9 @@ def ort_session(path: str | os.PathLike, threads: int | None = None) -> ort.Infe
     has finished must not keep a core busy while the next one runs. Without it, timing several
     2-thread sessions round-robin measured the finished session's spinning worker, not the model:
     DeiT-S pruned to 0.5 FLOPs ran 0.89× the original at batch 1, against 1.84× with it and 1.83×
-    timed in a session of its own. A missing or unreadable file is an InputError.
+    timed in a session of its own. ``keep_spinning`` leaves ORT's default (spin on after a run) for a
+    session timed on its own, back to back, where the next run then finds the pool awake, as each op
+    of a graph does. A missing or unreadable file is an InputError.
     """
     path = Path(path)
     if not path.is_file():
@@ -162,7 +165,8 @@ def ort_session(path: str | os.PathLike, threads: int | None = None) -> ort.Infe
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.add_session_config_entry("session.force_spinning_stop", "1")
+    if not keep_spinning:
+        options.add_session_config_entry("session.force_spinning_stop", "1")
     options.log_severity_level = 3  # errors only: ORT's warnings are about its own rewrites
     try:
         return ort.InferenceSession(str(path), sess_options=options,

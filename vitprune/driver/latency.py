@@ -10,8 +10,8 @@ than ``tolerance``, the next round scales its target by the measured miss (the m
 FLOPs/latency efficiency, is locally a constant). It stops within ``tolerance`` of ``t`` or after
 ``max_rounds``; the report lists every round.
 
-The thread count to deploy with is measured too, once, at the end: extra threads can make a small
-model slower (issue 13), so the original and the chosen candidate are timed at 1 thread, at one per
+The thread count to deploy with is measured too, once, at the end: extra threads need ops big
+enough to amortise waking them, and cores that other processes leave free, so the original and the chosen candidate are timed at 1 thread, at one per
 available core and at ``latency_threads``, and the report names the fastest setting for the
 compressed model (``best_threads``, the int ``SessionOptions.intra_op_num_threads`` takes) with the
 reason whenever more threads were slower.

@@ -19,9 +19,10 @@ keyed by the shape that sets its time (all sizes at the table's batch; ``M`` = r
   ``add (M, C)`` (residual adds and layer-scale muls: one read of two tensors, one write).
 
 Each op is a tiny ONNX model built with ``onnx.helper`` (opset 18, random float32 weights), opened
-with :func:`vitprune.deploy.onnx.ort_session` and timed by :func:`vitprune.deploy.bench.compare`:
-interleaved run by run, median of ``runs``, in chunks that each also time a one-Add model; that
-model's median (ORT's per-call overhead) is subtracted from each op and added back once per graph.
+and timed on its own by :func:`vitprune.deploy.bench.time_alone` (median of ``runs`` back-to-back
+runs, the thread pool left spinning between them as it spins between the ops of a graph), in chunks
+that each also time a one-Add model; that model's median (ORT's per-call overhead) is subtracted
+from each op and added back once per graph.
 Every other ATen op (reshape, slicing, concat, the patch layout; the attention's own copies are in
 ``attention``) is charged one kernel launch, measured as a chain of 32 tiny Adds (``chain``).
 
@@ -51,7 +52,6 @@ import json
 import os
 import platform
 import tempfile
-import warnings
 from collections.abc import Iterable
 from math import prod
 from pathlib import Path
@@ -64,7 +64,7 @@ import torch
 import torch.fx as fx
 from onnx import TensorProto, helper, numpy_helper
 
-from vitprune.deploy.bench import InputMismatchWarning, available_cores, compare
+from vitprune.deploy.bench import time_alone
 from vitprune.deploy.outputs import atomic_write
 from vitprune.deps import DependencyGraph
 from vitprune.deps.branches import ActivationSite, AttentionBranch
@@ -72,13 +72,13 @@ from vitprune.errors import InputError
 
 __all__ = ["LatencyTable", "LatencyModel", "cache_dir", "machine_id", "build_op_model"]
 
-# 2: sessions stop spinning between runs (deploy.onnx.ort_session); multi-thread tables timed before
-# that carried the previous op session's spinning worker
+# 2: each op model timed on its own with the pool awake between runs; multi-thread tables timed
+# round-robin before carried the previous op session's spinning worker
 TABLE_VERSION = 2
 OPSET = 18
 KINDS = ("linear", "attention", "norm", "gelu", "add")
 _CHAIN = 32
-_CHUNK = 24  # op models open (and interleaved) at once: bounds memory and keeps rounds short
+_CHUNK = 24  # op models timed per measurement of the per-call overhead (it drifts with the machine)
 
 Key = tuple[str, tuple[int, ...]]
 aten = torch.ops.aten
@@ -192,26 +192,21 @@ def measure(keys: list[Key], threads: int, *, runs: int = 7, warmup: int = 2,
 
 
 def _measure_once(keys: list[Key], threads: int, runs: int, warmup: int) -> dict[Key, float]:
-    """One pass, timed interleaved with :func:`compare` in chunks of :data:`_CHUNK` models."""
+    """One pass, each op model timed on its own (:func:`time_alone`: the pool awake between runs, as
+    between the ops of a graph), in chunks of :data:`_CHUNK` that each start by timing the overhead
+    model, whose time is subtracted from the chunk's ops."""
     out: dict[Key, float] = {}
     overheads: list[float] = []
     with tempfile.TemporaryDirectory(prefix="vitprune-cost-") as tmp:
         base = os.path.join(tmp, "overhead.onnx")
         onnx.save(build_op_model("overhead", ()), base)
+        path = os.path.join(tmp, "op.onnx")
         for start in range(0, len(keys), _CHUNK):
-            chunk = keys[start:start + _CHUNK]
-            paths = [base]
-            for n, (kind, key) in enumerate(chunk):
-                paths.append(os.path.join(tmp, f"{start + n}.onnx"))
-                onnx.save(build_op_model(kind, key), paths[-1])
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", InputMismatchWarning)  # different shapes on purpose
-                rows = compare(paths, batch_sizes=(1,), threads=threads, warmup=warmup, runs=runs)
-            overheads.append(rows[0]["median_ms"])
-            for (kind, key), row in zip(chunk, rows[1:]):
-                out[kind, key] = max(row["median_ms"] - rows[0]["median_ms"], 1e-4)
-            for p in paths[1:]:
-                os.unlink(p)
+            overheads.append(time_alone(base, threads=threads, warmup=warmup, runs=runs))
+            for kind, key in keys[start:start + _CHUNK]:
+                onnx.save(build_op_model(kind, key), path)
+                out[kind, key] = max(time_alone(path, threads=threads, warmup=warmup, runs=runs) - overheads[-1],
+                                     1e-4)
     out["overhead", ()] = float(np.median(overheads)) if overheads else 0.0
     return out
 
