@@ -158,10 +158,9 @@ def bench_onnx(path: str | os.PathLike, **settings: Any) -> list[dict[str, Any]]
     "best_ms", "others_cores"} and, on a setting slower than one with fewer threads, "note".
     "others_cores" is the CPU other processes took on our cores while timing, in cores (None where
     the OS does not say): beyond a fraction of a core the absolute times are inflated (ratios hold
-    better, the models being interleaved). ``threads`` is one
-    intra-op thread count or several (None: :func:`default_threads`). ``input_shape`` is the
-    per-sample shape (C, H, W); by default it is read from the model's input, which must then be
-    static apart from the batch axis.
+    better, the models being interleaved). ``threads`` is one intra-op thread count or several
+    (None: :func:`default_threads`). ``input_shape`` is the per-sample shape (C, H, W); by default
+    it is read from the model's input, which must then be static apart from the batch axis.
     """
     return compare([path], **settings)
 

@@ -11,10 +11,10 @@ FLOPs/latency efficiency, is locally a constant). It stops within ``tolerance`` 
 ``max_rounds``; the report lists every round.
 
 The thread count to deploy with is measured too, once, at the end: extra threads need ops big
-enough to amortise waking them, and cores that other processes leave free, so the original and the chosen candidate are timed at 1 thread, at one per
-available core and at ``latency_threads``, and the report names the fastest setting for the
-compressed model (``best_threads``, the int ``SessionOptions.intra_op_num_threads`` takes) with the
-reason whenever more threads were slower.
+enough to amortise waking them, and cores that other processes leave free, so the original and the
+chosen candidate are timed at 1 thread, at one per available core and at ``latency_threads``, and
+the report names the fastest setting for the compressed model (``best_threads``, the int
+``SessionOptions.intra_op_num_threads`` takes) with the reason whenever more threads were slower.
 """
 from __future__ import annotations
 
