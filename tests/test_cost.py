@@ -197,6 +197,43 @@ def test_a_removal_is_priced_as_the_graph_after_it(small, removal):
     assert price > 0 and price == pytest.approx(lost, rel=1e-9, abs=0.1 * merged)
 
 
+@pytest.mark.parametrize("removal", [AttentionRemoval([1], "identity_norm"), AttentionRemoval([1], "drop"),
+                                     ActivationRemoval([0], "always"), ActivationRemoval([0], "never")],
+                         ids=["attention-identity_norm", "attention-drop", "activation-merged",
+                              "activation-factorised"])
+def test_a_removal_is_priced_in_flops_as_the_graph_after_it(small, removal):
+    """The same rule in FLOPs (:class:`FlopModel` shares :class:`RemovalPrices` with the latency
+    model): a removal's price is exactly the FLOPs the rewritten graph loses (a factorised activation:
+    none, so it is never a FLOPs move)."""
+    dg = small[0]
+    fm = FlopModel(dg)
+    after = copy.deepcopy(dg.gm)
+    removal(after)
+    lost = fm.flops() - FlopModel(DependencyGraph.build(after)).flops()
+    if isinstance(removal, AttentionRemoval):
+        price, saves = fm.attention_saving(find_attention_branches(dg.gm)[1], removal.variant), True
+    else:
+        site = find_activations(dg.gm)[0]
+        price, saves = fm.activation_saving(site, removal.merges(site)), removal.merges(site)
+    assert price == pytest.approx(lost, abs=1) and (price > 0) == saves
+
+
+@pytest.mark.parametrize("unit", ["flops", "latency"])
+def test_a_layer_narrowed_before_its_removal_is_not_paid_twice(small, unit):
+    """In one event the joint planner may shrink a block's heads and then remove that block's
+    attention: priced at the widths chosen so far, the removal saves only what the heads left, so
+    the event's total is the layer's cost once."""
+    dg, lm, groups, *_ = small
+    model = FlopModel(dg) if unit == "flops" else lm
+    branch = find_attention_branches(dg.gm)[1]
+    heads = next(g for g in groups if g.kind == "head" and all(m.param in set(branch.params) for m in g.members))
+    counts = {heads.axis: heads.size - 1}
+    narrowed = model.cost() - model.cost(counts)
+    assert narrowed > 0
+    assert model.attention_saving(branch, "identity_norm", counts) + narrowed == pytest.approx(
+        model.attention_saving(branch, "identity_norm"), rel=1e-9)
+
+
 def test_compress_spends_a_latency_budget(monkeypatch, tmp_path):
     """``cost: latency``: the width stage plans to the estimated latency (the tables are measured into
     the cache once), reports both ratios, and keeps the FLOPs ratio honest."""

@@ -140,9 +140,9 @@ def default_threads() -> tuple[int, ...]:
 def time_alone(path: str | os.PathLike, *, threads: int = 1, warmup: int = 2, runs: int = 7) -> float:
     """Median ms of one model timed on its own: its runs back to back in one session whose pool keeps
     spinning between them. That is how an op runs inside a graph (the pool awake from the op
-    before), so the per-op latency tables time their one-op models this way: timed round-robin
-    with the pool stopped after each run, every run of a one-op model also pays for waking the
-    pool, which at 2 threads made narrow DeiT-S plans look ~20% slower than they ran."""
+    before), so the per-op latency tables time their one-op models this way at 2 threads and more:
+    timed round-robin with the pool stopped after each run, every run of a one-op model also pays
+    for waking the pool, which at 2 threads made narrow DeiT-S plans look ~20% slower than they ran."""
     _, (threads,) = _check_settings((1,), threads, warmup, runs)
     model = _open(path, threads, None, keep_spinning=True)
     feed = _feed(model, 1 if not _is_int(model.batch_dim) else model.batch_dim)

@@ -9,6 +9,7 @@ FLOPs are reported per image (batch 1), counting a multiply-add as 2 FLOPs as th
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable
 from math import prod
 from typing import Any
 
@@ -19,6 +20,7 @@ from torch.utils import flop_counter as fc
 from torch.utils.flop_counter import FlopCounterMode
 
 from vitprune.deps import DependencyGraph
+from vitprune.deps.branches import ActivationSite, AttentionBranch
 from vitprune.deps.rules import op_key
 from vitprune.frontend.capture import node_arg
 
@@ -109,7 +111,41 @@ def _scope(node: fx.Node, depth: int) -> str:
     return ".".join(path[:keep])
 
 
-class FlopModel:
+class RemovalPrices:
+    """What removing a layer saves, for a cost model with ``nodes_cost(nodes, counts)`` (the cost of
+    these nodes of its graph when leaf ``r`` keeps ``counts[r]``) and ``merged_linear_cost(first,
+    second, counts)``. One rule for FLOPs and for latency, priced at the widths chosen so far: a
+    width move inside a layer that is then removed is not counted twice."""
+
+    def attention_saving(self, branch: AttentionBranch, variant: str, counts: dict[int, int] | None = None) -> float:
+        """Saved by removing ``branch`` (:class:`passes.attention.AttentionRemoval`): its nodes (qkv,
+        attention, proj, their reshapes; a layer-scale mul is priced as removed, as when γ folds
+        into LN1); ``variant="drop"`` also deletes the residual add, and LN1 when only the branch
+        reads it. ``identity_norm`` keeps both."""
+        gone = list(branch.nodes)
+        if variant == "drop":
+            gone.append(branch.add)
+            if branch.norm is not None and set(branch.norm.users) <= set(branch.nodes):
+                gone.append(branch.norm)
+        return self.nodes_cost(gone, counts)
+
+    def activation_saving(self, site: ActivationSite, merged: bool, counts: dict[int, int] | None = None) -> float:
+        """Saved by removing ``site``'s activation (:class:`passes.activation.ActivationRemoval`):
+        fc1, the activation and fc2 less the one merged linear when the pass merges (``merged``),
+        else the activation alone (the factorised pair stays)."""
+        if not merged:
+            return self.nodes_cost([site.act], counts)
+        gone = self.nodes_cost([site.fc1, site.act, *site.between, site.fc2], counts)
+        return gone - self.merged_linear_cost(site.fc1, site.fc2, counts)
+
+    def nodes_cost(self, nodes: Iterable[fx.Node], counts: dict[int, int] | None = None) -> float:
+        raise NotImplementedError
+
+    def merged_linear_cost(self, first: fx.Node, second: fx.Node, counts: dict[int, int] | None = None) -> float:
+        raise NotImplementedError
+
+
+class FlopModel(RemovalPrices):
     """FLOPs and parameter counts as a function of the number of channels kept per leaf axis."""
 
     _OPERANDS = {
@@ -128,6 +164,8 @@ class FlopModel:
         truth = node_flops(gm, gm.meta["example_input"])
         self.ops: list[tuple[str, list[list[int]], list[int], float]] = []
         self.constant = 0  # FLOPs of ops the model has no formula for (counted, not scaled)
+        self._op_of: dict[fx.Node, int] = {}  # node -> its entry of self.ops
+        self._unmodelled: dict[fx.Node, int] = {}  # node -> its share of self.constant
         for node in gm.graph.nodes:
             key = op_key(node, gm) if node.op in ("call_function", "call_method", "call_module") else ""
             if key in self._KINDS:
@@ -139,9 +177,11 @@ class FlopModel:
                 op = (key, ins, dg.node_dims[node])
                 at_example = self._op_flops(op, {})
                 if at_example:
+                    self._op_of[node] = len(self.ops)
                     self.ops.append((*op, truth.get(node, 0) / at_example))
             elif node in truth:
                 self.constant += truth[node]
+                self._unmodelled[node] = truth[node]
         self.exact = self.constant == 0
         self.params = {name: axes for name, axes in dg.param_dims.items()
                        if _is_parameter(dg.gm, name)}
@@ -162,6 +202,27 @@ class FlopModel:
     def cost(self, counts: dict[int, int] | None = None) -> int:
         """The planners' cost (:class:`vitprune.plan.cost.LatencyModel` has the same method, in ms)."""
         return self.flops(counts)
+
+    def nodes_cost(self, nodes: Iterable[fx.Node], counts: dict[int, int] | None = None) -> float:
+        """FLOPs of ``nodes`` of this graph at ``counts``, as :meth:`flops` counts them: what deleting
+        them saves (norms, adds and activations count none)."""
+        counts = counts or {}
+        total = 0.0
+        for node in dict.fromkeys(nodes):
+            if node in self._op_of:
+                op = self.ops[self._op_of[node]]
+                total += self._op_flops(op, counts) * op[3]
+            else:
+                total += self._unmodelled.get(node, 0)
+        return total
+
+    def merged_linear_cost(self, first: fx.Node, second: fx.Node, counts: dict[int, int] | None = None) -> float:
+        """FLOPs of the one linear that replaces ``second ∘ first``: ``first``'s FLOPs with its output
+        width swapped for ``second``'s (rows × in × out)."""
+        counts = counts or {}
+        hidden = self._shape(self.dg.node_dims[first], counts)[-1]
+        d_out = self._shape(self.dg.node_dims[second], counts)[-1]
+        return self.nodes_cost([first], counts) * d_out / hidden if hidden else 0.0
 
     def num_params(self, counts: dict[int, int] | None = None) -> int:
         counts = counts or {}

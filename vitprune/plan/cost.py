@@ -19,10 +19,11 @@ keyed by the shape that sets its time (all sizes at the table's batch; ``M`` = r
   ``add (M, C)`` (residual adds and layer-scale muls: one read of two tensors, one write).
 
 Each op is a tiny ONNX model built with ``onnx.helper`` (opset 18, random float32 weights), opened
-and timed on its own by :func:`vitprune.deploy.bench.time_alone` (median of ``runs`` back-to-back
-runs, the thread pool left spinning between them as it spins between the ops of a graph), in chunks
-that each also time a one-Add model; that model's median (ORT's per-call overhead) is subtracted
-from each op and added back once per graph.
+and timed (median of ``runs``) in chunks that each also time a one-Add model, whose median (ORT's
+per-call overhead) is subtracted from each op and added back once per graph. At one thread a chunk
+is timed round-robin (:func:`vitprune.deploy.bench.compare`: each op's weights as cold as in a graph);
+with more, each model on its own (:func:`vitprune.deploy.bench.time_alone`: the pool left spinning
+between runs, as it spins between the ops of a graph).
 Every other ATen op (reshape, slicing, concat, the patch layout; the attention's own copies are in
 ``attention``) is charged one kernel launch, measured as a chain of 32 tiny Adds (``chain``).
 
@@ -52,6 +53,7 @@ import json
 import os
 import platform
 import tempfile
+import warnings
 from collections.abc import Iterable
 from math import prod
 from pathlib import Path
@@ -64,21 +66,21 @@ import torch
 import torch.fx as fx
 from onnx import TensorProto, helper, numpy_helper
 
-from vitprune.deploy.bench import time_alone
+from vitprune.deploy.bench import InputMismatchWarning, compare, time_alone
 from vitprune.deploy.outputs import atomic_write
 from vitprune.deps import DependencyGraph
-from vitprune.deps.branches import ActivationSite, AttentionBranch
+from vitprune.deps.flops import RemovalPrices
 from vitprune.errors import InputError
 
 __all__ = ["LatencyTable", "LatencyModel", "cache_dir", "machine_id", "build_op_model"]
 
-# 2: each op model timed on its own with the pool awake between runs; multi-thread tables timed
-# round-robin before carried the previous op session's spinning worker
+# 2: multi-thread tables time each op model on its own with the pool awake between runs; timed
+# round-robin before, they carried the previous op session's spinning worker
 TABLE_VERSION = 2
 OPSET = 18
 KINDS = ("linear", "attention", "norm", "gelu", "add")
 _CHAIN = 32
-_CHUNK = 24  # op models timed per measurement of the per-call overhead (it drifts with the machine)
+_CHUNK = 24  # op models per measurement of the per-call overhead (open at once when round-robin)
 
 Key = tuple[str, tuple[int, ...]]
 aten = torch.ops.aten
@@ -192,23 +194,36 @@ def measure(keys: list[Key], threads: int, *, runs: int = 7, warmup: int = 2,
 
 
 def _measure_once(keys: list[Key], threads: int, runs: int, warmup: int) -> dict[Key, float]:
-    """One pass, each op model timed on its own (:func:`time_alone`: the pool awake between runs, as
-    between the ops of a graph), in chunks of :data:`_CHUNK` that each start by timing the overhead
-    model, whose time is subtracted from the chunk's ops."""
+    """One pass in chunks of :data:`_CHUNK` op models, each chunk with the overhead model, whose time
+    is subtracted from the chunk's ops (see :func:`_time_chunk` for how a chunk is timed)."""
     out: dict[Key, float] = {}
     overheads: list[float] = []
     with tempfile.TemporaryDirectory(prefix="vitprune-cost-") as tmp:
         base = os.path.join(tmp, "overhead.onnx")
         onnx.save(build_op_model("overhead", ()), base)
-        path = os.path.join(tmp, "op.onnx")
         for start in range(0, len(keys), _CHUNK):
-            overheads.append(time_alone(base, threads=threads, warmup=warmup, runs=runs))
-            for kind, key in keys[start:start + _CHUNK]:
+            chunk = keys[start:start + _CHUNK]
+            paths = [base, *(os.path.join(tmp, f"{n}.onnx") for n in range(len(chunk)))]
+            for (kind, key), path in zip(chunk, paths[1:]):
                 onnx.save(build_op_model(kind, key), path)
-                out[kind, key] = max(time_alone(path, threads=threads, warmup=warmup, runs=runs) - overheads[-1],
-                                     1e-4)
+            times = _time_chunk(paths, threads, runs, warmup)
+            overheads.append(times[0])
+            out.update({k: max(ms - times[0], 1e-4) for k, ms in zip(chunk, times[1:])})
     out["overhead", ()] = float(np.median(overheads)) if overheads else 0.0
     return out
+
+
+def _time_chunk(paths: list[str], threads: int, runs: int, warmup: int) -> list[float]:
+    """Median ms per model. One thread: round-robin (:func:`compare`), so each op finds its weights
+    as cold as in a graph, whose other ops evict them. More threads: each model on its own
+    (:func:`time_alone`), the pool awake between runs as between a graph's ops; round-robin, every
+    run of a one-op model would also pay for waking the pool (2-thread DeiT-S plans overshot: 0.421
+    of the FLOPs for a 0.5 latency target, measured latency ratio 0.478)."""
+    if threads > 1:
+        return [time_alone(p, threads=threads, warmup=warmup, runs=runs) for p in paths]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", InputMismatchWarning)  # different shapes on purpose
+        return [r["median_ms"] for r in compare(paths, batch_sizes=(1,), threads=1, warmup=warmup, runs=runs)]
 
 
 class LatencyTable:
@@ -367,7 +382,7 @@ def _is_score_matmul(node: fx.Node) -> bool:
     return meta.shape[-1] == meta.shape[-2] and a.shape[-2] == meta.shape[-1] and a.shape[-1] != a.shape[-2]
 
 
-class LatencyModel:
+class LatencyModel(RemovalPrices):
     """Estimated ORT latency (ms, at ``table.batch`` and ``table.threads``) of the graph behind
     ``dg`` when leaf axis ``r`` keeps ``counts[r]`` channels. Measures what ``table`` lacks on
     construction (the 1-D sweeps through every op's unpruned shape; see the module docstring)."""
@@ -484,24 +499,3 @@ class LatencyModel:
         _, (rows, d_in, _) = self._key("linear", first, counts)
         d_out = self._key("linear", second, counts)[1][2]
         return self._site_cost(self._full[first], ("linear", (rows, d_in, d_out)))
-
-    def attention_saving(self, branch: AttentionBranch, variant: str, counts: dict[int, int] | None = None) -> float:
-        """Estimated ms saved by removing ``branch`` (:class:`passes.attention.AttentionRemoval`): its
-        nodes (qkv, attention, proj, their reshapes; a layer-scale mul is priced as removed, as when γ
-        folds into LN1); ``variant="drop"`` also deletes the residual add, and LN1 when only the
-        branch reads it. ``identity_norm`` keeps both."""
-        gone = list(branch.nodes)
-        if variant == "drop":
-            gone.append(branch.add)
-            if branch.norm is not None and set(branch.norm.users) <= set(branch.nodes):
-                gone.append(branch.norm)
-        return self.nodes_cost(gone, counts)
-
-    def activation_saving(self, site: ActivationSite, merged: bool, counts: dict[int, int] | None = None) -> float:
-        """Estimated ms saved by removing ``site``'s activation (:class:`passes.activation.
-        ActivationRemoval`): fc1, the activation and fc2 less the one merged linear when the pass
-        merges (``merged``), else the activation alone (the factorised pair stays)."""
-        if not merged:
-            return self.nodes_cost([site.act], counts)
-        gone = self.nodes_cost([site.fc1, site.act, *site.between, site.fc2], counts)
-        return gone - self.merged_linear_cost(site.fc1, site.fc2, counts)

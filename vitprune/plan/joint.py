@@ -51,7 +51,7 @@ from vitprune.errors import InputError
 from vitprune.frontend.capture import first_tensor, param_tensor
 from vitprune.plan.budget import Budget, Plan
 from vitprune.plan.cost import LatencyModel
-from vitprune.plan.depth import _insert_gates, depth_passes, depth_savings
+from vitprune.plan.depth import _insert_gates, depth_passes
 from vitprune.plan.importance import group_scores
 from vitprune.plan.width import eligible_groups, floor_width, plan_width, planned_groups, unit_size
 from vitprune.train.finetune import FinetuneConfig, distillation_loss
@@ -208,22 +208,15 @@ def _depth_moves(gm: fx.GraphModule, cost_model: CostModel, batches: list, refer
 def _layer_prices(gm: fx.GraphModule, cost_model: CostModel,
                   settings: JointSettings) -> dict[str, dict[int, Callable[[dict[int, int]], float]]]:
     """Per kind and block, what removing the layer saves in the cost model's unit, given the widths
-    chosen so far (``counts``): the FLOPs of :func:`depth_savings` (at the event's widths, as the
-    FLOPs planner always priced them), or the estimated ms of the nodes the removal deletes at
-    ``counts`` (a factorised activation still saves its GELU's time, less as its width shrinks)."""
-    if isinstance(cost_model, FlopModel):
-        flops = depth_savings(gm, merge=settings.merge, variant=settings.variant)
-        return {kind: {block: partial(_unchanged, saved) for block, saved in getattr(flops, kind).items()}
-                for kind in KINDS}
+    chosen so far (``counts``: :class:`~vitprune.deps.flops.RemovalPrices`, one rule for FLOPs and
+    latency). Priced at ``counts``, a layer whose channels were narrowed earlier in the same event
+    saves only what is left of it, so the event does not count those channels twice. A factorised
+    activation saves no FLOPs (its GELU's time in ms, less as its width shrinks)."""
     rule = ActivationRemoval([], settings.merge)
     return {"attention": {b.index: partial(cost_model.attention_saving, b, settings.variant)
                           for b in _layers(gm, "attention", settings.variant)},
             "activation": {s.index: partial(cost_model.activation_saving, s, rule.merges(s))
                            for s in _layers(gm, "activation", settings.variant)}}
-
-
-def _unchanged(saved: float, counts: dict[int, int]) -> float:
-    return saved
 
 
 def _divergence(model: nn.Module, batches: list, references: list) -> float:
