@@ -85,14 +85,13 @@ class _CpuUse:
     tasks, not CPU taken, and in a VM it can read 4-5 while both CPUs sit idle (seen here)."""
 
     def __init__(self) -> None:
-        self.start = (time.perf_counter(), _busy_s(), _own_s())
+        self.wall, self.busy, self.own = time.perf_counter(), _busy_s(), _own_s()
 
     def others(self) -> float | None:
-        wall, busy, own = (b - a if a is not None and b is not None else None
-                           for a, b in zip(self.start, (time.perf_counter(), _busy_s(), _own_s())))
-        if busy is None or wall <= 0:
+        wall, busy = time.perf_counter() - self.wall, _busy_s()
+        if busy is None or self.busy is None or wall <= 0:
             return None
-        return max(0.0, busy - own) / wall
+        return max(0.0, (busy - self.busy) - (_own_s() - self.own)) / wall
 
 
 def _busy_s() -> float | None:

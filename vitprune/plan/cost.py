@@ -263,15 +263,15 @@ class LatencyTable:
         if not missing and _entry("overhead", ()) in self.entries:
             return 0
         times = measure(missing, self.threads, runs=self.runs, warmup=self.warmup)
+        slow = slow_entries(times)
         for _ in range(_RETRIES):
-            slow = slow_entries(times)
             if not slow:
                 break
             again = measure(slow, self.threads, runs=self.runs, warmup=self.warmup, repeats=1)
             times.update({k: min(times[k], again[k]) for k in slow})
+            slow = slow_entries(times)
         self.entries.update({_entry(*k): v for k, v in times.items()})
         self.measured += len(missing)
-        slow = slow_entries(times)
         if slow:
             # a table timed while other work held the cores would mislead every later plan on this
             # machine (seen: 2-thread DeiT-B plans stopping at 0.87 of the FLOPs for a 0.5 latency
