@@ -19,6 +19,9 @@ MLP hidden a multiple of 64). ``proxy`` is the summed normalised L2 importance k
 issue's "at equal FLOPs"). ``est. ms`` is the cost model's estimate at batch 1 and the run's threads.
 
     python benchmarks/latency.py --targets 0.5 --variants --threads 1,2 --batches 1,8 --runs 10
+
+``--keep-round-to 16,64`` adds the ``keep`` plan at those ``round_to`` values (``keep@16``, ...) to the
+same interleaved run: how the default ``round_to`` was chosen.
 """
 from __future__ import annotations
 
@@ -73,11 +76,12 @@ def uniform_reference(dg, fm: FlopModel, groups, scores, goal: float) -> dict[st
 
 
 def variant_rows(model, name: str, target: float, threads: int, round_to: int, workdir: str,
-                 notes: list[str]) -> list[tuple]:
+                 notes: list[str], keep_round_to: tuple[int, ...] = ()) -> list[tuple]:
     """(label, path, flops, params, proxy, plan seconds, estimated ms, equal-FLOPs proxy) per width
     plan at ``target`` (the last: the ``latency`` plan's importance kept over that of the default
     ``keep`` plan planned to the same FLOPs, the issue's accuracy proxy; None on other rows);
-    the latency table's notes (e.g. measured on a busy machine, not cached) go to ``notes``."""
+    the latency table's notes (e.g. measured on a busy machine, not cached) go to ``notes``.
+    ``keep_round_to`` adds a ``keep@N`` plan per value: the default plan at another ``round_to``."""
     gm, dg = analyse(model, (3, 224, 224))
     fm = FlopModel(dg)
     groups = eligible_groups(dg, KINDS)
@@ -89,6 +93,10 @@ def variant_rows(model, name: str, target: float, threads: int, round_to: int, w
         keeps[policy] = plan_width(dg, fm, scores, groups, budget, round_to=round_to,
                                    head_dim_policy=policy).detail["keep"]
         times[policy] = time.perf_counter() - t0
+    for n in keep_round_to:
+        t0 = time.perf_counter()
+        keeps[f"keep@{n}"] = plan_width(dg, fm, scores, groups, budget, round_to=n).detail["keep"]
+        times[f"keep@{n}"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     lm = LatencyModel(dg, LatencyTable(threads, 1))
     keeps["latency"] = plan_width(dg, lm, scores, groups, Budget.latency(lm.cost(), target),
@@ -115,7 +123,8 @@ def variant_rows(model, name: str, target: float, threads: int, round_to: int, w
 
 
 def run(model_name: str, targets: list[float], batches: list[int], threads: int, runs: int,
-        round_to: int, workdir: str, variants: bool = False, notes: list[str] | None = None) -> list[dict]:
+        round_to: int, workdir: str, variants: bool = False, notes: list[str] | None = None,
+        keep_round_to: tuple[int, ...] = ()) -> list[dict]:
     torch.manual_seed(0)
     model = timm.create_model(model_name, pretrained=False).eval()
     x = example_input_for((3, 224, 224), batch=1)
@@ -128,7 +137,8 @@ def run(model_name: str, targets: list[float], batches: list[int], threads: int,
         if variants:
             for label, path, flops, params, proxy, secs, est, eq in variant_rows(model, model_name, target, threads,
                                                                               round_to, workdir,
-                                                                              notes if notes is not None else []):
+                                                                              notes if notes is not None else [],
+                                                                              keep_round_to):
                 paths.append(path)
                 info.append({"target": target, "flops": flops, "params": params, "compile_s": secs,
                              "plan": label, "proxy": proxy, "estimate_ms": est, "proxy_equal_flops": eq})
@@ -181,7 +191,9 @@ def main() -> None:
     p.add_argument("--variants", action="store_true",
                    help="time the shrink/keep/latency/ref width plans instead of compress() at each target")
     p.add_argument("--runs", type=int, default=20)
-    p.add_argument("--round-to", type=int, default=16)
+    p.add_argument("--round-to", type=int, default=CompressSpec().round_to)
+    p.add_argument("--keep-round-to", default="", metavar="N,N",
+                   help="with --variants: also time the keep plan at these round_to values (keep@N)")
     p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     args = p.parse_args()
     rows, notes = [], []
@@ -190,7 +202,8 @@ def main() -> None:
             for name in args.models.split(","):
                 rows += run(name, [float(t) for t in args.targets.split(",")],
                             [int(b) for b in args.batches.split(",")], threads, args.runs,
-                            args.round_to, workdir, args.variants, notes)
+                            args.round_to, workdir, args.variants, notes,
+                            tuple(int(n) for n in args.keep_round_to.split(",") if n))
     print(f"ORT {ort.__version__}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores, threads={args.threads}, round_to={args.round_to}\n")
     print(table(rows))

@@ -179,7 +179,7 @@ def test_every_flag_reaches_its_field():
 def test_help_shows_the_spec_defaults(capsys):
     _, out, _ = run(capsys, "compress", "--help")
     text = " ".join(out.split())
-    assert "(default 16)" in text and "(default identity_norm)" in text and "(default 0.0005)" in text
+    assert "(default 32)" in text and "(default identity_norm)" in text and "(default 0.0005)" in text
 
 
 @pytest.mark.parametrize("text,needle", [("0,x", "comma-separated block indices like 0,3,7"),

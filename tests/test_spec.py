@@ -16,7 +16,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_defaults():
     s = CompressSpec()
     assert s.target_flops is None and s.method == "width" and s.importance == "l2"
-    assert s.ranking == "global" and s.round_to == 16 and s.min_keep == 0.1
+    assert s.ranking == "global" and s.round_to == 32 and s.min_keep == 0.1
     assert (s.prune_residual, s.prune_mlp, s.prune_heads, s.prune_head_dim) == (True,) * 4
     assert (s.calib_batches, s.batch_size, s.seed, s.input_size) == (4, 8, 0, None)
     assert "width" in METHODS and isinstance(METHODS, tuple)
@@ -86,7 +86,7 @@ def test_yaml_file_partial(tmp_path):
     p = tmp_path / "s.yaml"
     p.write_text("target_flops: 0.6\nprune_mlp: false\n")
     s = CompressSpec.from_file(p)
-    assert s.target_flops == 0.6 and s.prune_mlp is False and s.round_to == 16
+    assert s.target_flops == 0.6 and s.prune_mlp is False and s.round_to == 32
 
 
 @pytest.mark.parametrize(

@@ -136,7 +136,7 @@ class CompressSpec:
     ranking: str = _field(
         "global", "global: normalised scores ranked across all groups; uniform: the same ratio in every group",
         choices=RANKINGS)
-    round_to: int = _field(16, "pruned widths are multiples of N where the group allows", read=int, metavar="N")
+    round_to: int = _field(32, "pruned widths are multiples of N where the group allows", read=int, metavar="N")
     head_dim_policy: str = _field(
         "keep", "keep: narrow attention by whole heads only (head_dim stays whole: faster in ORT); "
         "shrink: head_dim may narrow too", choices=HEAD_DIM_POLICIES)

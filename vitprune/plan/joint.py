@@ -91,7 +91,7 @@ class JointSettings:
     """How the joint planner may change the model (the spec's width and depth options)."""
 
     kinds: set[str]                       # channel-group kinds width moves may shrink
-    round_to: int = 16
+    round_to: int = 32
     head_dim_policy: str = "keep"         # "keep": attention narrows by whole heads only
     min_keep: float = 0.1
     variant: str = "identity_norm"
@@ -128,7 +128,8 @@ def plan_joint(gm: fx.GraphModule, budget: Budget, batches: list, settings: Join
         # than is left to save, and a width unit then serves better
         room = now - (budget.limit - budget.tolerance * budget.base)
         moves, states = _rank_moves(gm, cost_model, batches, settings, caps, teacher)
-        chosen, void = _choose(moves, states, cost_model, (quota, room), gm, settings)
+        left = {k: caps[k] - len(removed_layers(gm, k)) for k in KINDS}
+        chosen, void = _choose(moves, states, cost_model, (quota, room), gm, settings, left)
         gm, steps = _apply(gm, chosen, void, states, settings, manager)
         recipe += steps
         events.append(_describe(event, chosen, budget, _cost_model(cost, gm, budget).cost()))
@@ -349,13 +350,15 @@ class _GroupState:
 
 # -- choosing and applying -------------------------------------------------------------------------
 def _choose(moves: list[Move], states: dict[str, _GroupState], cost_model: CostModel,
-            limits: tuple[float, float], gm: fx.GraphModule,
-            settings: JointSettings) -> tuple[list[Move], set[str]]:
+            limits: tuple[float, float], gm: fx.GraphModule, settings: JointSettings,
+            left: dict[str, int]) -> tuple[list[Move], set[str]]:
     """Greedy by loss per unit of cost saved until the event's quota is saved, never saving more than
-    ``room`` (``limits = (quota, room)``). A move's saving depends on the widths chosen before it (the
+    ``room`` (``limits = (quota, room)``) nor removing more layers of a kind than ``left`` allows (the
+    cap_share left after earlier events). A move's saving depends on the widths chosen before it (the
     residual stream feeds every linear), so it is re-priced when it comes up. Returns the moves and
     the groups that leave with a removed layer (their width moves, even earlier ones, are void)."""
     quota, room = limits
+    left = dict(left)
     heap = list(moves)
     heapq.heapify(heap)
     counts: dict[int, int] = {}
@@ -363,7 +366,8 @@ def _choose(moves: list[Move], states: dict[str, _GroupState], cost_model: CostM
     chosen, saved = [], 0.0
     while heap and saved < quota:
         move = heapq.heappop(heap)
-        if saved + move.saved > room or (move.kind == "width" and move.target in dead):
+        if saved + move.saved > room or (move.kind == "width" and move.target in dead) \
+                or (move.kind != "width" and left[move.kind] <= 0):
             continue
         fresh = _repriced(move, states, cost_model, counts)
         if fresh is None:
@@ -380,6 +384,7 @@ def _choose(moves: list[Move], states: dict[str, _GroupState], cost_model: CostM
             if nxt is not None:
                 heapq.heappush(heap, nxt)
         else:
+            left[move.kind] -= 1
             dead |= _groups_of_layer(gm, move, states, settings)
         chosen.append(move)
         saved += move.saved
