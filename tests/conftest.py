@@ -99,12 +99,29 @@ def _op_work(kind: str, key: tuple[int, ...]) -> float:
     return float(np.prod(key)) if key else 0.0
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _latency_cache(tmp_path_factory):
+    """Latency tables measured by tests (small graphs, a machine busy with the suite) go to a
+    folder of the session's, never into the user's ``~/.cache/vitprune``, where later real plans
+    would read them."""
+    before = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+    yield
+    if before is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = before
+
+
 @pytest.fixture
-def op_timer(monkeypatch):
+def op_timer(monkeypatch, tmp_path):
     """Latency tables timed by a deterministic stand-in for ONNX Runtime: 1 ms per 10^6 multiply-adds
     or elements plus 2 µs a kernel, 10 µs a call. Tests of planning logic on the latency model use
     it so that a table entry measured late (a rewritten graph's own widths) agrees with the earlier
-    ones exactly; real timing is tested in test_cost and test_bench."""
+    ones exactly; real timing is tested in test_cost and test_bench. Its tables are cached in a
+    folder of the test's own, so no test reads them as measured ones."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "op-timer-cache"))
+
     def measure(keys, threads, *, runs=7, warmup=2, repeats=2):
         out = {k: 1e-6 * _op_work(*k) + 2e-3 for k in keys if k[0] != "chain"}
         out.update({k: 32 * 2e-3 for k in keys if k[0] == "chain"})
