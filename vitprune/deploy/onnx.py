@@ -10,8 +10,9 @@ re-exported as is, with a symbolic batch axis (``Dim("batch")``). On ``deit_tiny
 blocks) that gives 503 nodes, no Constant/Identity clutter and ORT parity ~1e-6, and pruned graphs
 (qkv rows sliced, reshape constants rewritten, ``topk``/``gather`` token selection) export the same
 way. The TorchScript exporter (dynamo=False) is deprecated since torch 2.9 and gave about twice the
-nodes. The program is always traced at batch >= 2 (a batch of 1 would be specialised and baked in),
-and a reshape of a transposed tensor reads a contiguous copy first (see ``_materialise_layouts``).
+nodes. The program is :func:`vitprune.frontend.capture.export_program`'s, always traced at batch >= 2 (a
+batch of 1 would be specialised and baked in), and a reshape of a transposed tensor reads a
+contiguous copy first (see ``_materialise_layouts``).
 
 Opset: the dynamo exporter implements opset 18 natively; a lower opset is reached by onnx's version
 converter, which *silently keeps opset 18* when it cannot convert (seen for ``ReduceMean`` and
@@ -37,7 +38,8 @@ import torch
 from torch.onnx import _constants as torch_onnx
 
 from vitprune.deploy import DEFAULT_OPSET
-from vitprune.errors import ExportError, InputError, VitpruneError
+from vitprune.errors import ExportError, InputError, UnsupportedModelError, VitpruneError
+from vitprune.frontend.capture import BATCH_DIM, export_program
 
 __all__ = ["export_onnx", "onnx_op_counts", "run_onnx", "ort_session", "check_opset", "supported_opsets",
            "EXPORTER", "DEFAULT_OPSET"]
@@ -46,7 +48,6 @@ __all__ = ["export_onnx", "onnx_op_counts", "run_onnx", "ort_session", "check_op
 EXPORTER = "torch.onnx.export(dynamo=True)"
 INPUT_NAME = "input"
 OUTPUT_NAME = "output"
-BATCH_DIM = "batch"
 _PARITY_SEED = 0
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -298,16 +299,20 @@ def _to_proto(model: torch.nn.Module, example_input: torch.Tensor, opset: int,
               dynamic_batch: bool) -> onnx.ModelProto:
     """Run the exporter in memory; weights are embedded (``external_data=False``) in the proto.
 
-    dynamo=True, not the TorchScript exporter: see the module docstring.
+    dynamo=True, not the TorchScript exporter: see the module docstring. With a dynamic batch the
+    program is :func:`~vitprune.frontend.capture.export_program`'s, the one ``torch.export`` call
+    behind the captured IR and the ``.pt2`` too (batch named ``"batch"``, traced at batch >= 2).
     """
-    dynamic_shapes = ({0: torch.export.Dim(BATCH_DIM, min=1)},) if dynamic_batch else None
-    if dynamic_batch and example_input.shape[0] < 2:
-        # torch.export specialises a size-1 dim: exporting at batch 1 bakes the batch into views
-        # and reshapes (ORT then rejects batch 4), so the program is always traced at batch 2
-        example_input = example_input.expand(2, *example_input.shape[1:]).contiguous()
+    if dynamic_batch:
+        try:
+            model = export_program(model, example_input)
+        except UnsupportedModelError as e:  # export_onnx's failures are ExportErrors
+            raise ExportError(f"ONNX export of {type(model).__name__} failed: {e}") from e
     program = torch.onnx.export(
         model, (example_input,), None, dynamo=True, opset_version=opset,
-        input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_shapes=dynamic_shapes,
+        input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+        # on a program this only names the axis: ONNX says "batch", not the symbol ("s77")
+        dynamic_shapes=({0: torch.export.Dim(BATCH_DIM, min=1)},) if dynamic_batch else None,
         external_data=False, optimize=True, verbose=False,
     )
     return program.model_proto

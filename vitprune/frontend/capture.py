@@ -73,12 +73,16 @@ def capture(model: nn.Module, example_input: torch.Tensor) -> fx.GraphModule:
     return gm.eval()
 
 
+#: The name of the dynamic batch axis, in the exported program and in the ONNX file.
+BATCH_DIM = "batch"
+
+
 def export_program(model: nn.Module, example_input: torch.Tensor) -> torch.export.ExportedProgram:
     """``torch.export`` as vitprune uses it everywhere: non-strict, the batch dynamic, every other
     size static from ``example_input``; a failure is one line naming the user's source line. The one
     export call behind both the captured IR and the ``.pt2`` output."""
     x = _batch_of_two(example_input)
-    batch = torch.export.Dim("batch", min=1)
+    batch = torch.export.Dim(BATCH_DIM, min=1)
     try:
         with torch.no_grad(), _quiet_torch_logs():
             return torch.export.export(model, (x,), strict=False, dynamic_shapes=({0: batch},))
