@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import MODELS, tiny, traced
+from conftest import MODELS, set_fused_attention, tiny, tiny_vit, traced
 from vitprune.deps import DependencyGraph
 
 
@@ -57,6 +57,23 @@ def test_heads_and_head_dim_are_factors_of_qkv_rows():
     rows = torch.arange(3 * heads * head_dim)
     assert (torch.as_tensor(qkv.coords) == (rows // head_dim) % heads).all()
     assert head.granularity == head_dim
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["sdpa", "matmul_softmax"])
+def test_one_head_attention_is_a_head_dim_and_keeps_its_name(fused):
+    """With one head no reshape splits heads out of q/k/v; q·k still sums over the channels, so the
+    group is the attention's head-dim (not an MLP-like "hidden"), under the name it had with two heads
+    (names are keys in recipes: a block pruned to one head must not be renamed)."""
+    two = DependencyGraph.build(traced(tiny_vit(num_heads=2, depth=1, embed_dim=64)))
+    model = tiny_vit(num_heads=1, depth=1, embed_dim=64)
+    set_fused_attention(model, fused)
+    one = DependencyGraph.build(traced(model))
+    kinds = groups_by_kind(one)
+    assert "head" not in kinds and len(kinds["hidden"]) == 1 and len(kinds["head_dim"]) == 1
+    assert kinds["hidden"][0].members[0].param == "blocks.0.mlp.fc1.weight"
+    assert kinds["head_dim"][0].size == 64
+    assert {m.param for m in kinds["head_dim"][0].members} >= {"blocks.0.attn.qkv.weight", "blocks.0.attn.proj.weight"}
+    assert kinds["head_dim"][0].name == next(g.name for g in two.groups if g.kind == "head_dim")
 
 
 def test_qk_norm_weights_join_head_dim():

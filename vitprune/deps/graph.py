@@ -50,7 +50,7 @@ class DependencyGraph:
         for node in gm.graph.nodes:
             ctx.node_dims[node] = _node_dims(ctx, node, param_dims, unsupported)
         dg = cls(gm, table, ctx.node_dims, _in_use_order(gm, param_dims), unsupported=unsupported)
-        dg.groups = dg._collect_groups(ctx.param_roles)
+        dg.groups = dg._collect_groups(ctx.param_roles, ctx.contracted)
         return dg
 
     # -- queries ------------------------------------------------------------------------------
@@ -73,8 +73,9 @@ class DependencyGraph:
         return self.table.mask(axis, keep)
 
     # -- internals ----------------------------------------------------------------------------
-    def _collect_groups(self, roles: dict[tuple[str, int], set[str]]) -> list[ChannelGroup]:
+    def _collect_groups(self, roles: dict[tuple[str, int], set[str]], contracted: list[int]) -> list[ChannelGroup]:
         t = self.table
+        summed = {leaf for axis in contracted for leaf in t.leaves(axis)}
         members: dict[int, list[GroupMember]] = {}
         positions: dict[int, set[str]] = {}
         for name, axes in self.param_dims.items():
@@ -91,7 +92,7 @@ class DependencyGraph:
         groups = []
         for leaf, ms in members.items():
             g = ChannelGroup(axis=leaf, size=t.size(leaf), members=ms,
-                             kind=classify(ms, positions.get(leaf, set())),
+                             kind=classify(ms, positions.get(leaf, set()), leaf in summed),
                              frozen=t.frozen_reason(leaf))
             groups.append(g)
         for g in groups:

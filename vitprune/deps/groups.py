@@ -36,7 +36,8 @@ class ChannelGroup:
     """A leaf axis of the dependency graph that owns parameter dims.
 
     ``kind`` is derived from the graph's structure, never from module names:
-    ``head`` (outer factor of a reshaped dim), ``head_dim`` (inner factor), ``residual`` (normalised
+    ``head`` (outer factor of a reshaped dim), ``head_dim`` (inner factor, or the channels of a
+    one-head attention: summed over by q·k), ``residual`` (normalised
     by two or more norms: the residual stream), ``hidden`` (a linear's output feeding another linear:
     the MLP hidden dim) or ``other``.
     """
@@ -73,8 +74,10 @@ class ChannelGroup:
         }
 
 
-def classify(members: list[GroupMember], factor_positions: set[str]) -> str:
-    """Name a group from how its channels appear in parameters (see :class:`ChannelGroup`)."""
+def classify(members: list[GroupMember], factor_positions: set[str], attention_summed: bool = False) -> str:
+    """Name a group from how its channels appear in parameters (see :class:`ChannelGroup`).
+    ``attention_summed``: a product of two activations sums over the group's axis (q·k). Such a
+    linear-to-linear group is a head-dim even when no reshape splits heads out of it (one head)."""
     if "outer" in factor_positions:
         return "head"
     if "inner" in factor_positions:
@@ -84,5 +87,5 @@ def classify(members: list[GroupMember], factor_positions: set[str]) -> str:
         return "residual"
     roles = [set(m.roles) for m in members]
     if any("linear_out" in r for r in roles) and any("linear_in" in r for r in roles):
-        return "hidden"
+        return "head_dim" if attention_summed else "hidden"
     return "other"

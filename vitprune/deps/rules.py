@@ -81,6 +81,9 @@ class RuleContext:
         self.t = table
         self.node_dims: dict[fx.Node, Any] = {}
         self.param_roles: dict[tuple[str, int], set[str]] = {}
+        # axes a product of two activations sums over (attention's q·k): a head-dim even where no
+        # reshape splits it into heads (a one-head attention), see DependencyGraph._collect_groups
+        self.contracted: list[int] = []
 
     def dims(self, x: Any) -> Dims | None:
         return self.node_dims.get(x) if isinstance(x, fx.Node) else None
@@ -99,6 +102,11 @@ class RuleContext:
     def fresh(self, shape: Sequence[int], frozen: str | None = None) -> Dims:
         return [self.t.new(s, frozen) for s in shape]
 
+    def contract(self, node: fx.Node, operands: Sequence[Any], axis: int) -> None:
+        """Record that ``node`` sums ``axis`` over a product of ``operands``, if none is a weight."""
+        if not any(_from_parameter(x) for x in operands):
+            self.contracted.append(axis)
+
     def role(self, x: Any, dim: int, role: str) -> None:
         """Record how a parameter dim is used (for naming groups: ``norm``, ``linear_out`` ...)."""
         if isinstance(x, fx.Node) and x.op == "get_attr":
@@ -108,6 +116,18 @@ class RuleContext:
         if len(node.args) > index:
             return node.args[index]
         return node.kwargs.get(name, default)
+
+
+#: Ops that re-view one tensor: a weight seen through them is still a weight (``mm(x, w.t())``).
+_REVIEWS = {"t", "transpose", "permute", "view", "reshape", "_unsafe_view", "expand", "contiguous", "clone",
+            "unsqueeze", "squeeze", "alias", "detach", "_to_copy"}
+
+
+def _from_parameter(x: Any) -> bool:
+    """``x`` is a parameter or buffer, possibly re-viewed (:data:`_REVIEWS`)."""
+    while isinstance(x, fx.Node) and x.op == "call_function" and op_key(x) in _REVIEWS and x.args:
+        x = x.args[0]
+    return isinstance(x, fx.Node) and x.op == "get_attr"
 
 
 def _neg(dim: int, ndim: int) -> int:
@@ -248,6 +268,7 @@ def matmul(ctx: RuleContext, node: fx.Node) -> Dims:
                 ctx.t.freeze(x, "matmul with a 1-D operand")
         return ctx.fresh(ctx.shape(node), frozen="matmul with a 1-D operand")
     ctx.t.unify(ad[-1], bd[-2])  # the contracted dim: q·k couples the head-dim of q and k
+    ctx.contract(node, [a, b], ad[-1])
     return _batch_broadcast(ctx, node, [a, b], 2) + [ad[-2], bd[-1]]
 
 
@@ -256,6 +277,7 @@ def sdpa(ctx: RuleContext, node: fx.Node) -> Dims:
     q, k, v = ctx.arg(node, 0, "query"), ctx.arg(node, 1, "key"), ctx.arg(node, 2, "value")
     qd, kd, vd = ctx.dims(q), ctx.dims(k), ctx.dims(v)
     ctx.t.unify(qd[-1], kd[-1])  # q·k contracts the head-dim
+    ctx.contract(node, [q, k], qd[-1])
     ctx.t.unify(kd[-2], vd[-2])  # keys and values share the sequence
     batch = _batch_broadcast(ctx, node, [q, k, v], 2)
     mask = ctx.arg(node, 3, "attn_mask")
@@ -603,6 +625,8 @@ def einsum(ctx: RuleContext, node: fx.Node) -> Dims:
         for a in full[1:]:
             ctx.t.unify(full[0], a)
         axis_of[label] = full[0]
+        if isinstance(label, str) and label not in rhs and len(items) > 1:  # summed over a product
+            ctx.contract(node, operands, full[0])
     out_shape = ctx.shape(node)
     out_labels = _subscripts(rhs, len(out_shape), width)
     out = [axis_of[l] if l in axis_of and ctx.t.size(axis_of[l]) == s else ctx.t.new(s)
