@@ -109,26 +109,29 @@ def test_scale_recipe_maps_blocks_widths_and_tokens():
 
 
 def test_scale_recipe_maps_a_block_left_with_one_head():
-    """A block pruned to one head has no head factor: its head-dim group is named hidden:… in the recipe.
-    It maps to the scale model's head-dim group (and to hidden:… where the scale model is left with one head)."""
+    """A block pruned to one head keeps its head-dim group's name (q·k still sums over it). It maps
+    to the scale model's head-dim group, whether that one is left with two heads or one; a recipe
+    written before one-head blocks were recognised (naming the group hidden:…) maps the same way."""
     src = _vit(depth=2, embed_dim=96, heads=3)
     from vitprune.api import replay
 
-    steps = [{"pass": "width", "counts": {"head:blocks.0.attn.qkv.weight[0]": 1}},
-             {"pass": "width", "counts": {"hidden:blocks.0.attn.qkv.weight[0]": 16}}]
+    head_dim = "head_dim:blocks.0.attn.qkv.weight[0]"
     gm = replay(src, [{"pass": "width", "keep": {"head:blocks.0.attn.qkv.weight[0]": [0]}},
-                      {"pass": "width", "keep": {"hidden:blocks.0.attn.qkv.weight[0]": list(range(16))}}], (3, 32, 32))
+                      {"pass": "width", "keep": {head_dim: list(range(16))}}], (3, 32, 32))
     assert gm.get_parameter("blocks.0.attn.qkv.weight").shape[0] == 3 * 16  # the recipe is what the planner sees
     dst = _vit(depth=4, embed_dim=192, heads=6, img=64)
-    out = sw.scale_recipe(steps, src, (3, 32, 32), dst, (3, 64, 64), round_to=16)
-    assert {k: len(v) for k, v in out[1]["keep"].items()} == {"head_dim:blocks.0.attn.qkv.weight[0]": 16,
-                                                             "head_dim:blocks.1.attn.qkv.weight[0]": 16}
-    scaled = replay(dst, out, (3, 64, 64))
-    assert scaled.get_parameter("blocks.0.attn.qkv.weight").shape[0] == 3 * 2 * 16  # 2 of 6 heads, 16 of 32
-    one = _vit(depth=2, embed_dim=192, heads=3, img=64)  # 1 of 3 heads here too: the replay names it hidden
-    out = sw.scale_recipe(steps, src, (3, 32, 32), one, (3, 64, 64), round_to=16)
-    assert list(out[1]["keep"]) == ["hidden:blocks.0.attn.qkv.weight[0]"]
-    assert replay(one, out, (3, 64, 64)).get_parameter("blocks.0.attn.qkv.weight").shape[0] == 3 * 32
+    one = _vit(depth=2, embed_dim=192, heads=3, img=64)  # 1 of 3 heads here too
+    for name in (head_dim, "hidden:blocks.0.attn.qkv.weight[0]"):
+        steps = [{"pass": "width", "counts": {"head:blocks.0.attn.qkv.weight[0]": 1}},
+                 {"pass": "width", "counts": {name: 16}}]
+        out = sw.scale_recipe(steps, src, (3, 32, 32), dst, (3, 64, 64), round_to=16)
+        assert {k: len(v) for k, v in out[1]["keep"].items()} == {head_dim: 16,
+                                                                 "head_dim:blocks.1.attn.qkv.weight[0]": 16}
+        scaled = replay(dst, out, (3, 64, 64))
+        assert scaled.get_parameter("blocks.0.attn.qkv.weight").shape[0] == 3 * 2 * 16  # 2 of 6 heads, 16 of 32
+        out = sw.scale_recipe(steps, src, (3, 32, 32), one, (3, 64, 64), round_to=16)
+        assert list(out[1]["keep"]) == [head_dim]
+        assert replay(one, out, (3, 64, 64)).get_parameter("blocks.0.attn.qkv.weight").shape[0] == 3 * 32
 
 
 def test_merge_states_joins_a_sweep_split_over_processes(tmp_path):

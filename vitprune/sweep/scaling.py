@@ -73,7 +73,6 @@ class _Mapping:
     dst_depth: int = 0
     bmap: list[int] = field(default_factory=list)
     removed_attention: set[int] = field(default_factory=set)
-    heads_left: dict[str, int] = field(default_factory=dict)  # dst head group (after "head:") → heads kept
 
     def __post_init__(self) -> None:
         self.src_depth, self.dst_depth = _depth_of(self.src_model), _depth_of(self.dst_model)
@@ -90,8 +89,8 @@ def _map_removal(step: dict[str, Any], mapping: _Mapping) -> dict[str, Any]:
 
 
 def _source_name(name: str, src_sizes: dict[str, int]) -> str:
-    """The group's name in the unpruned source model. An attention left with one head has no head
-    factor any more, so its head-dim group is classified ``hidden`` (:func:`~vitprune.deps.groups.classify`)
+    """The group's name in the unpruned source model. Recipes written before one-head attentions were
+    recognised (:func:`~vitprune.deps.groups.classify`) name such a block's head-dim group ``hidden``
     under the same first parameter dim: it is the source's ``head_dim`` group."""
     if name in src_sizes:
         return name
@@ -112,12 +111,8 @@ def _map_width(step: dict[str, Any], mapping: _Mapping, src_sizes: dict[str, int
         for t in targets:
             if t not in dst_sizes:
                 raise PlanError(f"cannot map width group {name}: {t} not in the scale model")
-            kind, _, rest = t.partition(":")
+            kind = t.partition(":")[0]
             n = _round_width(count, src_sizes[source], dst_sizes[t], kind, mapping.round_to)
-            if kind == "head":
-                mapping.heads_left[rest] = n
-            if kind == "head_dim" and mapping.heads_left.get(rest) == 1:
-                t = f"hidden:{rest}"  # the scale model's block is left with one head too: named as the replay sees it
             keep[t] = list(range(n))
     return {"pass": "width", "keep": keep}
 
