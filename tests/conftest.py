@@ -11,6 +11,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from vitprune.frontend.capture import example_input_for, capture
+from vitprune.plan.cost import _CHAIN
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +125,7 @@ def op_timer(monkeypatch, tmp_path):
 
     def measure(keys, threads, *, runs=7, warmup=2, repeats=2):
         out = {k: 1e-6 * _op_work(*k) + 2e-3 for k in keys if k[0] != "chain"}
-        out.update({k: 32 * 2e-3 for k in keys if k[0] == "chain"})
+        out.update({k: _CHAIN * 2e-3 for k in keys if k[0] == "chain"})  # _CHAIN kernels in a row
         return {**out, ("overhead", ()): 0.01}
     monkeypatch.setattr("vitprune.plan.cost.measure", measure)
     return measure

@@ -127,8 +127,8 @@ def plan_joint(gm: fx.GraphModule, budget: Budget, batches: list, settings: Join
         # no move may take the model below the budget's lower edge: a whole layer can save more
         # than is left to save, and a width unit then serves better
         room = now - (budget.limit - budget.tolerance * budget.base)
-        moves, states = _rank_moves(gm, cost_model, batches, settings, caps, teacher)
-        left = {k: caps[k] - len(removed_layers(gm, k)) for k in KINDS}
+        left = {k: caps[k] - len(removed_layers(gm, k)) for k in KINDS}  # layers each kind may still lose
+        moves, states = _rank_moves(gm, cost_model, batches, settings, left, teacher)
         chosen, void = _choose(moves, states, cost_model, (quota, room), gm, settings, left)
         gm, steps = _apply(gm, chosen, void, states, settings, manager)
         recipe += steps
@@ -172,10 +172,11 @@ def _references(gm: fx.GraphModule, batches: Sequence, teacher: nn.Module | None
 
 
 def _rank_moves(gm: fx.GraphModule, cost_model: CostModel, batches: list, settings: JointSettings,
-                caps: dict[str, int], teacher: nn.Module | None) -> tuple[list[Move], dict[str, "_GroupState"]]:
-    """Every move open now, and the width groups' removal orders (by group name)."""
+                left: dict[str, int], teacher: nn.Module | None) -> tuple[list[Move], dict[str, "_GroupState"]]:
+    """Every move open now (``left``: layers each kind may still lose), and the width groups'
+    removal orders (by group name)."""
     references = _references(gm, batches, teacher)
-    moves = _depth_moves(gm, cost_model, batches[:settings.depth_batches], references, settings, caps)
+    moves = _depth_moves(gm, cost_model, batches[:settings.depth_batches], references, settings, left)
     states = _group_states(cost_model, batches, references, settings)
     _calibrate(gm, states, batches[:settings.depth_batches], references)
     moves += [m for m in (s.next_move(cost_model, {}) for s in states.values()) if m is not None]
@@ -183,9 +184,10 @@ def _rank_moves(gm: fx.GraphModule, cost_model: CostModel, batches: list, settin
 
 
 def _depth_moves(gm: fx.GraphModule, cost_model: CostModel, batches: list, references: list,
-                 settings: JointSettings, caps: dict[str, int]) -> list[Move]:
-    """Every removable layer, its loss increase measured with the layer switched off by a gate."""
-    open_kinds = [k for k in KINDS if len(removed_layers(gm, k)) < caps[k]]
+                 settings: JointSettings, left: dict[str, int]) -> list[Move]:
+    """Every removable layer of a kind that may still lose one (``left``), its loss increase
+    measured with the layer switched off by a gate."""
+    open_kinds = [k for k in KINDS if left[k] > 0]
     if not open_kinds:
         return []
     prices = _layer_prices(gm, cost_model, settings)
