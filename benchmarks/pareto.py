@@ -1,61 +1,61 @@
-"""The accuracy/speedup Pareto benchmark: every compression method under the same fine-tuning budget.
+"""The accuracy/speedup Pareto benchmark: every compression method under the same training budget.
 
-1. Trains a base ViT (``VisionTransformer``, depth 6, 3 heads, 10 classes) on a task bundled with an
-   installed package (nothing downloaded) and caches it in ``OUT/base_<hash>.pt``. Two tasks:
+1. Trains a base ViT (timm ``VisionTransformer``, depth 6, 3 heads, 10 classes) on a task bundled with
+   an installed package (nothing downloaded) and caches it in ``OUT/base_<hash>.pt``. Tasks:
 
    ========= ==========================================================================================
-   mosaic    (default; the committed results) ``vitprune.train.mosaic``: 2×2 mosaics of scikit-learn
-             digits at 32×32, class = decile of 1·d_tl + 2·d_tr + 3·d_bl + 4·d_br, so every digit and
-             its position count; 20,000 train / 2,000 test mosaics from disjoint digit-image pools.
-             Base: patch 16 (each digit is one patch token), embed_dim 96, 12 epochs: 82.45% test
-             top-1, well below saturation, so methods separate (one test image = 0.05 points).
-             (Patch 8 — each digit split over 2×2 tokens — learned far slower: 60.7% after 24
-             epochs, 26 s of CPU each; patch 16 reaches 82% in 12 epochs of ~10 s.)
+   scatter   (default; the committed results) ``vitprune.train.mosaic`` on an 8×8 grid: 64×64 images
+             of 64 cells, one scikit-learn digit (8×8, its own resolution) in a random cell of each
+             quadrant, the other 60 cells uniform noise; class = decile of 1·d_tl + 2·d_tr + 3·d_bl +
+             4·d_br. Base: patch 8, so **64 patch tokens** (+ the class token), each cell one token:
+             attention must find the four digit tokens among 60 noise tokens and combine them, and it
+             is a DeiT-like share of the FLOPs (65 tokens at width 96; DeiT-S has 197 at 384).
+             20,000 train / 2,000 test mosaics from disjoint digit-image pools.
+   mosaic    the earlier task (issue 10's results): 2×2 mosaics at 32×32, patch 16, **5 tokens**.
    digits    (the smoke test, ``--quick``) ``vitprune.train.digits``: 1,797 8×8 digits upsampled to
-             32×32, 1,437 train / 360 test; base: patch 4. ~97% top-1: too easy to rank methods.
+             32×32, 1,437 train / 360 test; base: patch 4.
    ========= ==========================================================================================
 
-2. Sweeps the rows (the committed run: ``tp_width``, ``width``, ``blockdrop``, ``boundarydpt``,
-   ``boundarydpt+`` at 0.5/0.4/0.3/0.2 of the FLOPs, 3 seeds, 3 epochs each; ``--methods`` adds the others) with :func:`vitprune.sweep.run_sweep`, each point fine-tuned with the same budget
-   (distillation from the base model, same epochs / lr / batch), evaluated on the test split, exported
-   to ONNX and timed in ONNX Runtime interleaved with the base model's ONNX:
+2. Sweeps the rows with :func:`vitprune.sweep.run_sweep` under **equal step budgets**: every point gets
+   the same training data and the same total number of optimizer steps (batch 32, AdamW, lr 5e-4) —
+   the method's own (the gated depth search, the joint planner's probes and its recovery between
+   events: at most 40% of the budget) plus the fine-tune after pruning (distillation from the base
+   model) — so a row that trains while it plans pays for it. Two budgets: ``short`` and ``long``
+   (4× the steps; the research's claim is about recovery speed). Each point's split of its steps is
+   in the results.
 
-   ============== ======================================================================================
-   tp_width       Torch-Pruning's recommended timm ViT recipe (uniform ratio bisected to the FLOPs target)
-   width          vitprune width pruning (global ranking, heads/head-dim/MLP/residual)
-   blockdrop      naive depth: whole blocks dropped (defined here, see :func:`blockdrop`)
-   attention      attention-branch removal only (BoundaryDPT's pass and one-shot scores)
-   activation     activation removal only (fc2∘fc1 merged)
-   boundarydpt    BoundaryDPT: both kinds, alternating
-   boundarydpt+   BoundaryDPT+: depth, then width for the rest
-   cpvit          CP-ViT progressive token pruning
-   combo          BoundaryDPT+ with a static CP-ViT token cut (keep 70% from block 2)
-   ============== ======================================================================================
+   ================== =============================================================================
+   tp_width           Torch-Pruning's recommended timm ViT recipe (uniform ratio bisected to the target)
+   width              vitprune width pruning (global ranking, heads/MLP/residual)
+   blockdrop          naive depth: whole blocks dropped (defined here, see :func:`blockdrop`)
+   attention          attention-branch removal only (one-shot scores)
+   activation         activation removal only (fc2∘fc1 merged)
+   boundarydpt        BoundaryDPT: both kinds, the gated search with the step budget
+   boundarydpt+       the joint planner: depth and width moves priced after recovery (probes)
+   boundarydpt+paper  BoundaryDPT+ as published: 5/12 of each kind by the gated search, then width
+   cpvit              CP-ViT progressive token pruning
+   combo              BoundaryDPT+ with a static CP-ViT token cut (keep 70% from block 2)
+   ================== =============================================================================
 
-3. Measures each compressed *architecture* also at ImageNet size: rebuilt on ``deit_small_patch16_224``
-   (random weights; 12 blocks, 384 wide, 6 heads of 64, 196 patches) — block ``i`` of the base model
-   maps to DeiT-S blocks ``2i`` and ``2i+1``, every width group keeps the same fraction (rounded to 16,
-   heads to whole heads), every block keeps the same fraction of its patch tokens; Torch-Pruning's
-   uniform ratio is applied to DeiT-S by Torch-Pruning itself (see ``vitprune.sweep.scale_recipe``).
+3. Times every point's ONNX and the base model's **in one interleaved ONNX Runtime run** (1 thread) at
+   batch 1 and batch 32, both budgets together (``--rebench-runs``). The goals are read on the
+   benchmark's own model at batch 32 (``speedup``; ``speedup_b1`` beside it). ``--scale`` adds the
+   earlier DeiT-S 224 mapping (every architecture rebuilt on DeiT-S, timed against it).
 
-    python benchmarks/pareto.py --write-results   # the full benchmark on mosaics, 3 seeds; updates
-                                                  # benchmarks/pareto.{md,json,png} (the committed results)
-    python benchmarks/pareto.py --quick --out DIR # smoke test: digits, embed_dim 48 base on 600 images,
-                                                  # 3 rows, 1 target, 1 seed, 1 epoch, no DeiT-S latency
-    python benchmarks/pareto.py --methods width,tp_width --out DIR   # a subset of the rows
-    python benchmarks/pareto.py --out A --methods tp_width,width,blockdrop &     # one sweep on two cores:
-    python benchmarks/pareto.py --out B --methods boundarydpt,boundarydpt+; wait # a process per core, then
-    python benchmarks/pareto.py --out A --merge B --write-results                # one report (re-timed together)
+    python benchmarks/pareto.py --write-results   # the full benchmark; updates benchmarks/pareto.{md,json,png}
+    python benchmarks/pareto.py --quick --out DIR # smoke test: digits, tiny budget, 3 rows, 1 seed
+    python benchmarks/pareto.py --out A --budgets long --methods tp_width,width &        # one sweep on two
+    python benchmarks/pareto.py --out B --budgets long --methods boundarydpt+; wait      # cores: a process
+    python benchmarks/pareto.py --out A --merge B --write-results                        # per core, then one report
 
 Every run writes only under ``--out`` (default ``$TMPDIR/vitprune-pareto-<task>[-quick]``):
-``sweep.json`` (every point, resumable), ``sweep.md``, ``sweep.png`` (base-model speedup),
-``sweep_deit_s.png`` (DeiT-S speedup), and ``pareto.md`` / ``pareto.json`` / ``pareto.png`` (the
-report, every point as ``{"task", "base_top1", "points": [{method, target, seed, top1, speedup}]}``
-with the DeiT-S ORT speedup, and the DeiT-S plot). Only ``--write-results`` copies those three into
-``benchmarks/`` — and only for the full kind of run (mosaic task, ≥ 3 seeds, DeiT-S latency); a
-``<!-- reading -->`` … ``<!-- /reading -->`` section already in ``benchmarks/pareto.md`` is kept.
-Paths do not depend on the working directory. Resumable: rerun the same command and only missing
-points are computed.
+``<budget>/sweep.json`` (every point of that budget, resumable), ``<budget>/sweep.{md,png}``, and
+``pareto.md`` / ``pareto.json`` / ``pareto.png`` (the report; ``pareto.json`` has one schema, read by
+other tools: ``{"task": {"name", "test_images", "tokens"}, "base_top1", "points": [{"method",
+"target", "seed", "budget", "steps", "top1", "speedup", "speedup_b1"}]}``). Only ``--write-results``
+copies those three into ``benchmarks/``, and only for the full kind of run (scatter task, ≥ 3 seeds,
+the long budget). A ``<!-- reading -->`` … ``<!-- /reading -->`` section already in
+``benchmarks/pareto.md`` is kept. Resumable: rerun the same command and only missing points are computed.
 
 Block dropping: no vitprune pass removes a whole MLP (activation removal keeps a merged linear), so
 ``blockdrop`` is a plain module rewrite here: ``model.blocks`` becomes a ``Sequential`` of the kept
@@ -66,12 +66,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import datetime
 import hashlib
 import json
-import math
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -86,35 +85,45 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout, from any cwd
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from vitprune import sweep as sw  # noqa: E402
 from vitprune.train.digits import digits_splits  # noqa: E402
 from vitprune.train.mosaic import mosaic_splits  # noqa: E402
 from vitprune.errors import PlanError  # noqa: E402
 from vitprune.deps.flops import count_flops  # noqa: E402
 from vitprune.train.finetune import FinetuneConfig, evaluate, finetune  # noqa: E402
+import pareto_report as report  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = {ext: os.path.join(HERE, f"pareto.{ext}") for ext in ("md", "json", "png")}  # the committed results
 MIN_SEEDS = 3  # committed results: mean ± std over at least this many seeds per point
-VITPRUNE_METHODS = ("width", "attention", "activation", "boundarydpt", "boundarydpt+", "cpvit", "combo")
-ALL_METHODS = ("tp_width", "width", "blockdrop", "attention", "activation", "boundarydpt", "boundarydpt+",
-               "cpvit", "combo")
+ALL_METHODS = report.ALL_METHODS
+DEPTH_METHODS = ("boundarydpt", "boundarydpt+", "boundarydpt+paper")
 SCALE_NAME = "deit_small_patch16_224"
+BATCH = 32  # training and calibration batch, and the batch the goals' speedups are timed at
+TIMED_BATCHES = (1, BATCH)
 
 # the tasks: data, the base model's shape and its training budget (lr, batch, epochs)
 TASKS = {
-    "mosaic": dict(title="digit mosaics", patch_size=16, embed_dim=96, base_epochs=12, base_batch=64, base_lr=2e-3,
-                   train_images=20_000, test_images=2_000),
-    "digits": dict(title="digits", patch_size=4, embed_dim=96, base_epochs=40, base_batch=32, base_lr=2e-3,
-                   train_images=1_437, test_images=360),
+    "scatter": dict(title="scattered digit mosaics", image_size=64, grid=8, background=0.15, patch_size=8,
+                    embed_dim=96, base_epochs=20, base_batch=64, base_lr=2e-3, train_images=20_000,
+                    test_images=2_000),
+    "mosaic": dict(title="digit mosaics", image_size=32, grid=2, background=0.0, patch_size=16, embed_dim=96,
+                   base_epochs=12, base_batch=64, base_lr=2e-3, train_images=20_000, test_images=2_000),
+    "digits": dict(title="digits", image_size=32, patch_size=4, embed_dim=96, base_epochs=40, base_batch=32,
+                   base_lr=2e-3, train_images=1_437, test_images=360),
 }
-# the committed run: the rows issue 10's goals name (and depth-only / naive depth for reference), the
-# targets where DeiT-S runs ≥ 2× faster; the other rows run with --methods
-FULL = dict(task="mosaic", targets=(0.5, 0.4, 0.3, 0.2), methods=("tp_width", "width", "blockdrop", "boundarydpt",
-                                                                  "boundarydpt+"), seeds=(0, 1, 2), epochs=3,
-            train_subset=None, runs=30, scale=True)
-QUICK = dict(task="digits", targets=(0.5,), methods=("tp_width", "width", "boundarydpt+"), seeds=(0,), epochs=1,
-             base_epochs=10, embed_dim=48, train_subset=600, runs=10, scale=False)
+#: Optimizer steps per point (batch 32): the short budget is one pass over the 20,000 training
+#: mosaics at most (625 steps); the long one is 4× it.
+BUDGETS = {"short": 500, "long": 2000}
+# the committed run: the rows issue 19's goals name, the targets where width reaches ≥ 2×, and one
+# lower target for the depth rows (where depth may extend the frontier past width's fastest point)
+FULL = dict(task="scatter", targets=(0.5, 0.35, 0.25), depth_targets=(0.15,),
+            methods=("tp_width", "width", "boundarydpt", "boundarydpt+", "boundarydpt+paper", "cpvit"),
+            seeds=(0, 1, 2), budgets=("short", "long"), steps=BUDGETS, train_subset=None, runs=30, scale=False)
+QUICK = dict(task="digits", targets=(0.5,), depth_targets=(), methods=("tp_width", "width", "boundarydpt+"),
+             seeds=(0,), budgets=("short",), steps={"short": 30, "long": 120}, base_epochs=10, embed_dim=48,
+             train_subset=600, runs=10, scale=False)
 
 
 # ---------------------------------------------------------------------------------------------- block dropping
@@ -154,17 +163,23 @@ sw.register(sw.Method("blockdrop", "naive depth (whole blocks)", blockdrop, bloc
 
 # ---------------------------------------------------------------------------------------------- base model
 def make_model(s: dict[str, Any]) -> nn.Module:
-    return VisionTransformer(img_size=32, patch_size=s["patch_size"], embed_dim=s["embed_dim"], depth=6, num_heads=3,
-                             num_classes=10)
+    return VisionTransformer(img_size=s["image_size"], patch_size=s["patch_size"], embed_dim=s["embed_dim"], depth=6,
+                             num_heads=3, num_classes=10)
+
+
+def tokens(s: dict[str, Any]) -> int:
+    """Patch tokens of the task's base model (the class token not counted)."""
+    return (s["image_size"] // s["patch_size"]) ** 2
 
 
 def data(s: dict[str, Any], batch_size: int, seed: int = 0) -> tuple[DataLoader, DataLoader]:
     """The task's (train, test) loaders; the data split is fixed (seed 0), ``seed`` only shuffles."""
-    if s["task"] == "mosaic":
-        train_ds, test_ds = mosaic_splits(image_size=32, train_size=s["train_images"], test_size=s["test_images"])
+    if s["task"] in ("scatter", "mosaic"):
+        train_ds, test_ds = mosaic_splits(image_size=s["image_size"], train_size=s["train_images"],
+                                          test_size=s["test_images"], grid=s["grid"], background=s["background"])
         train_ds, test_ds = train_ds.materialize(), test_ds.materialize()
     else:
-        train_ds, test_ds = digits_splits(image_size=32, seed=0)
+        train_ds, test_ds = digits_splits(image_size=s["image_size"], seed=0)
     if s["train_subset"] is not None:  # a fixed stratified-enough subset: every k-th training image
         step = max(1, len(train_ds) // s["train_subset"])
         train_ds = Subset(train_ds, list(range(0, len(train_ds), step))[:s["train_subset"]])
@@ -177,6 +192,8 @@ def base_model(out: str, s: dict[str, Any], log=print) -> tuple[nn.Module, dict]
     """Train (or load the cached) base model; returns it and its training record."""
     recipe = [s["task"], s["patch_size"], s["embed_dim"], s["base_epochs"], s["train_subset"], s["base_lr"],
               s["base_batch"], 1.0]
+    if s["task"] == "scatter":  # (the earlier tasks keep their cache keys)
+        recipe += [s["image_size"], s["grid"], s["background"]]
     key = hashlib.sha1(json.dumps(recipe).encode()).hexdigest()[:10]
     path = os.path.join(out, f"base_{key}.pt")
     torch.manual_seed(0)
@@ -193,7 +210,7 @@ def base_model(out: str, s: dict[str, Any], log=print) -> tuple[nn.Module, dict]
         warmup_epochs=min(1.0, s["base_epochs"] / 4), weight_decay=0.05, seed=0, progress=False))
     record = {"epochs": s["base_epochs"], "seconds": round(time.perf_counter() - t0, 1),
               "cpu_seconds": round(time.process_time() - c0, 1), "top1": evaluate(model, test),
-              "curve": [round(e["top1"], 2) for e in hist["epochs"]]}
+              "curve": [round(e["top1"], 2) for e in hist["epochs"]], "threads": torch.get_num_threads()}
     fd, tmp = tempfile.mkstemp(dir=out, suffix=".pt.tmp")
     os.close(fd)
     torch.save({"state_dict": model.state_dict(), "record": record}, tmp)
@@ -201,259 +218,34 @@ def base_model(out: str, s: dict[str, Any], log=print) -> tuple[nn.Module, dict]
     return model.eval(), record
 
 
-def results_json(state: dict, s: dict[str, Any]) -> dict[str, Any]:
-    """Every finished point, one per seed: top-1 (%) and the DeiT-S-mapped ORT speedup (None without it)."""
-    points = [{"method": p["method"], "target": p["target"], "seed": p["seed"], "top1": round(p["top1"], 3),
-               "speedup": round(p["scaled"]["speedup"], 4) if p.get("scaled") else None}
-              for p in state["points"].values() if p["status"] == "done"]
-    points.sort(key=lambda p: (ALL_METHODS.index(p["method"]) if p["method"] in ALL_METHODS else 99,
-                               -p["target"], p["seed"]))
-    return {"task": {"name": s["task"], "test_images": s["test_images"]}, "base_top1": round(state["original"]["top1"], 3),
-            "speedup": f"ORT latency of {SCALE_NAME} ÷ the same architecture rebuilt on it (batch 1, CPU)",
-            "points": points}
-
-
-# ---------------------------------------------------------------------------------------------- frontier analysis
-def frontier_at(rows: list[dict], methods: Sequence[str], speed: str, s: float) -> dict | None:
-    """The row with the best mean top-1 among ``methods`` whose mean speedup is ≥ ``s`` (None: none)."""
-    cands = [r for r in rows if r["method"] in methods and r.get(speed) is not None and r[speed] >= s - 1e-9]
-    return max(cands, key=lambda r: r["top1"]) if cands else None
-
-
-def compare_frontiers(rows: list[dict], speed: str) -> dict[str, Any]:
-    """vitprune's frontier against Torch-Pruning's at speedups ≥ 1.5× (the frontier at ``s`` = the best
-    mean top-1 of any row at least ``s`` times faster than the original)."""
-    tp = sorted(r[speed] for r in rows if r["method"] == "tp_width" and r.get(speed) is not None)
-    tp_max = tp[-1] if tp else None
-    floor2 = lambda x: math.floor(x * 100) / 100  # noqa: E731  (a grid point never exceeds its row's speedup)
-    grid = {1.5, 2.0} | {floor2(x) for x in tp if x >= 1.5}
-    grid |= {floor2(r[speed]) for r in rows if r["method"] in VITPRUNE_METHODS and r.get(speed)
-             and 1.5 <= r[speed] <= (tp_max or 0)}
-    checks = []
-    for s in sorted(grid):
-        vp, tpr = frontier_at(rows, VITPRUNE_METHODS, speed, s), frontier_at(rows, ("tp_width",), speed, s)
-        checks.append({"speedup": s, "vitprune": vp and vp["top1"], "vitprune_row": vp and f"{vp['method']}@{vp['target']:g}",
-                       "vitprune_std": vp and vp["top1_std"], "tp": tpr and tpr["top1"],
-                       "tp_row": tpr and f"tp_width@{tpr['target']:g}", "tp_std": tpr and tpr["top1_std"]})
-    comparable = [c for c in checks if c["tp"] is not None]
-    dominated = bool(comparable) and all(c["vitprune"] is not None and c["vitprune"] >= c["tp"] for c in comparable)
-    at2 = next((c for c in checks if c["speedup"] == 2.0), None)
-    gap2 = None if not at2 or at2["vitprune"] is None or at2["tp"] is None else at2["vitprune"] - at2["tp"]
-    beyond = frontier_at(rows, VITPRUNE_METHODS, speed, (tp_max or 0) + 1e-6)
-    return {"speed": speed, "checks": checks, "dominates_where_tp_reaches": dominated, "tp_max_speedup": tp_max,
-            "gap_at_2x": gap2, "at2": at2, "beyond": beyond}
-
-
-def method_goal(rows: list[dict], speed: str, ours: str, theirs: str, margin: float, speeds: str = "from2") -> dict:
-    """Issue 10's goals: the frontier of row ``ours`` against row ``theirs`` — at 2× only (``speeds="at2"``)
-    or at 2× and at every speedup ≥ 2× that either row reaches (``"from2"``) — must lead by ``margin`` points.
-    A speedup where one of the two has no row that fast is listed but decides nothing."""
-    floor2 = lambda x: math.floor(x * 100) / 100  # noqa: E731
-    grid = {2.0}
-    if speeds == "from2":
-        grid |= {floor2(r[speed]) for r in rows if r["method"] in (ours, theirs) and (r.get(speed) or 0) >= 2.0}
-    checks = []
-    for s in sorted(grid):
-        a, b = frontier_at(rows, (ours,), speed, s), frontier_at(rows, (theirs,), speed, s)
-        delta = None if a is None or b is None else a["top1"] - b["top1"]
-        checks.append({"speedup": s, "ours": a, "theirs": b, "delta": delta})
-    decided = [c["delta"] for c in checks if c["delta"] is not None]
-    return {"ours": ours, "theirs": theirs, "margin": margin, "speed": speed, "checks": checks,
-            "met": bool(decided) and all(d >= margin for d in decided)}
-
-
-def goal_lines(g: dict) -> list[str]:
-    """A Markdown table of one :func:`method_goal` check and its verdict."""
-    def cell(r: dict | None) -> str:
-        return "no row this fast" if r is None else \
-            f"{r['top1']:.2f}" + (f" ± {r['top1_std']:.2f}" if r.get("top1_std") else "") + \
-            f" ({r['method']}@{r['target']:g}, {r[g['speed']]:.2f}×)"
-
-    lines = [f"| speedup ≥ | {g['ours']} | {g['theirs']} | Δ points (goal ≥ +{g['margin']:g}) |",
-             "|---:|---|---|---:|"]
-    lines += [f"| {c['speedup']:.2f}× | {cell(c['ours'])} | {cell(c['theirs'])} | "
-              + ("–" if c["delta"] is None else f"{c['delta']:+.2f}") + " |" for c in g["checks"]]
-    lines += ["", f"- goal {g['ours']} ≥ {g['theirs']} + {g['margin']:g}: **{'met' if g['met'] else 'NOT met'}**"]
-    return lines
-
-
-def ascii_plot(rows: list[dict], speed: str, orig_top1: float, width: int = 64, height: int = 18) -> str:
-    """A text scatter of top-1 vs speedup (one letter per method) for the Markdown report."""
-    pts = [(r[speed], r["top1"], r["method"]) for r in rows if r.get(speed) is not None and r.get("top1") is not None]
-    pts.append((1.0, orig_top1, "original"))
-    letters = {m: c for m, c in zip(ALL_METHODS + ("original",), "TWBAXDPCKO")}
-    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
-    grid = [[" "] * width for _ in range(height)]
-    for x, y, m in pts:
-        i = int((y1 - y) / max(1e-9, y1 - y0) * (height - 1))
-        j = int((x - x0) / max(1e-9, x1 - x0) * (width - 1))
-        grid[i][j] = letters.get(m, "?") if grid[i][j] == " " else "*"
-    lines = [f"{y1:6.1f} |" + "".join(grid[0])] + ["       |" + "".join(r) for r in grid[1:-1]]
-    lines += [f"{y0:6.1f} |" + "".join(grid[-1]), "       +" + "-" * width,
-              f"        {x0:.2f}×" + " " * (width - 14) + f"{x1:.2f}×   ({'DeiT-S 224' if speed != 'speedup' else 'base model'} ORT speedup)",
-              "        " + "  ".join(f"{c}={m}" for m, c in letters.items()) + "  *=overlap"]
-    return "\n".join(lines)
-
-
-def _pm(v, sd, fmt):
-    return "–" if v is None else f"{v:{fmt}}" + (f" ± {sd:{fmt}}" if sd is not None else "")
-
-
-def table(state: dict, rows: list[dict]) -> str:
-    orig = state["original"]
-    head = ("| row | target | n | FLOPs ratio | params (K) | top-1 no FT | top-1 FT (mean ± std) | base ORT ms | "
-            "base ORT speedup | DeiT-S FLOPs ratio | DeiT-S ORT ms | DeiT-S ORT speedup |")
-    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    lines.append(f"| original | – | – | 1.000 | {orig['params'] / 1e3:.0f} | – | {orig['top1']:.2f} | – | 1.00× | 1.000 | "
-                 f"{_first_scaled_ms(state)} | 1.00× |")
-    for r in rows:
-        if r["status"] != "done":
-            lines.append(f"| {r['method']} | {r['target']:g} | 0 | *{r['status']}*: {str(r.get('reason'))[:90]} "
-                         "| | | | | | | | |")
-            continue
-        lines.append(
-            f"| {r['method']} | {r['target']:g} | {r['n']} | {_pm(r['flops_ratio'], None, '.3f')} | "
-            f"{r['params'] / 1e3:.0f} | {_pm(r['top1_pruned'], r['top1_pruned_std'], '.1f')} | "
-            f"**{_pm(r['top1'], r['top1_std'], '.2f')}** | {_pm(r['latency_ms'], None, '.3f')} | "
-            f"{_pm(r['speedup'], r['speedup_std'], '.2f')}× | {_pm(r.get('scaled_flops_ratio'), None, '.3f')} | "
-            f"{_pm(r.get('scaled_latency_ms'), None, '.1f')} | "
-            + (f"**{_pm(r.get('scaled_speedup'), r.get('scaled_speedup_std') or None, '.2f')}×** |"
-               if r.get('scaled_speedup') else "– |"))
-    return "\n".join(lines)
-
-
-def _first_scaled_ms(state: dict) -> str:
-    vals = [s["original_ms"] for s in state.get("scaled", {}).values()]
-    return f"{sorted(vals)[len(vals) // 2]:.1f} (median of runs)" if vals else "–"
-
-
-def verdict(c: dict, what: str) -> str:
-    def cell(v, sd, row):
-        return "none this fast" if v is None else f"{v:.2f}" + (f" ± {sd:.2f}" if sd else "") + f" ({row})"
-
-    lines = [f"**{what}** (Torch-Pruning's fastest row: "
-             + (f"{c['tp_max_speedup']:.2f}×)" if c["tp_max_speedup"] else "none)"), "",
-             "| speedup ≥ | vitprune frontier (row) | Torch-Pruning frontier (row) | Δ points |", "|---:|---|---|---:|"]
-    for ch in c["checks"]:
-        delta = "" if ch["vitprune"] is None or ch["tp"] is None else f"{ch['vitprune'] - ch['tp']:+.2f}"
-        lines.append(f"| {ch['speedup']:.2f}× | {cell(ch['vitprune'], ch['vitprune_std'], ch['vitprune_row'])} | "
-                     f"{cell(ch['tp'], ch['tp_std'], ch['tp_row'])} | {delta} |")
-    b = c.get("beyond")
-    lines += ["", "- beyond Torch-Pruning's fastest row: vitprune's best is "
-              + (f"{b['top1']:.2f} ({b['method']}@{b['target']:g}, {b[c['speed']]:.2f}×)" if b else "none")]
-    lines.append(f"- vitprune ≥ Torch-Pruning at every speedup ≥ 1.5× where Torch-Pruning has a row: "
-                 f"**{'yes' if c['dominates_where_tp_reaches'] else 'no'}**")
-    if c["gap_at_2x"] is not None:
-        lines.append(f"- at 2×: vitprune − Torch-Pruning = **{c['gap_at_2x']:+.2f}** points "
-                     f"(goal ≥ +2: {'met' if c['gap_at_2x'] >= 2 else 'NOT met'})")
-    else:
-        lines.append("- at 2×: no comparison possible (a frontier has no row this fast)")
-    return "\n".join(lines)
-
-
-def write_md(state: dict, args: argparse.Namespace, settings: dict, base_record: dict, seconds: float,
-             path: str, keep_from: str = RESULTS["md"]) -> None:
-    """The report at ``path``; the ``<!-- reading -->`` section is taken from ``keep_from`` (the
-    committed report) so a regenerated report keeps the hand-written reading."""
-    rows = sw.summarize(state, ALL_METHODS)
-    done = [r for r in rows if r["status"] == "done"]
-    old = open(keep_from).read() if os.path.exists(keep_from) else ""
-    m = re.search(r"<!-- reading -->.*?<!-- /reading -->", old, re.S)
-    reading = m.group(0) if m else "<!-- reading -->\n(reading to be written after the run)\n<!-- /reading -->"
-    mach = state["machine"]
-    cmd = "python benchmarks/pareto.py " + " ".join(sys.argv[1:])
-    cfg = state["config"]
-    parts = [
-        f"# Accuracy / ORT-speedup Pareto frontier ({settings['title']}, DeiT-Tiny-like base; DeiT-S 224 latency)", "",
-        f"Generated by `{cmd}` on {datetime.date.today()}. Compute: base model {base_record['seconds']:.0f} s, "
-        f"{len(state['points'])} points {sum(p.get('seconds', 0) for p in state['points'].values()) / 60:.1f} min "
-        f"(sum of per-point wall time; the sweep resumes, so this may span several invocations; this one took "
-        f"{seconds / 60:.1f} min).", "",
-        f"Machine: {mach['platform']}, {mach['cpus']} CPU cores shared with other engineers' jobs (load average "
-        f"{'/'.join(f'{x:.1f}' for x in os.getloadavg())} over 1/5/15 min when this report was written), Python {mach['python']}, torch {mach['torch']}, ONNX Runtime {mach['onnxruntime']} "
-        f"(CPUExecutionProvider, default optimisations), intra-op threads {cfg['threads']}, batch 1; base model: "
-        + (f"median of {state['rebench']['runs']} runs with all {len(state['rebench']['points'])} points and the "
-           f"original in one interleaved run" if state.get("rebench") else f"median of {cfg['runs']} interleaved runs")
-        + "; DeiT-S: " + (f"median of {state['rescale']['runs']} runs with all {len(state['rescale']['archs'])} "
-                          "distinct architectures and the original DeiT-S in one interleaved run"
-                          if state.get("rescale") else
-                          f"median of {cfg['scale_runs']} runs interleaved with the original DeiT-S") + ".", "",
-        f"Base model: `VisionTransformer(img_size=32, patch_size={settings['patch_size']}, "
-        f"embed_dim={settings['embed_dim']}, depth=6, "
-        f"num_heads=3, num_classes=10)`, {state['original']['params'] / 1e6:.3f} M params, "
-        f"{state['original']['flops'] / 1e6:.1f} MFLOPs; trained {base_record['epochs']} epochs "
-        f"(AdamW lr {settings['base_lr']:g}, batch {settings['base_batch']}, label smoothing 0.1) on "
-        f"{settings['train_subset'] or settings['train_images']} {settings['title']} images → **{base_record['top1']:.2f}%** test top-1 "
-        f"({base_record['seconds']:.0f} s).", "",
-        f"Same budget for every point: {cfg['epochs']} epoch(s) of distillation from the base model "
-        f"(KL, T=1), AdamW lr {cfg['lr']}, batch {cfg['batch_size']}, cosine with warm-up; seeds "
-        f"{list(cfg['seeds'])}; calibration: {cfg['calib_batches']} training batches per seed; vitprune "
-        f"importance {cfg['importance']}, round_to {cfg['round_to']}; Torch-Pruning importance "
-        f"{cfg['tp_importance']}. Targets {list(cfg['targets'])} (fraction of FLOPs kept).", "",
-        "## Table", "",
-        "`top-1 no FT`: right after pruning; `FT`: after the shared fine-tuning budget (test split, "
-        f"{settings['test_images']:,} images, so one image = {100 / settings['test_images']:.2f} points). "
-        "Speedups are base-model ORT latency ÷ compressed, measured interleaved in "
-        "the same run; DeiT-S columns: the same architecture rebuilt on DeiT-S 224 (random weights), timed "
-        "against DeiT-S in the same run; measured once per distinct architecture (no ± where both seeds gave "
-        "the same architecture, e.g. l2 width plans do not depend on the seed).", "",
-        table(state, rows), "",
-        "## Plots", "",
-        "PNG plot: [pareto.png](pareto.png) (DeiT-S speedup; every point in [pareto.json](pareto.json)); "
-        "`sweep.png` in the run's `--out` folder has the base-model speedup. "
-        "Text rendering (mean top-1 after fine-tuning vs speedup):", "",
-        "```", ascii_plot(done, "scaled_speedup", state["original"]["top1"]) if any(r.get("scaled_speedup") for r in done)
-        else "(no DeiT-S points)", "```", "",
-        "```", ascii_plot(done, "speedup", state["original"]["top1"]), "```", "",
-        "## Goal check (computed from the table)", "",
-        "vitprune's frontier = best mean top-1 over all vitprune rows (width, attention, activation, BoundaryDPT, "
-        "BoundaryDPT+, CP-ViT, combo) with at least the given speedup; Torch-Pruning's = the same over `tp_width`.", "",
-        "### Issue 10's goals (DeiT-S 224 ORT speedup)", "",
-        "BoundaryDPT+ against width-only at 2× and at every speedup ≥ 2× either row reaches (≥ +1 point), and "
-        "against Torch-Pruning at 2× (≥ +2 points); each frontier is the row's best mean top-1 at least that fast.", "",
-        *goal_lines(method_goal(done, "scaled_speedup", "boundarydpt+", "width", 1.0, "from2")), "",
-        *goal_lines(method_goal(done, "scaled_speedup", "boundarydpt+", "tp_width", 2.0, "at2")), "",
-        "### Every vitprune row against Torch-Pruning", "",
-        verdict(compare_frontiers(done, "scaled_speedup"), "DeiT-S 224 ORT speedup"), "",
-        verdict(compare_frontiers(done, "speedup"), "base-model (32×32) ORT speedup"), "",
-        reading, "",
-        "## Skipped / failed points", "",
-    ]
-    bad = [p for p in state["points"].values() if p["status"] != "done"]
-    parts += [f"- `{p['key']}`: {p['status']}: {p.get('reason') or p.get('error')}" for p in bad] or ["none"]
-    with open(path + ".tmp", "w") as f:
-        f.write("\n".join(parts) + "\n")
-    os.replace(path + ".tmp", path)
-
-
 # ---------------------------------------------------------------------------------------------- main
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="pareto.py", description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="smoke test (digits): 3 rows, 1 target, 1 seed, small budget")
-    p.add_argument("--task", choices=sorted(TASKS), help="mosaic (default) or digits (default with --quick)")
+    p.add_argument("--quick", action="store_true", help="smoke test (digits): 3 rows, 1 target, 1 seed, tiny budget")
+    p.add_argument("--task", choices=sorted(TASKS), help="scatter (default), mosaic, or digits (default with --quick)")
     p.add_argument("--out", help="results folder (default: $TMPDIR/vitprune-pareto-<task>[-quick])")
     p.add_argument("--write-results", action="store_true",
                    help="also copy pareto.md/.json/.png into benchmarks/ (the committed results; needs the full "
-                        f"kind of run: mosaic task, >= {MIN_SEEDS} seeds, DeiT-S latency)")
-    p.add_argument("--targets", help="comma-separated FLOPs fractions")
+                        f"kind of run: scatter task, >= {MIN_SEEDS} seeds, the long budget)")
+    p.add_argument("--targets", help="comma-separated FLOPs fractions (every row)")
+    p.add_argument("--depth-targets", help="comma-separated FLOPs fractions for the depth rows only ('' for none)")
     p.add_argument("--methods", help=f"comma-separated rows from {','.join(ALL_METHODS)}")
     p.add_argument("--seeds", help="comma-separated seeds")
-    p.add_argument("--epochs", type=int, help="fine-tuning epochs per point")
+    p.add_argument("--budgets", help="comma-separated budgets from short,long (default both)")
     p.add_argument("--base-epochs", type=int, help="base model training epochs")
-    p.add_argument("--runs", type=int, help="ORT timed runs per point (base model)")
-    p.add_argument("--no-scale", action="store_true", help="skip the DeiT-S 224 latency")
+    p.add_argument("--runs", type=int, help="ORT timed runs per point (pairwise, while sweeping)")
+    p.add_argument("--scale", action="store_true", help="also time every architecture rebuilt on DeiT-S 224")
     p.add_argument("--no-md", action="store_true", help="do not write OUT/pareto.md")
     p.add_argument("--threads", type=int, default=1, help="ORT intra-op threads (default 1)")
     p.add_argument("--torch-threads", type=int, default=1,
                    help="torch threads for training (default 1: measured 4x faster than 2 on the shared 2-core box)")
-    p.add_argument("--rebench-runs", type=int, default=50,
-                   help="re-time every point's base-model ONNX together in one interleaved run (0: keep pairwise)")
+    p.add_argument("--rebench-runs", type=int, default=30,
+                   help="re-time every point's ONNX of every budget and the base model's together in one "
+                        "interleaved run at batch 1 and 32 (0: keep the pairwise batch-1 timings)")
     p.add_argument("--rescale-runs", type=int, default=10,
-                   help="re-time every distinct architecture rebuilt on DeiT-S together in one interleaved run "
-                        "(0: keep the per-point pairs)")
+                   help="with --scale: re-time every distinct architecture rebuilt on DeiT-S together")
     p.add_argument("--merge", action="append", default=[], metavar="DIR",
-                   help="first copy in the points of another --out folder of the same sweep (same budget) that this "
+                   help="first copy in the points of another --out folder of the same sweep (same budgets) that this "
                         "one lacks: a sweep split over processes (e.g. --methods per process) becomes one report; "
                         "repeatable")
     p.add_argument("--no-progress", action="store_true")
@@ -467,7 +259,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def _csv(text: str, kind: type, what: str) -> tuple:
     try:
-        return tuple(kind(x) for x in text.split(","))
+        return tuple(kind(x) for x in text.split(",") if x.strip())
     except ValueError:
         raise ValueError(f"{what} must be comma-separated {kind.__name__}s, got {text!r}") from None
 
@@ -479,6 +271,8 @@ def settings_from(args: argparse.Namespace) -> dict[str, Any]:
     s = {**TASKS[task], "task": task, **{k: v for k, v in preset.items() if k != "task"}}
     if args.targets:
         s["targets"] = _csv(args.targets, float, "--targets")
+    if args.depth_targets is not None:
+        s["depth_targets"] = _csv(args.depth_targets, float, "--depth-targets")
     if args.methods:
         s["methods"] = _csv(args.methods, str, "--methods")
         unknown = [m for m in s["methods"] if m not in ALL_METHODS]
@@ -486,15 +280,20 @@ def settings_from(args: argparse.Namespace) -> dict[str, Any]:
             raise ValueError(f"--methods: unknown row(s) {','.join(unknown)}; choose from {','.join(ALL_METHODS)}")
     if args.seeds:
         s["seeds"] = _csv(args.seeds, int, "--seeds")
-    for k in ("epochs", "base_epochs", "runs"):
+    if args.budgets:
+        s["budgets"] = _csv(args.budgets, str, "--budgets")
+        unknown = [b for b in s["budgets"] if b not in BUDGETS]
+        if unknown or not s["budgets"]:
+            raise ValueError(f"--budgets: choose from {','.join(BUDGETS)}, got {args.budgets!r}")
+    for k in ("base_epochs", "runs"):
         if getattr(args, k) is not None:
             s[k] = getattr(args, k)
-    if args.no_scale:
-        s["scale"] = False
+    s["scale"] = bool(args.scale)
     if args.write_results:
-        if task != "mosaic" or len(set(s["seeds"])) < MIN_SEEDS or not s["scale"] or s["train_subset"] is not None:
-            raise ValueError(f"--write-results writes the committed results: it needs --task mosaic, >= {MIN_SEEDS} "
-                             "seeds, the DeiT-S latency (no --no-scale) and no --quick")
+        if task != "scatter" or len(set(s["seeds"])) < MIN_SEEDS or "long" not in s["budgets"] \
+                or s["train_subset"] is not None:
+            raise ValueError(f"--write-results writes the committed results: it needs --task scatter, >= {MIN_SEEDS} "
+                             "seeds, the long budget and no --quick")
     return s
 
 
@@ -503,25 +302,31 @@ def default_out(s: dict[str, Any], quick: bool) -> str:
     return os.path.join(tempfile.gettempdir(), f"vitprune-pareto-{s['task']}" + ("-quick" if quick else ""))
 
 
-def write_outputs(state: dict, args: argparse.Namespace, s: dict[str, Any], record: dict, seconds: float) -> None:
-    """``OUT/pareto.{md,json,png}``; with ``--write-results`` also copied over the committed ones."""
-    out = {ext: os.path.join(args.out, f"pareto.{ext}") for ext in RESULTS}
-    plot_speed = "scaled_speedup" if s["scale"] else "speedup"
-    where = "on DeiT-S 224" if s["scale"] else "(base model)"
-    sw.plot_sweep(state, out["png"], methods=ALL_METHODS, speed=plot_speed,
-                  title=f"top-1 ({s['title']}) vs ORT speedup of the same architecture {where}")
-    with open(out["json"] + ".tmp", "w") as f:
-        json.dump(results_json(state, s), f, indent=1)
-        f.write("\n")
-    os.replace(out["json"] + ".tmp", out["json"])
-    if not args.no_md:
-        write_md(state, args, s, record, seconds, out["md"])
-    if args.write_results:
-        for ext, path in RESULTS.items():
-            if os.path.exists(out[ext]):
-                shutil.copyfile(out[ext], path + ".tmp")
-                os.replace(path + ".tmp", path)
-                print(f"wrote {path}")
+def sweep_config(s: dict[str, Any], budget: str, args: argparse.Namespace) -> sw.SweepConfig:
+    """One budget's sweep: every row at ``s["targets"]`` (the depth rows' extra targets run apart)."""
+    return sw.SweepConfig(targets=s["targets"], methods=s["methods"], seeds=s["seeds"], steps=s["steps"][budget],
+                          label=budget, plan_share=0.4, lr=5e-4, batch_size=BATCH, importance="l2",
+                          tp_importance="l2", round_to=8, threads=args.threads, runs=s["runs"], warmup=3,
+                          scale_runs=8, scale_warmup=1, progress=not args.no_progress)
+
+
+def run_budget(model: nn.Module, train: DataLoader, test: DataLoader, s: dict[str, Any], budget: str,
+               args: argparse.Namespace, scale: sw.ScaleModel | None) -> dict[str, Any]:
+    """Every point of one budget (resumed; ``--merge`` folders' points copied in first)."""
+    out = os.path.join(args.out, budget)
+    os.makedirs(out, exist_ok=True)
+    config = sweep_config(s, budget, args)
+    others = [os.path.join(os.path.abspath(d), budget, "sweep.json") for d in args.merge]
+    if any(os.path.exists(o) for o in others):  # merge_states needs this folder's own sweep (its original)
+        added = sw.merge_states(os.path.join(out, "sweep.json"), [o for o in others if os.path.exists(o)], config)
+        print(f"{budget}: merged {added} point(s) from {', '.join(args.merge)}")
+    size = (3, s["image_size"], s["image_size"])
+    state = sw.run_sweep(model, train, test, config, out, input_size=size, scale=scale)
+    depth_rows = tuple(m for m in s["methods"] if m in DEPTH_METHODS)
+    if s["depth_targets"] and depth_rows:
+        deeper = dataclasses.replace(config, targets=s["depth_targets"], methods=depth_rows)
+        state = sw.run_sweep(model, train, test, deeper, out, input_size=size, scale=scale)
+    return state
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -532,33 +337,46 @@ def main(argv: Sequence[str] | None = None) -> dict:
     t0 = time.perf_counter()
     torch.set_num_threads(args.torch_threads)  # 1: on a shared 2-core machine more threads spin and stall
     model, record = base_model(args.out, s)
-    print(f"base model ({s['task']}): top-1 {record['top1']:.2f}% after {record['epochs']} epochs")
-    train, test = data(s, 32)
-    config = sw.SweepConfig(targets=s["targets"], methods=s["methods"], seeds=s["seeds"], epochs=s["epochs"],
-                            lr=5e-4, batch_size=32, importance="l2", tp_importance="l2", round_to=8,
-                            threads=args.threads, runs=s["runs"], warmup=3, scale_runs=8, scale_warmup=1,
-                            progress=not args.no_progress)
-    if args.merge:
-        added = sw.merge_states(os.path.join(args.out, "sweep.json"),
-                                [os.path.join(os.path.abspath(d), "sweep.json") for d in args.merge], config)
-        print(f"merged {added} point(s) from {', '.join(args.merge)}")
+    print(f"base model ({s['task']}, {tokens(s)} patch tokens): top-1 {record['top1']:.2f}% after "
+          f"{record['epochs']} epochs ({record['seconds']:.0f} s)")
+    train, test = data(s, BATCH)
     scale = None
     if s["scale"]:
         scale = sw.ScaleModel(SCALE_NAME, lambda: timm.create_model(SCALE_NAME, pretrained=False), (3, 224, 224))
-    state = sw.run_sweep(model, train, test, config, args.out, input_size=(3, 32, 32), scale=scale)
-    if args.rebench_runs:  # all base-model ONNX files in one interleaved run: same conditions for every point
-        sw.rebench(state, args.out, runs=args.rebench_runs, warmup=5, threads=args.threads)
-    if scale is not None and args.rescale_runs:  # the same for the DeiT-S speedups the goals are read from
-        sw.rescale(state, args.out, model, (3, 32, 32), scale, config, runs=args.rescale_runs, warmup=2)
-    sw.write_reports(state, args.out, ALL_METHODS)
-    if s["scale"]:
-        sw.plot_sweep(state, os.path.join(args.out, "sweep_deit_s.png"), methods=ALL_METHODS, speed="scaled_speedup",
-                      title=f"top-1 ({s['title']}) vs ORT speedup of the same architecture on DeiT-S 224")
-    state["base_record"] = record
-    write_outputs(state, args, s, record, time.perf_counter() - t0)
-    print(sw.format_markdown(state, ALL_METHODS))
+    states = {budget: run_budget(model, train, test, s, budget, args, scale) for budget in s["budgets"]}
+    if args.rebench_runs:  # every ONNX of every budget in one interleaved run: same conditions for every point
+        sw.retime([(state, os.path.join(args.out, b)) for b, state in states.items()], runs=args.rebench_runs,
+                  warmup=5, threads=args.threads, batch_sizes=TIMED_BATCHES)
+    for budget, state in states.items():
+        if scale is not None and args.rescale_runs:
+            sw.rescale(state, os.path.join(args.out, budget), model, (3, s["image_size"], s["image_size"]), scale,
+                       sweep_config(s, budget, args), runs=args.rescale_runs, warmup=2)
+        sw.write_reports(state, os.path.join(args.out, budget), ALL_METHODS)
+    write_outputs(states, args, s, record, time.perf_counter() - t0)
+    for budget, state in states.items():
+        print(f"\n## {budget} budget\n" + sw.format_markdown(state, ALL_METHODS))
     print(f"results in {args.out} ({time.perf_counter() - t0:.0f} s)")
-    return state
+    return states
+
+
+def write_outputs(states: dict[str, dict], args: argparse.Namespace, s: dict[str, Any], record: dict,
+                  seconds: float) -> None:
+    """``OUT/pareto.{md,json,png}``; with ``--write-results`` also copied over the committed ones."""
+    out = {ext: os.path.join(args.out, f"pareto.{ext}") for ext in RESULTS}
+    report.plot(states, out["png"], s)
+    with open(out["json"] + ".tmp", "w") as f:
+        json.dump(report.results_json(states, s, tokens(s)), f, indent=1)
+        f.write("\n")
+    os.replace(out["json"] + ".tmp", out["json"])
+    if not args.no_md:
+        command = "python benchmarks/pareto.py " + " ".join(sys.argv[1:])
+        report.write_md(states, s, record, seconds, out["md"], command, keep_from=RESULTS["md"])
+    if args.write_results:
+        for ext, path in RESULTS.items():
+            if os.path.exists(out[ext]):
+                shutil.copyfile(out[ext], path + ".tmp")
+                os.replace(path + ".tmp", path)
+                print(f"wrote {path}")
 
 
 if __name__ == "__main__":

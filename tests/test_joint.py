@@ -13,8 +13,12 @@ from vitprune.deps.flops import FlopModel, count_flops
 from vitprune.errors import InputError
 from vitprune.plan.budget import Budget
 from vitprune.plan.cost import LatencyModel, LatencyTable
-from vitprune.plan.joint import (JointSettings, _calibrate, _divergence, _GroupState, _layer_prices, _zeroed,
-                                 channel_loss_estimates, plan_joint)
+from passes.activation import ActivationRemoval
+from passes.attention import AttentionRemoval
+from passes.width import WidthPruning
+from vitprune.plan.joint import (MIN_FACTOR, PRICING_BEFORE, JointSettings, _calibrate, _divergence, _GroupState,
+                                 _layer_prices, _zeroed, channel_loss_estimates, plan_joint)
+from vitprune.plan.probe import RecoveryProbe
 from vitprune.plan.stages import copy_teacher
 from vitprune.deps import DependencyGraph
 from vitprune.plan.width import eligible_groups
@@ -128,6 +132,77 @@ def test_recovery_trains_between_events():
     assert moved.detail["recovery_steps"] == 3 and still.detail["recovery_steps"] == 0
     w = "patch_embed.proj.weight"
     assert not torch.equal(dict(moved.graph.named_parameters())[w], dict(still.graph.named_parameters())[w])
+
+
+# -- pricing after recovery ------------------------------------------------------------------------------
+class _ScriptedProbe(RecoveryProbe):
+    """A recovery probe whose after-recovery losses are scripted by what the change removes: the
+    planner's pricing is tested apart from how well a few training steps recover a random model."""
+
+    def __init__(self, attention: float, activation: float, width: float) -> None:
+        super().__init__(None, iter(()), 5, 1e-3, [], [])
+        self.after = {AttentionRemoval: attention, ActivationRemoval: activation, WidthPruning: width}
+        self.log: list[list[str]] = []
+
+    def new_event(self) -> None:
+        self.log.append([])
+
+    def loss(self, gm, passes) -> float:
+        self.steps += self.batch_steps
+        self.log[-1].append(",".join(type(p).__name__ for p in passes if getattr(p, "blocks", True)))
+        return 1.0 + sum(self.after[type(p)] for p in passes if getattr(p, "blocks", True))
+
+
+def _zero_attention(model, block):
+    with torch.no_grad():
+        model.blocks[block].attn.proj.weight.zero_()
+        model.blocks[block].attn.proj.bias.zero_()
+    return model
+
+
+def test_layers_are_priced_by_their_loss_after_recovery(monkeypatch):
+    """Block 1's attention costs nothing right after removal (it writes zeros), so priced before
+    recovery it goes first. Scripted probes say every attention removal leaves 1 nat after recovery
+    and an activation none: priced after recovery, no attention goes and activations do; the kinds'
+    measured ratios and every probe step are in the plan's detail."""
+    model = _zero_attention(_model(), 1)
+    before, _ = _plan(model, 0.85, variant="drop")
+    assert 1 in before.detail["attention"] and before.detail["pricing"] == PRICING_BEFORE
+    probe = _ScriptedProbe(attention=1.0, activation=0.0, width=0.0)
+    monkeypatch.setattr("vitprune.plan.joint._probe", lambda *a: probe)
+    gm = traced(model)
+    base = count_flops(gm, gm.meta["example_input"])
+    data = [(torch.randn(4, 3, 64, 64), torch.randint(0, 10, (4,))) for _ in range(2)]
+    after = plan_joint(gm, Budget(base, 0.85), data, JointSettings(kinds=ALL, variant="drop", probe_steps=5),
+                       teacher=copy_teacher(model), train_batches=data)
+    assert after.detail["attention"] == [] and after.detail["activation"]
+    assert after.detail["pricing"].startswith("after recovery (5 distillation steps per probe")
+    first = after.detail["events"][0]["probes"]
+    assert first["factors"]["activation"] == MIN_FACTOR  # recovered fully: floored, never free
+    assert all(v["after"] == 1.0 for v in first["layers"]["attention"].values())
+    assert len(first["layers"]["attention"]) == len(first["layers"]["activation"]) == 2  # probe_layers
+    probes = sum(len(event) for event in probe.log)
+    assert after.detail["steps"] == {"probes": 5 * probes, "recovery": 0}
+    assert probe.log[0][0] == ""  # each event starts with the base probe: the unchanged graph recovered
+
+
+def test_probe_prices_a_change_against_the_same_recovery_of_the_unchanged_graph():
+    """RecoveryProbe: a change is priced after the same batches of recovery as the base; the graph
+    itself is never trained, and every step is counted."""
+    model = _model()
+    gm = traced(model)
+    data = [(torch.randn(4, 3, 64, 64), torch.randint(0, 10, (4,))) for _ in range(3)]
+    teacher = copy_teacher(model)
+    refs = [torch.log_softmax(teacher(x), -1) for x, _ in data[:1]]
+    probe = RecoveryProbe(teacher, iter(data * 4), 3, 1e-4, data[:1], refs)
+    probe.new_event()
+    weights = {n: p.clone() for n, p in gm.named_parameters()}
+    base = probe.loss(gm, [])
+    again = probe.loss(gm, [])
+    assert base == pytest.approx(again, abs=1e-6)  # same batches, same start: the same recovery
+    assert probe.loss(gm, [AttentionRemoval([0, 1, 2, 3], "drop")]) > base
+    assert probe.steps == 9 and probe.probes == 3
+    assert all(torch.equal(p, weights[n]) for n, p in gm.named_parameters())
 
 
 # -- a latency cost -----------------------------------------------------------------------------------

@@ -43,6 +43,35 @@ def test_boundarydpt_plus_plans_depth_and_width_jointly(model):
     assert abs(result.report["flops_ratio"] - 0.4) <= 0.01
 
 
+def test_boundarydpt_plus_paper_removes_its_share_then_prunes_width(model):
+    """The paper's BoundaryDPT+: 5/12 of each kind's layers (of 4 blocks: 2, a tie going to the
+    fewer), then width pruning lands the target; without data the layers are chosen one-shot, and no
+    step is trained."""
+    result = compress(model, CompressSpec(method="boundarydpt+paper", target_flops=0.4, calib_batches=1,
+                                          batch_size=2))
+    depth, width = result.report["stages"]["depth"], result.report["stages"]["width"]
+    assert len(depth["attention"]) == len(depth["activation"]) == 2 and depth["share"] == pytest.approx(5 / 12)
+    assert depth["selection"] == "one_shot" and width["within_tolerance"]
+    assert abs(result.report["flops_ratio"] - 0.4) <= 0.01 and result.report["train_steps"] == {}
+    one = compress(model, CompressSpec(method="boundarydpt+paper", target_flops=0.4, depth_share=0.25,
+                                       calib_batches=1, batch_size=2))
+    assert len(one.report["stages"]["depth"]["attention"]) == 1
+
+
+def test_boundarydpt_plus_paper_searches_with_data_and_counts_its_steps(model):
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 10, (4,), generator=g)) for _ in range(3)]
+    result = compress(model, CompressSpec(method="boundarydpt+paper", target_flops=0.4, depth_selection="search",
+                                          search_steps=3, calib_batches=1, batch_size=4),
+                      calib_data=data[:1], train_data=data)
+    depth = result.report["stages"]["depth"]
+    assert depth["selection"] == "search" and len(depth["attention"]) == 2
+    steps = result.report["train_steps"]
+    # stage 1: 4 attention layers × 6 + 4 activations × 1 (a unit = 3/3 steps); windows 3, 5, 7, 9, 11
+    assert steps == {"candidates": 28, "search": 35} == depth["steps"]
+    assert abs(result.report["flops_ratio"] - 0.4) <= 0.01
+
+
 def test_cpvit_meets_the_target_with_heads():
     model = randomize(tiny("deit_small_patch16_224", depth=4, img_size=96, num_classes=10))  # 36 patches
     result = compress(model, CompressSpec(method="cpvit", target_flops=0.7, prune_heads_cpvit=0.5,

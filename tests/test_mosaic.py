@@ -137,3 +137,35 @@ def test_materialized_dataset_holds_the_same_items(splits):
         image, label = test[i]
         dense_image, dense_label = dense[i]
         assert torch.equal(image, dense_image) and int(label) == int(dense_label)
+
+
+def test_scattered_mosaics_put_each_digit_in_its_recorded_cell_of_its_quadrant():
+    """grid=8: 64 cells of 8×8 pixels (the digits' own size); each quadrant's digit lies in the cell
+    ``cells`` records, every other cell holds only noise of at most ``background``."""
+    train, test = mosaic_splits(64, train_size=40, test_size=20, grid=8, background=0.15)
+    images = load_digits().images / 16.0
+    px = train.pixels(torch.arange(len(train))).numpy()
+    assert px.shape == (40, 64, 64) and train.cells.shape == (40, 4) and int(train.cells.max()) < 16
+    for n in range(len(train)):
+        occupied = set()
+        for q in range(4):
+            cell = int(train.cells[n, q])
+            r, c = (q // 2) * 4 + cell // 4, (q % 2) * 4 + cell % 4
+            occupied.add((r, c))
+            tile = px[n, 8 * r:8 * r + 8, 8 * c:8 * c + 8]
+            digit = images[int(train.sources[n, q])]
+            assert np.all(tile >= digit - 1e-6) and np.all(tile <= np.maximum(digit, 0.15) + 1e-6)
+        for r in range(8):
+            for c in range(8):
+                if (r, c) not in occupied:
+                    assert px[n, 8 * r:8 * r + 8, 8 * c:8 * c + 8].max() <= 0.15 + 1e-6
+    # the digits move from mosaic to mosaic (64 tokens, 16 places per digit)
+    assert len({tuple(c) for c in train.cells.tolist()}) > 30
+    assert torch.equal(train.materialize().tensors[0][:5], train.images(torch.arange(5)))
+
+
+@pytest.mark.parametrize("kwargs, field", [(dict(grid=3), "grid"), (dict(grid=8, image_size=32), "image_size"),
+                                           (dict(background=1.5), "background")])
+def test_scattered_mosaic_settings_are_checked(kwargs, field):
+    with pytest.raises(InputError, match=field):
+        mosaic_splits(**{"image_size": 64, **kwargs})

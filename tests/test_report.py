@@ -14,7 +14,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 #: The keys of PREFIX.json, in order (latency_plan and onnx only when those ran).
 KEYS = ["method", "spec", "input_size", "flops_before", "flops_after", "flops_ratio", "params_before",
         "params_after", "params_ratio", "plan", "stages", "groups", "unsupported_ops", "recovery",
-        "compile_seconds"]
+        "train_steps", "compile_seconds"]
 
 
 def _report(**kw) -> CompressReport:
@@ -74,3 +74,19 @@ def test_the_pipeline_report_is_a_compress_report():
     assert report.to_dict() == result.report
     assert report.plan == result.report["plan"] == result.report["stages"]["width"]
     assert abs(report.flops_ratio - 0.6) <= 0.01
+
+
+def test_train_steps_add_every_stage_and_the_fine_tune():
+    """Every optimizer step of a compression, by phase: what the stages report under ``steps`` and
+    the recovery fine-tune's epochs × steps per epoch; a report written before the field loads."""
+    from vitprune.driver.pipeline import train_steps
+
+    stages = {"depth": {"steps": {"candidates": 28, "search": 35}}, "width": {"notes": []},
+              "joint": {"steps": {"probes": 12, "recovery": 8, "search": 5}}}
+    recovery = {"epochs": [{}, {}], "steps_per_epoch": 7}
+    assert train_steps(stages, recovery) == {"candidates": 28, "search": 40, "probes": 12, "recovery": 8,
+                                             "finetune": 14}
+    assert train_steps({"width": {}}, None) == {}
+    old = _report().to_dict()
+    del old["train_steps"]
+    assert CompressReport.from_dict(old).train_steps == {}

@@ -258,6 +258,7 @@ NEEDS_CASES = {
     "prune_heads_cpvit": (0.5, dict(method="cpvit")),
     "lr": (0.01, dict(epochs=1)),
     "search_steps": (5, dict(method="boundarydpt+")),
+    "probe_steps": (5, dict(method="boundarydpt+")),
     "latency_threads": (2, dict(target_latency=0.5)),
     "attention_variant": ("drop", dict(remove_attention=[0])),
     "merge": ("never", dict(method="boundarydpt")),

@@ -247,6 +247,53 @@ def test_sweep_records_skips_and_resumes(tmp_path):
                      input_size=(3, 32, 32))
 
 
+def test_equal_step_budgets_add_up_for_every_row(tmp_path):
+    """With ``steps``, every point takes exactly that many optimizer steps: the planner's own (the
+    gated search for boundarydpt+paper, probes and recovery for boundarydpt+), at most
+    ``plan_share`` of them, and the fine-tune the rest (and takes exactly that many)."""
+    train, val = _digits(n_train=128)
+    cfg = sw.SweepConfig(targets=(0.5,), methods=("width", "boundarydpt+", "boundarydpt+paper"), steps=64,
+                         plan_share=0.5, label="short", runs=2, warmup=0, calib_batches=1, batch_size=8,
+                         progress=False)
+    state = sw.run_sweep(_vit(depth=3), train, val, cfg, tmp_path, input_size=(3, 32, 32))
+    assert state["budget"]["steps"] == 64 and state["budget"]["label"] == "short"
+    pts = state["points"]
+    for key, p in pts.items():
+        assert p["status"] == "done", (key, p.get("error"))
+        assert p["total_steps"] == sum(p["steps"].values()) == 64, (key, p["steps"])
+        planning = sum(v for k, v in p["steps"].items() if k != "finetune")
+        assert planning <= 32 and p["finetune_steps_taken"] == p["steps"]["finetune"]
+    assert pts["width@0.5#s0"]["steps"] == {"finetune": 64}
+    joint = pts["boundarydpt+@0.5#s0"]
+    assert joint["steps"]["probes"] > 0 and joint["steps"]["recovery"] > 0
+    assert joint["info"]["stages"]["joint"]["pricing"].startswith("after recovery")
+    paper = pts["boundarydpt+paper@0.5#s0"]
+    assert paper["steps"]["search"] > 0 and paper["info"]["stages"]["depth"]["selection"] == "search"
+    assert len(paper["info"]["stages"]["depth"]["attention"]) == 1  # 5/12 of 3 blocks: 1 of each kind
+    with pytest.raises(InputError, match="budget"):  # another step budget is another sweep
+        sw.run_sweep(_vit(depth=3), train, val, sw.SweepConfig(methods=("width",), steps=96, progress=False),
+                     tmp_path, input_size=(3, 32, 32))
+
+
+def test_retime_puts_every_budget_in_one_interleaved_run_per_batch(tmp_path):
+    train, val = _digits()
+    states = []
+    for budget, steps in (("short", 2), ("long", 8)):
+        cfg = sw.SweepConfig(targets=(0.6,), methods=("width",), steps=steps, label=budget, runs=2, warmup=0,
+                             calib_batches=1, progress=False)
+        states.append((sw.run_sweep(_vit(), train, val, cfg, tmp_path / budget, input_size=(3, 32, 32)),
+                       tmp_path / budget))
+    assert sw.retime(states, runs=2, warmup=0, batch_sizes=(1, 4))
+    originals = {s["rebench"]["original_ms_by_batch"]["4"] for s, _ in states}
+    assert len(originals) == 1  # one run: the same original timing in both budgets
+    for state, out in states:
+        p = state["points"]["width@0.6#s0"]
+        assert set(p["by_batch"]) == {"1", "4"} and p["speedup_b4"] == p["by_batch"]["4"]["speedup"] > 0
+        assert p["speedup"] == p["by_batch"]["1"]["speedup"] and "pairwise" in p
+        assert json.loads((out / "sweep.json").read_text())["rebench"]["batch_sizes"] == [1, 4]
+    assert not sw.retime(states, runs=2, warmup=0, batch_sizes=(1, 4))  # nothing new: nothing re-timed
+
+
 def test_rescale_retimes_every_scaled_architecture_in_one_run(tmp_path):
     """A sweep with a scale model, then rescale: every distinct architecture re-timed together (the
     pair numbers kept), points and the scaled cache agree, a second call changes nothing."""

@@ -203,8 +203,13 @@ def _add_sweep(sub: Any) -> None:
     w.add_argument("--data", required=True, metavar="DIR", help="image folder with DIR/train and DIR/val")
     w.add_argument("--targets", default="0.9,0.7,0.5,0.3", metavar="R,R", help="FLOPs fractions (default 0.9,0.7,0.5,0.3)")
     w.add_argument("--methods", default="width,boundarydpt,boundarydpt+,cpvit", metavar="M,M",
-                   help="rows: width, boundarydpt, boundarydpt+, cpvit, attention, activation, combo, tp_width")
-    w.add_argument("--epochs", type=_nonneg_int, default=1, metavar="N", help="fine-tuning epochs per point (default 1)")
+                   help="rows: width, boundarydpt, boundarydpt+, boundarydpt+paper, cpvit, attention, activation, "
+                        "combo, tp_width")
+    w.add_argument("--epochs", type=_nonneg_int, default=None, metavar="N",
+                   help="fine-tuning epochs per point after pruning (default 1; not with --steps)")
+    w.add_argument("--steps", type=_positive_int, default=None, metavar="N",
+                   help="equal budget: N optimizer steps per point, the planner's own (gated search, probes, "
+                        "recovery: at most 40%%) and the fine-tune's together")
     w.add_argument("--lr", type=float, default=5e-4, metavar="LR", help="fine-tuning learning rate (default 5e-4)")
     w.add_argument("--batch-size", type=_positive_int, default=64, metavar="N", help="batch size (default 64)")
     w.add_argument("--seeds", default="0", metavar="S,S", help="seeds (default 0)")

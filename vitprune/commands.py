@@ -145,9 +145,14 @@ def _csv(text: str, kind: type, what: str) -> list:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    if args.steps is not None and args.epochs is not None:
+        raise InputError("--steps is the whole budget of each point (planning and fine-tuning); "
+                         "drop --epochs, or drop --steps to fine-tune for --epochs after pruning")
+    args.epochs = 1 if args.epochs is None else args.epochs
     config = sweep.SweepConfig(targets=_csv(args.targets, float, "targets"),
                                methods=_csv(args.methods, str, "methods"), seeds=_csv(args.seeds, int, "seeds"),
-                               epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, threads=args.threads,
+                               epochs=args.epochs, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+                               threads=args.threads,
                                runs=args.runs, progress=not args.no_progress)
     loaded = _load(args)
     size = loaded.input_size

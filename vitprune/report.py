@@ -43,6 +43,9 @@ class CompressReport:
     groups: list[dict[str, Any]]  # {"name", "kind", "before", "after"} per prunable channel group
     unsupported_ops: list[str]
     recovery: dict[str, Any] | None = None  # fine-tuning history, when it ran
+    #: optimizer steps the compression took, by phase: the planners' ("candidates" and "search" of the
+    #: gated search, "probes" and "recovery" of the joint planner) and the recovery fine-tune ("finetune")
+    train_steps: dict[str, int] = field(default_factory=dict)
     compile_seconds: float = 0.0
     latency_plan: dict[str, Any] | None = None  # the measured-latency rounds (vitprune.driver.latency)
     onnx: dict[str, Any] | None = None  # the ONNX export's checks (vitprune.api.write_outputs)
@@ -83,7 +86,7 @@ class CompressReport:
         derived = {"flops_ratio": self.flops_ratio, "params_ratio": self.params_ratio, "plan": self.plan}
         order = ["method", "spec", "input_size", "flops_before", "flops_after", "flops_ratio", "params_before",
                  "params_after", "params_ratio", "plan", "stages", "groups", "unsupported_ops", "recovery",
-                 "compile_seconds", "latency_plan", "onnx"]
+                 "train_steps", "compile_seconds", "latency_plan", "onnx"]
         d.update(derived)
         return {k: d[k] for k in order if not (k in _OPTIONAL and d[k] is None)}
 
@@ -110,7 +113,7 @@ class CompressReport:
 
 _OPTIONAL = frozenset({"latency_plan", "onnx"})
 _DEFAULTED = frozenset(f.name for f in dataclasses.fields(CompressReport)
-                       if f.default is not dataclasses.MISSING)
+                       if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING)
 _DERIVED = frozenset({"flops_ratio", "params_ratio", "plan"})
 
 

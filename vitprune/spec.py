@@ -22,8 +22,12 @@ import yaml
 
 from vitprune.errors import SpecError
 
-#: Compression methods. Later passes add "boundarydpt", "boundarydpt+", "cpvit".
-METHODS: tuple[str, ...] = ("width", "boundarydpt", "boundarydpt+", "cpvit")
+#: Compression methods.
+METHODS: tuple[str, ...] = ("width", "boundarydpt", "boundarydpt+", "boundarydpt+paper", "cpvit")
+#: The share of each kind's layers the paper's BoundaryDPT+ removes before width pruning, when
+#: ``depth_share`` is unset: 5 of 12 attention branches and 5 of 12 activations, the released
+#: DeiT-B configuration (README "Methods").
+PAPER_DEPTH_SHARE = 5 / 12
 DEPTH_SELECTIONS: tuple[str, ...] = ("one_shot", "search")
 ATTENTION_VARIANTS: tuple[str, ...] = ("identity_norm", "drop")
 MERGES: tuple[str, ...] = ("auto", "always", "never")
@@ -97,6 +101,10 @@ def _searches_or_recovers(s: Any) -> bool:
     return s.depth_selection == "search" or s.method == "boundarydpt+"
 
 
+def _shares_depth(s: Any) -> bool:
+    return s.method in ("boundarydpt+", "boundarydpt+paper")
+
+
 def _removes_attention(s: Any) -> bool:
     return s.method.startswith("boundarydpt") or s.remove_attention is not None
 
@@ -129,7 +137,8 @@ class CompressSpec:
         None, "fraction of the original FLOPs to keep, in (0, 1]; 1.0 removes nothing", read=float, metavar="R")
     method: str = _field(
         "width", "width (coupled channels), boundarydpt (attention/activation removal), boundarydpt+ "
-        "(depth and width, planned jointly), cpvit (token and head pruning)", choices=METHODS)
+        "(depth and width, planned jointly), boundarydpt+paper (the paper's: a fixed share of each kind's "
+        "layers, then width), cpvit (token and head pruning)", choices=METHODS)
     importance: str = _field(
         "l2", "channel importance: l2 (weight magnitude) or taylor (first order, from calibration batches)",
         choices=IMPORTANCES)
@@ -183,8 +192,10 @@ class CompressSpec:
         choices=DEPTH_SELECTIONS)
     depth_share: float | None = _field(
         None, "boundarydpt+: at most this share of each kind's layers removed (default: no cap; the "
-        "joint planner trades depth against width move by move)", read=float, metavar="F",
-        needs=(lambda s: s.method == "boundarydpt+", "method boundarydpt+", "--method boundarydpt+"))
+        "joint planner trades depth against width move by move); boundarydpt+paper: the share of each "
+        "kind removed before width pruning (default 5/12, the paper's DeiT-B)", read=float, metavar="F",
+        needs=(_shares_depth, "method boundarydpt+ or boundarydpt+paper",
+               "--method boundarydpt+ or boundarydpt+paper"))
     tokens: str | None = _field(
         None, "static token pruning, e.g. keep=0.5,start=4 (every=M for repeated cuts)", metavar="SPEC")
     prune_heads_cpvit: float | None = _field(
@@ -199,6 +210,11 @@ class CompressSpec:
         "each attention/activation candidate 2×/⅓× this); boundarydpt+: recovery steps between events",
         read=int, metavar="N", needs=(_searches_or_recovers, "depth_selection search or method boundarydpt+",
                                       "--depth-selection search or --method boundarydpt+"))
+    probe_steps: int = _field(
+        20, "boundarydpt+ with --data: each event prices layer removals by their loss after N recovery steps "
+        "(probes; every step counts in the report's train_steps); 0: by the loss right after removal",
+        read=int, metavar="N", needs=(lambda s: s.method == "boundarydpt+", "method boundarydpt+",
+                                      "--method boundarydpt+"))
 
     def __post_init__(self) -> None:
         if isinstance(self.input_size, list):  # JSON/YAML give lists
@@ -237,8 +253,9 @@ class CompressSpec:
             raise SpecError(f"prune_heads_cpvit must be the fraction of heads kept, in (0, 1], got {h!r}")
         if self.tokens is not None:
             token_parts(self.tokens)
-        if not (_is_int(self.epochs) and self.epochs >= 0):
-            raise SpecError(f"epochs must be an integer >= 0, got {self.epochs!r}")
+        for name in ("epochs", "probe_steps"):
+            if not (_is_int(getattr(self, name)) and getattr(self, name) >= 0):
+                raise SpecError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
         if not (_is_real(self.lr) and self.lr > 0):
             raise SpecError(f"lr must be a positive number, got {self.lr!r}")
         if not isinstance(self.fold_norm, bool):

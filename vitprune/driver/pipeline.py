@@ -81,7 +81,7 @@ def compress_to_flops(model: nn.Module, spec: CompressSpec, input_size: tuple[in
         flops_before=base_flops, flops_after=flops, params_before=base_params, params_after=params,
         stages=report, groups=_group_widths(dg, DependencyGraph.build(gm)),
         unsupported_ops=[str(u) for u in dg.unsupported], recovery=recovery,
-        compile_seconds=round(time.perf_counter() - t0, 3),
+        train_steps=train_steps(report, recovery), compile_seconds=round(time.perf_counter() - t0, 3),
     ).to_dict()
     return CompressResult(gm.eval(), report, recipe, source, tuple(input_size))
 
@@ -100,6 +100,18 @@ def _run_stages(gm: fx.GraphModule, teacher: nn.Module | None, spec: CompressSpe
     gm, recipe, report = stages.run_stages(gm, ctx)
     cleanup = manager.apply(Cleanup(), gm)
     return cleanup.graph_module, recipe + ([cleanup.recipe] if cleanup.modified else []), report
+
+
+def train_steps(stage_reports: dict[str, Any], recovery: dict[str, Any] | None) -> dict[str, int]:
+    """Every optimizer step of one compression, by phase: what each stage reports under ``steps``
+    (the gated search, the joint planner's probes and recovery) and the recovery fine-tune."""
+    total: dict[str, int] = {}
+    for info in stage_reports.values():
+        for phase, n in ((info or {}).get("steps") or {}).items():
+            total[phase] = total.get(phase, 0) + int(n)
+    if recovery is not None:
+        total["finetune"] = len(recovery["epochs"]) * int(recovery["steps_per_epoch"])
+    return total
 
 
 def _recover(gm: fx.GraphModule, teacher: nn.Module, spec: CompressSpec, train_data: Any, val_data: Any,

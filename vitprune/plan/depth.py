@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -88,8 +89,8 @@ from vitprune.train.finetune import FinetuneConfig, distillation_loss, freeze
 from vitprune.deps.flops import node_flops  # (importing flops also registers the CPU SDPA FLOP formula)
 
 __all__ = ["DepthGate", "SearchLoss", "Selection", "apply_depth", "depth_flops_options", "depth_passes",
-           "depth_savings", "event_order", "gated_search", "one_shot_scores", "plan_depth", "select_depth",
-           "stage_lengths"]
+           "depth_savings", "event_order", "gated_search", "one_shot_scores", "plan_depth", "search_length",
+           "select_depth", "share_count", "stage_lengths", "steps_per_event_for"]
 
 GATE_ROOT = "depth_gates"
 KINDS = ("attention", "activation")
@@ -101,12 +102,13 @@ class Selection(tuple):
     folded away), ``.recipe`` (its pass recipes), ``.scores`` ({kind: {block: score}}),
     ``.history`` (one entry per pruning event) and, for the search, ``.candidates`` ({kind: blocks
     the events could choose from}) with ``.candidate_losses`` ({kind: {block: held-out loss after
-    its single-layer fine-tune}}, empty for a kind whose candidates were given or not narrowed)."""
+    its single-layer fine-tune}}, empty for a kind whose candidates were given or not narrowed) and
+    ``.steps`` (the optimizer steps taken: ``{"candidates": stage 1, "search": the windows}``)."""
 
     def __new__(cls, attention: Sequence[int], activation: Sequence[int], *, model=None, recipe=None,
-                scores=None, history=None, candidates=None, candidate_losses=None):
+                scores=None, history=None, candidates=None, candidate_losses=None, steps=None):
         self = super().__new__(cls, (sorted(int(b) for b in attention), sorted(int(b) for b in activation)))
-        self.model, self.recipe = model, list(recipe or [])
+        self.model, self.recipe, self.steps = model, list(recipe or []), dict(steps or {})
         self.scores, self.history = dict(scores or {}), list(history or [])
         self.candidates, self.candidate_losses = dict(candidates or {}), dict(candidate_losses or {})
         return self
@@ -384,7 +386,37 @@ def gated_search(gm: fx.GraphModule, teacher: nn.Module | None, train_batches: I
     scores = _scores(run.gates)
     model, recipe = _fold(student, pruned, variant, merge, fold_norm, next(run.data))
     return Selection(pruned["attention"], pruned["activation"], model=model, recipe=recipe, scores=scores,
-                     history=history, candidates=candidates, candidate_losses=losses)
+                     history=history, candidates=candidates, candidate_losses=losses,
+                     steps={"candidates": run.candidate_steps, "search": run.step})
+
+
+def search_length(steps_per_event: int, counts: dict[str, int], pools: dict[str, int],
+                  candidate_share: float = 2 / 3, stage_growth: float = 2 / 3) -> int:
+    """The optimizer steps :func:`gated_search` takes with its defaults: stage 1 (every layer of a
+    kind whose pool ``candidate_share`` narrows is fine-tuned alone, 6 units for attention, 1 for
+    an activation, a unit being a third of ``steps_per_event``), then the growing windows of the
+    ``counts`` events."""
+    steps = _check_search(counts, steps_per_event, "signed", stage_growth, None, candidate_share, None, 1)
+    total = sum(stage_lengths(sum(counts.values()), steps_per_event, stage_growth))
+    for kind in KINDS:
+        keep = max(counts[kind], round(candidate_share * pools[kind]))
+        if counts[kind] and keep < pools[kind]:
+            total += pools[kind] * steps[kind]
+    return total
+
+
+def steps_per_event_for(budget: int, counts: dict[str, int], pools: dict[str, int]) -> int:
+    """The largest ``steps_per_event`` whose search (:func:`search_length`) takes at most ``budget``
+    optimizer steps; a :class:`PlanError` when even one step per window takes more."""
+    least = search_length(1, counts, pools)
+    if least > budget:
+        raise PlanError(f"the gated search removing {counts['attention']} attention / {counts['activation']} "
+                        f"activation layers takes at least {least} optimizer steps; the budget allows {budget}")
+    low, high = 1, max(1, budget)
+    while low < high:  # search_length grows with steps_per_event
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if search_length(mid, counts, pools) <= budget else (low, mid - 1)
+    return low
 
 
 def _check_search(counts: dict[str, int], steps_per_event: int, estimator: str, stage_growth: float,
@@ -439,7 +471,8 @@ class _SearchRun:
     weight_decay: float
     log: Callable[[dict[str, Any]], None] | None
     opt: torch.optim.Optimizer | None = None
-    step: int = 0
+    step: int = 0             # search steps (the windows)
+    candidate_steps: int = 0  # stage-1 steps (the single-layer fine-tunes)
 
     def loss_on(self, model: nn.Module, batch: Any) -> torch.Tensor:
         x, y = split_batch(batch)
@@ -488,6 +521,7 @@ class _SearchRun:
         for _ in range(steps):
             self.train_step(model, opt)
             sched.step()
+        self.candidate_steps += steps
         model.eval()
         with torch.no_grad():
             return sum(float(self.loss_on(model, b)) for b in held_out) / len(held_out)
@@ -661,29 +695,36 @@ def depth_flops_options(gm: fx.GraphModule, *, attention_order: Sequence[int] | 
 
 
 # -- the depth planner ----------------------------------------------------------------------------
+def share_count(share: float, n: int) -> int:
+    """How many of ``n`` layers a share removes: the nearest count, a tie going to the fewer
+    (5/12 of 6 blocks: 2; of 12: 5)."""
+    return max(0, min(n, math.ceil(share * n - 0.5 - 1e-9)))
+
+
 def plan_depth(gm: fx.GraphModule, budget: Budget, batches: list, *, cap_share: float = 1.0,
                exact: bool = True, mode: str = "one_shot", train_batches: Iterable | None = None,
                teacher: nn.Module | None = None, variant: str = "identity_norm", merge: str = "auto",
-               fold_norm: bool = False, search: dict[str, Any] | None = None) -> Plan:
+               fold_norm: bool = False, search: dict[str, Any] | None = None, share: float | None = None) -> Plan:
     """How many attention branches and activations to remove to meet ``budget``, and which.
 
     Events alternate kinds (:func:`event_order`, as the published schedule) up to ``cap_share`` of
     each kind's layers, until the FLOPs meet the budget. ``exact``: depth alone must land within the
     budget's tolerance (BoundaryDPT), else a :class:`PlanError` says how far it gets; otherwise what
-    depth cannot reach is left to a later stage. Which blocks: the lowest one-shot scores on
-    ``batches`` per kind, or (``mode="search"``) the gated search on ``train_batches``, whose trained,
-    pruned graph comes back as ``plan.graph``."""
+    depth cannot reach is left to a later stage. ``share`` (the paper's BoundaryDPT+): remove exactly
+    that share of each kind (:func:`share_count`) whatever the budget, and leave the rest to a later
+    stage. Which blocks: the lowest one-shot scores on ``batches`` per kind, or (``mode="search"``)
+    the gated search on ``train_batches``, whose trained, pruned graph comes back as ``plan.graph``
+    (``detail["steps"]``: the optimizer steps it took)."""
     attn_scores, act_scores = one_shot_scores(gm, batches, variant=variant)
     attn_order = sorted(attn_scores, key=lambda b: (attn_scores[b], b))
     act_order = sorted(act_scores, key=lambda b: (act_scores[b], b))
     options = depth_flops_options(gm, attention_order=attn_order, activation_order=act_order,
                                   merge=merge, variant=variant)
-    cap_a, cap_j = round(cap_share * len(attn_order)), round(cap_share * len(act_order))
-    n_a = n_j = 0
-    for kind in event_order(cap_a, cap_j):
-        if budget.met(options[(n_a, n_j)]):
-            break
-        n_a, n_j = (n_a + 1, n_j) if kind == "attention" else (n_a, n_j + 1)
+    if share is not None:
+        n_a, n_j = share_count(share, len(attn_order)), share_count(share, len(act_order))
+        exact = False
+    else:
+        n_a, n_j = _counts_for(budget, options, round(cap_share * len(attn_order)), round(cap_share * len(act_order)))
     flops = options[(n_a, n_j)]
     if exact and budget.above(flops):
         raise PlanError(f"depth alone reaches {budget.ratio(flops):.3f} of the FLOPs at best "
@@ -695,12 +736,23 @@ def plan_depth(gm: fx.GraphModule, budget: Budget, batches: list, *, cap_share: 
     if mode == "search":
         chosen = gated_search(gm, teacher, train_batches, n_a, n_j, variant=variant, merge=merge,
                               fold_norm=fold_norm, **(search or {}))
-        detail.update(attention=chosen.attention, activation=chosen.activation, candidates=chosen.candidates)
+        detail.update(attention=chosen.attention, activation=chosen.activation, candidates=chosen.candidates,
+                      steps=chosen.steps)
         return Plan("depth", depth_passes(chosen.attention, chosen.activation, variant, merge, fold_norm),
                     flops, budget, detail, graph=chosen.model, recipe=chosen.recipe)
     detail["scores"] = {"attention": attn_scores, "activation": act_scores}
     return Plan("depth", depth_passes(detail["attention"], detail["activation"], variant, merge, fold_norm),
                 flops, budget, detail)
+
+
+def _counts_for(budget: Budget, options: dict[tuple[int, int], int], cap_a: int, cap_j: int) -> tuple[int, int]:
+    """Removals alternating kinds (:func:`event_order`) up to the caps until the FLOPs meet the budget."""
+    n_a = n_j = 0
+    for kind in event_order(cap_a, cap_j):
+        if budget.met(options[(n_a, n_j)]):
+            break
+        n_a, n_j = (n_a + 1, n_j) if kind == "attention" else (n_a, n_j + 1)
+    return n_a, n_j
 
 
 def depth_passes(attention: Sequence[int], activation: Sequence[int], variant: str = "identity_norm",

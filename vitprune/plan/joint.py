@@ -24,6 +24,18 @@ takes moves until it has saved its share of what is left, applies them through t
 with training data, recovers for a window of distillation steps from the original model (as the
 gated search recovers between its events). A last width plan lands the cost on the budget exactly.
 ``cap_share`` (BoundaryDPT+'s ``depth_share``) optionally caps the share of each kind removed.
+
+**Pricing after recovery** (with training data and ``probe_steps > 0``). The loss right after a
+change is not what the final model pays: attention removal costs little at first and recovers
+slowly, activation removal the opposite (BoundaryDPT's recovery asymmetry). Each event then prices
+moves by their loss after ``probe_steps`` of recovery (:class:`~vitprune.plan.probe.RecoveryProbe`):
+the ``probe_layers`` cheapest layers of each open kind are each removed on a copy, recovered and
+measured; every other layer of that kind is priced by its loss before recovery times the kind's
+measured ratio after/before (the median over its probes); and the width units the event would take
+on their own are removed on a copy, recovered and measured, which scales every width estimate by
+after/before. The kinds' ratios carry over to later events until measured again. Every probe step
+and every recovery step is counted in ``detail["steps"]``; ``detail["pricing"]`` says which pricing
+ran.
 """
 from __future__ import annotations
 
@@ -31,6 +43,7 @@ import contextlib
 import copy
 import heapq
 import itertools
+import statistics
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -53,8 +66,8 @@ from vitprune.plan.budget import Budget, Plan
 from vitprune.plan.cost import LatencyModel
 from vitprune.plan.depth import _insert_gates, depth_passes
 from vitprune.plan.importance import group_scores
+from vitprune.plan.probe import RecoveryProbe, divergence as _divergence, kl as _kl, recover
 from vitprune.plan.width import eligible_groups, floor_width, plan_width, planned_groups, unit_size
-from vitprune.train.finetune import FinetuneConfig, distillation_loss
 
 KINDS = ("attention", "activation")
 
@@ -101,7 +114,27 @@ class JointSettings:
     events: int = 4
     depth_batches: int = 2                # calibration batches the layer removals are measured on
     recovery_steps: int = 0               # distillation steps after each event (with training data)
+    probe_steps: int = 0                  # recovery steps of each probe (with training data; 0: price before recovery)
+    probe_layers: int = 2                 # layers of each kind probed per event (the cheapest by the current price)
     lr: float = 5e-4
+
+
+#: ``detail["pricing"]`` of a plan: layer moves priced by the loss right after the change, or after
+#: a short recovery (see the module docstring).
+PRICING_BEFORE = "before recovery (KL on the calibration batches)"
+#: The least share of its loss before recovery a kind's after/before ratio keeps: a probe that
+#: recovered fully (or past its base, by noise) must not make every unprobed move of its kind free.
+MIN_FACTOR = 0.01
+PRICING_AFTER = "after recovery ({steps} distillation steps per probe, {layers} layers of each kind probed per event)"
+
+
+def probe_sizes(steps: int, events: int = 4, probe_layers: int = 2) -> tuple[int, int]:
+    """``(probe_steps, recovery_steps)`` that spend at most ``steps`` optimizer steps in the joint
+    planner's ``events``: each event runs at most ``2 + 2·probe_layers`` probes (the base, each
+    probed layer, the width units) and one recovery window, twice as long as a probe."""
+    per_event = 2 + 2 * probe_layers + 2  # probes, then the recovery window in probe lengths
+    probe = steps // (events * per_event)
+    return probe, 2 * probe
 
 
 def plan_joint(gm: fx.GraphModule, budget: Budget, batches: list, settings: JointSettings, *,
@@ -117,7 +150,11 @@ def plan_joint(gm: fx.GraphModule, budget: Budget, batches: list, settings: Join
     caps = {k: (n if settings.cap_share is None else round(settings.cap_share * n)) for k, n in counts.items()}
     recipe: list[dict[str, Any]] = []
     events: list[dict[str, Any]] = []
-    train_iter = _cycle(train_batches) if train_batches is not None and settings.recovery_steps else None
+    stream = _cycle(train_batches) if train_batches is not None else None
+    train_iter = stream if settings.recovery_steps else None
+    probe = _probe(gm, batches, settings, teacher, stream)
+    factors = {"attention": 1.0, "activation": 1.0, "width": 1.0}
+    recovery_steps = 0
     for event in range(settings.events):
         cost_model = _cost_model(cost, gm, budget)
         now = cost_model.cost()
@@ -129,20 +166,37 @@ def plan_joint(gm: fx.GraphModule, budget: Budget, batches: list, settings: Join
         room = now - (budget.limit - budget.tolerance * budget.base)
         left = {k: caps[k] - len(removed_layers(gm, k)) for k in KINDS}  # layers each kind may still lose
         moves, states = _rank_moves(gm, cost_model, batches, settings, left, teacher)
+        probed = None
+        if probe is not None:
+            moves, probed = _price_after_recovery(gm, moves, states, cost_model, (quota, room), settings, probe,
+                                                  factors)
         chosen, void = _choose(moves, states, cost_model, (quota, room), gm, settings, left)
         gm, steps = _apply(gm, chosen, void, states, settings, manager)
         recipe += steps
-        events.append(_describe(event, chosen, budget, _cost_model(cost, gm, budget).cost()))
+        events.append(_describe(event, chosen, budget, _cost_model(cost, gm, budget).cost(), probed))
         if train_iter is not None:
-            _recover(gm, teacher, train_iter, settings)
+            recovery_steps += recover(gm, teacher, train_iter, settings.recovery_steps, settings.lr)
     gm, steps, landing, final = _land(gm, budget, batches, settings, manager, teacher, cost)
     recipe += steps
     flops = final.flops() if isinstance(final, FlopModel) else FlopModel(final.dg).flops()
     detail = {"events": events, "attention": removed_layers(gm, "attention"),
               "activation": removed_layers(gm, "activation"), "landing": landing,
               "cap_share": settings.cap_share, "recovery_steps": settings.recovery_steps if train_iter else 0,
-              "cost": budget.unit}
+              "cost": budget.unit,
+              "pricing": PRICING_BEFORE if probe is None else
+              PRICING_AFTER.format(steps=settings.probe_steps, layers=settings.probe_layers),
+              "steps": {"probes": probe.steps if probe is not None else 0, "recovery": recovery_steps}}
     return Plan("joint", [], flops, budget, detail, graph=gm, recipe=recipe, cost=final.cost())
+
+
+def _probe(gm: fx.GraphModule, batches: list, settings: JointSettings, teacher: nn.Module | None,
+           stream: Iterator | None) -> RecoveryProbe | None:
+    """The recovery probe of this plan: with training data and ``probe_steps``; None otherwise."""
+    if stream is None or settings.probe_steps <= 0:
+        return None
+    held_out = batches[:settings.depth_batches]
+    return RecoveryProbe(teacher, stream, settings.probe_steps, settings.lr, held_out,
+                         _references(gm, held_out, teacher))
 
 
 def _cost_model(cost: CostBuilder, gm: fx.GraphModule, budget: Budget) -> CostModel:
@@ -220,17 +274,6 @@ def _layer_prices(gm: fx.GraphModule, cost_model: CostModel,
                           for b in _layers(gm, "attention", settings.variant)},
             "activation": {s.index: partial(cost_model.activation_saving, s, rule.merges(s))
                            for s in _layers(gm, "activation", settings.variant)}}
-
-
-def _divergence(model: nn.Module, batches: list, references: list) -> float:
-    """Mean ``KL(reference ‖ model)`` per image over ``batches``."""
-    with torch.no_grad():
-        total = sum(float(_kl(first_tensor(model(images)), ref)) for (images, _), ref in zip(batches, references))
-    return total / max(1, len(batches))
-
-
-def _kl(logits: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    return F.kl_div(F.log_softmax(logits.float(), -1), reference, reduction="batchmean", log_target=True)
 
 
 def _group_states(cost_model: CostModel, batches: list, references: list,
@@ -350,6 +393,65 @@ class _GroupState:
         return sorted(self.order[self.group.size - self.kept:].tolist())
 
 
+# -- pricing after recovery ------------------------------------------------------------------------
+def _price_after_recovery(gm: fx.GraphModule, moves: list[Move], states: dict[str, _GroupState],
+                          cost_model: CostModel, limits: tuple[float, float], settings: JointSettings,
+                          probe: RecoveryProbe, factors: dict[str, float]) -> tuple[list[Move], dict[str, Any]]:
+    """The event's moves priced by their loss after recovery (module docstring): probed layers by
+    what their probe measured, the other layers by their loss before recovery times their kind's
+    after/before ratio, width units by their estimates times the width probe's ratio. ``factors``
+    (per kind and "width") is updated in place and carries over to later events. Returns the moves
+    (width moves re-derived from the rescaled group states) and what was measured."""
+    probe.new_event()
+    base = probe.loss(gm, [])
+    layers = {kind: _probe_layers(gm, [m for m in moves if m.kind == kind], factors[kind], settings, probe, base)
+              for kind in KINDS}
+    for kind, measured in layers.items():
+        ratios = [m["after"] / m["before"] for m in measured.values() if m["before"] > 0]
+        if ratios:
+            factors[kind] = max(MIN_FACTOR, statistics.median(ratios))
+    width = _probe_width(gm, [m for m in moves if m.kind == "width"], states, cost_model, limits, settings, probe,
+                         base)
+    if width is not None and width["before"] > 0:
+        factors["width"] = max(MIN_FACTOR, width["after"] / width["before"])
+    priced = [replace(m, loss=layers[m.kind][m.target]["after"] if m.target in layers[m.kind]
+                      else m.loss * factors[m.kind]) for m in moves if m.kind != "width"]
+    for state in states.values():
+        state.scores = state.scores * factors["width"]
+    priced += [m for m in (s.next_move(cost_model, {}) for s in states.values()) if m is not None]
+    return priced, {"base": base, "layers": {k: {str(b): v for b, v in m.items()} for k, m in layers.items()},
+                    "width": width, "factors": dict(factors), "probe_steps": probe.batch_steps}
+
+
+def _probe_layers(gm: fx.GraphModule, moves: list[Move], factor: float, settings: JointSettings,
+                  probe: RecoveryProbe, base: float) -> dict[int, dict[str, float]]:
+    """The ``probe_layers`` cheapest layer moves of one kind (by the current price), each removed
+    alone on a copy and recovered: ``{block: {"before": loss, "after": loss after recovery}}``."""
+    cheapest = sorted(moves, key=lambda m: (m.loss * factor / m.saved, m.target))[:settings.probe_layers]
+    out = {}
+    for move in cheapest:
+        one = [move.target]
+        passes = depth_passes(one if move.kind == "attention" else [], one if move.kind == "activation" else [],
+                              settings.variant, settings.merge, settings.fold_norm)
+        out[move.target] = {"before": move.loss, "after": max(0.0, probe.loss(gm, passes) - base)}
+    return out
+
+
+def _probe_width(gm: fx.GraphModule, moves: list[Move], states: dict[str, _GroupState], cost_model: CostModel,
+                 limits: tuple[float, float], settings: JointSettings, probe: RecoveryProbe,
+                 base: float) -> dict[str, Any] | None:
+    """The width units this event would take with width moves alone, removed together on a copy and
+    recovered: ``{"units", "before": their estimated loss, "after": loss after recovery}`` (None when
+    no width move is open)."""
+    trial = {name: replace(state) for name, state in states.items()}  # _choose narrows the copies
+    chosen, _ = _choose(moves, trial, cost_model, limits, gm, settings, {k: 0 for k in KINDS})
+    if not chosen:
+        return None
+    keep = {name: trial[name].keep() for name in sorted({m.target for m in chosen})}
+    return {"units": len(chosen), "before": sum(m.loss for m in chosen),
+            "after": max(0.0, probe.loss(gm, [WidthPruning(keep)]) - base)}
+
+
 # -- choosing and applying -------------------------------------------------------------------------
 def _choose(moves: list[Move], states: dict[str, _GroupState], cost_model: CostModel,
             limits: tuple[float, float], gm: fx.GraphModule, settings: JointSettings,
@@ -455,12 +557,17 @@ def _land(gm: fx.GraphModule, budget: Budget, batches: list, settings: JointSett
     return gm, recipe, landing, cost_model
 
 
-def _describe(event: int, chosen: list[Move], budget: Budget, spent: float) -> dict[str, Any]:
-    """The event's moves and where they left the cost (``flops_ratio``, or ``latency_ratio``)."""
-    return {"event": event, f"{budget.unit}_ratio": budget.ratio(spent),
-            "attention": sorted(m.target for m in chosen if m.kind == "attention"),
-            "activation": sorted(m.target for m in chosen if m.kind == "activation"),
-            "width_units": sum(1 for m in chosen if m.kind == "width")}
+def _describe(event: int, chosen: list[Move], budget: Budget, spent: float,
+              probed: dict[str, Any] | None) -> dict[str, Any]:
+    """The event's moves and where they left the cost (``flops_ratio``, or ``latency_ratio``), and
+    what its probes measured (with pricing after recovery)."""
+    out = {"event": event, f"{budget.unit}_ratio": budget.ratio(spent),
+           "attention": sorted(m.target for m in chosen if m.kind == "attention"),
+           "activation": sorted(m.target for m in chosen if m.kind == "activation"),
+           "width_units": sum(1 for m in chosen if m.kind == "width")}
+    if probed is not None:
+        out["probes"] = probed
+    return out
 
 
 # -- recovery between events -------------------------------------------------------------------------
@@ -471,20 +578,3 @@ def _cycle(batches: Iterable) -> Iterator:
 def _repeat(batches: Iterable) -> Iterator:
     while True:
         yield from batches
-
-
-def _recover(gm: fx.GraphModule, teacher: nn.Module | None, batches: Iterator, settings: JointSettings) -> None:
-    """``recovery_steps`` of distillation from the original (labels when there is no original)."""
-    config = FinetuneConfig(kd_weight=1.0 if teacher is not None else 0.0,
-                            label_weight=0.0 if teacher is not None else 1.0)
-    opt = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=settings.lr, weight_decay=0.0)
-    gm.train()
-    for _ in range(settings.recovery_steps):
-        images, labels = next(batches)
-        with torch.no_grad():
-            t = first_tensor(teacher(images)) if teacher is not None else None
-        loss = distillation_loss(first_tensor(gm(images)), t, labels, config)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    gm.eval()

@@ -15,6 +15,9 @@ and a JSON-able account of what it decided.
   loss increase per FLOP saved (per estimated ORT millisecond saved with ``cost: latency``), with
   recovery between events when there is training data; ``depth_share`` optionally caps the share of
   each kind's layers removed.
+* ``boundarydpt+paper``: the paper's BoundaryDPT+: a fixed share of each kind's layers (``depth_share``,
+  default 5/12) chosen by ``depth_selection`` (the gated search with training data), then width
+  pruning to the target.
 * ``cpvit``: heads kept by the cumulative head score (``prune_heads_cpvit``), then the progressive
   token schedule meeting the target.
 
@@ -45,7 +48,7 @@ from vitprune.plan.importance import l2_importance, random_calibration, taylor_i
 from vitprune.plan.tokens import TokenFlops, cpvit_head_keep, cpvit_plan, parse_tokens
 from vitprune.plan.width import eligible_groups, plan_width
 from vitprune.report import RANDOM_SCORING
-from vitprune.spec import CompressSpec
+from vitprune.spec import PAPER_DEPTH_SHARE, CompressSpec
 from vitprune.train.data import images_only
 from vitprune.train.finetune import freeze
 
@@ -54,6 +57,7 @@ METHOD_STAGES: dict[str, tuple[str, ...]] = {
     "width": ("width",),
     "boundarydpt": ("depth",),
     "boundarydpt+": ("joint",),
+    "boundarydpt+paper": ("depth", "width"),
     "cpvit": ("heads", "tokens"),
 }
 ORDER: tuple[str, ...] = ("depth", "joint", "width", "heads", "tokens")
@@ -142,11 +146,18 @@ def depth_stage(gm: fx.GraphModule, ctx: StageContext) -> Stage:
         gm, recipe = _apply(plan, gm, ctx.manager)
         return gm, recipe, {"attention": attention, "activation": activation, "selection": "explicit"}
     mode = spec.depth_selection if ctx.train_batches is not None else "one_shot"
+    share = None
+    if spec.method == "boundarydpt+paper":  # a fixed share of each kind; width prunes the rest
+        share = spec.depth_share if spec.depth_share is not None else PAPER_DEPTH_SHARE
     plan = plan_depth(gm, ctx.budget, ctx.batches, mode=mode, train_batches=ctx.train_batches, teacher=ctx.teacher,
                       variant=spec.attention_variant, merge=spec.merge, fold_norm=spec.fold_norm,
-                      search={"steps_per_event": spec.search_steps, "lr": spec.lr})
+                      search={"steps_per_event": spec.search_steps, "lr": spec.lr}, share=share)
     gm, recipe = _apply(plan, gm, ctx.manager)
     info = {k: plan.detail[k] for k in ("attention", "activation", "selection")}
+    if share is not None:
+        info["share"] = share
+    if plan.detail.get("steps"):
+        info["steps"] = plan.detail["steps"]
     info["scored_on"] = _scored_on(ctx, mode)
     if plan.passes:
         info["planned_flops_ratio"] = plan.ratio
@@ -168,15 +179,18 @@ def joint_stage(gm: fx.GraphModule, ctx: StageContext) -> Stage:
                              min_keep=spec.min_keep,
                              variant=spec.attention_variant, merge=spec.merge, fold_norm=spec.fold_norm,
                              cap_share=spec.depth_share, lr=spec.lr,
-                             recovery_steps=spec.search_steps if ctx.train_batches is not None else 0)
+                             recovery_steps=spec.search_steps if ctx.train_batches is not None else 0,
+                             probe_steps=spec.probe_steps if ctx.train_batches is not None else 0)
     plan = plan_joint(gm, budget, ctx.batches, settings, teacher=ctx.teacher,
                       train_batches=ctx.train_batches, manager=ctx.manager, cost=build)
     gm, recipe = _apply(plan, gm, ctx.manager)
     # plan.flops is FLOPs whatever the cost: the FLOPs ratio is against the original's FLOPs
     info = dict(plan.detail, planned_flops_ratio=ctx.budget.ratio(plan.flops), planned_cost_ratio=plan.ratio,
                 within_tolerance=plan.within_tolerance, scored_on=_scored_on(ctx, "one_shot"))
-    if isinstance(cost_model, LatencyModel) and cost_model.table.notes:
-        info["notes"] = list(cost_model.table.notes)
+    info["notes"] = [f"boundarydpt+ priced layer removals {plan.detail['pricing']}"
+                     + ("" if ctx.train_batches is not None else "; with --data they are priced after recovery")]
+    if isinstance(cost_model, LatencyModel):
+        info["notes"] += cost_model.table.notes
     return gm, recipe, info
 
 

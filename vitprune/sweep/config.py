@@ -22,13 +22,23 @@ _IMPORTANCES = ("l2", "taylor")
 
 @dataclass
 class SweepConfig:
-    """What to sweep and with which (shared) budget. Every method gets exactly the same recovery:
-    ``epochs`` of distillation from the original at ``lr`` with batch ``batch_size``."""
+    """What to sweep and with which (shared) budget.
+
+    ``steps`` (the equal budget): every point gets the same number of optimizer steps on the same
+    training data, at ``lr`` with batch ``batch_size``. A method that trains while it plans (the
+    gated depth search, the joint planner's probes and recovery) may spend up to ``plan_share`` of
+    them and the fine-tune after pruning (distillation from the original) gets the rest, so the
+    total is the same for every row; ``label`` names the budget in the results ("short", "long").
+    Without ``steps``: ``epochs`` of fine-tuning after pruning, and methods plan from the
+    calibration batches only."""
 
     targets: Sequence[float] = (0.9, 0.7, 0.5, 0.3)
     methods: Sequence[str] = ("width", "boundarydpt", "boundarydpt+", "cpvit")
     seeds: Sequence[int] = (0,)
     epochs: int = 1
+    steps: int | None = None
+    plan_share: float = 0.4
+    label: str | None = None
     lr: float = 5e-4
     batch_size: int = 64
     importance: str = "l2"          # vitprune width importance (l2 | taylor)
@@ -63,15 +73,28 @@ class SweepConfig:
             value = getattr(self, name)
             if not (isinstance(value, int) and value >= least):
                 raise InputError(f"sweep {name} must be an integer >= {least}, got {value!r}")
+        if self.steps is not None and not (isinstance(self.steps, int) and not isinstance(self.steps, bool)
+                                           and self.steps >= 1):
+            raise InputError(f"sweep steps must be None or an integer >= 1, got {self.steps!r}")
+        if not (isinstance(self.plan_share, (int, float)) and 0.0 <= self.plan_share < 1.0):
+            raise InputError(f"sweep plan_share must be in [0, 1), got {self.plan_share!r}")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0):
             raise InputError(f"sweep lr must be > 0, got {self.lr!r}")
         if self.importance not in _IMPORTANCES or self.tp_importance not in _IMPORTANCES:
             raise InputError("sweep importance / tp_importance must be l2 or taylor")
 
     def budget(self) -> dict[str, Any]:
-        """The recovery budget every point shares (recorded with the results)."""
-        return {"epochs": self.epochs, "lr": self.lr, "batch_size": self.batch_size,
-                "kd_weight": self.kd_weight, "label_weight": self.label_weight}
+        """The training budget every point shares (recorded with the results)."""
+        common = {"lr": self.lr, "batch_size": self.batch_size, "kd_weight": self.kd_weight,
+                  "label_weight": self.label_weight}
+        if self.steps is None:
+            return {"epochs": self.epochs, **common}
+        return {"steps": self.steps, "plan_share": self.plan_share, "label": self.label, **common}
+
+    @property
+    def plan_steps(self) -> int:
+        """The optimizer steps a method may spend while it plans (0 without a step budget)."""
+        return 0 if self.steps is None else int(self.plan_share * self.steps)
 
 
 @dataclass
@@ -85,18 +108,23 @@ class ScaleModel:
 
 @dataclass
 class PointContext:
-    """What a method may use to prune: calibration batches (images, labels), the seed, the config."""
+    """What a method may use to prune: calibration batches (images, labels), the seed, the config,
+    and with a step budget the training data and the steps it may train for while it plans
+    (``plan_steps``; it reports the steps it took in ``Pruned.info["train_steps"]``)."""
 
     input_size: tuple[int, int, int]
     seed: int
     calib: list
     config: SweepConfig
     source: dict | None = None
+    train: Any = None
+    plan_steps: int = 0
 
 
 @dataclass
 class Pruned:
-    """A method's output: the pruned module (not fine-tuned) and its architecture (JSON)."""
+    """A method's output: the pruned module (not fine-tuned), its architecture (JSON) and what else
+    it says (``info``; ``info["train_steps"]``: the optimizer steps it took, by phase)."""
 
     model: nn.Module
     arch: dict[str, Any]

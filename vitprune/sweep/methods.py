@@ -16,8 +16,10 @@ from vitprune.deps.flops import count_flops
 from vitprune.driver.pipeline import analyse
 from vitprune.errors import PlanError
 from vitprune.plan.budget import Budget
-from vitprune.plan.depth import depth_flops_options, one_shot_scores
-from vitprune.spec import CompressSpec
+from vitprune.deps.branches import find_activations, find_attention_branches
+from vitprune.plan.depth import depth_flops_options, one_shot_scores, plan_depth, share_count, steps_per_event_for
+from vitprune.plan.joint import probe_sizes
+from vitprune.spec import PAPER_DEPTH_SHARE, CompressSpec
 from vitprune.sweep.config import Method, PointContext, Pruned, register
 from vitprune.sweep.scaling import recipe_scale, recipe_shapes
 
@@ -34,24 +36,49 @@ def _spec(ctx: PointContext, **kw: Any) -> CompressSpec:
     return CompressSpec(**base)
 
 
-def _compress(model: nn.Module, ctx: PointContext, **kw: Any) -> Pruned:
+def _compress(model: nn.Module, ctx: PointContext, train: bool = False, **kw: Any) -> Pruned:
+    """``compress`` with the sweep's settings; ``train``: the planner gets the training data."""
     result = compress(model, _spec(ctx, **kw), example_input_size=ctx.input_size, source=ctx.source,
-                      calib_data=ctx.calib)
+                      calib_data=ctx.calib, train_data=ctx.train if train else None)
     stages = result.report.get("stages", {})
     return Pruned(result.model, {"kind": "recipe", "steps": recipe_shapes(result.recipe)},
-                  {"stages": json.loads(json.dumps(stages, default=str))})
+                  {"stages": json.loads(json.dumps(stages, default=str)),
+                   "train_steps": dict(result.report.get("train_steps", {}))})
 
 
 def _vitprune_method(method: str) -> PruneFn:
-    """``compress`` with ``method`` at the target (cpvit: plus the configured head keep)."""
+    """``compress`` with ``method`` at the target (cpvit: plus the configured head keep). With a
+    step budget (``ctx.plan_steps``) the depth methods train while they plan, sized to spend at most
+    that many steps: boundarydpt and boundarydpt+paper choose their layers by the gated search,
+    boundarydpt+ prices its moves after recovery and recovers between events."""
 
     def prune(model: nn.Module, target: float, ctx: PointContext) -> Pruned:
         kw: dict[str, Any] = {"method": method, "target_flops": target}
         if method == "cpvit" and ctx.config.cpvit_heads is not None:
             kw["prune_heads_cpvit"] = ctx.config.cpvit_heads
-        return _compress(model, ctx, **kw)
+        trains = ctx.plan_steps > 0 and ctx.train is not None and method.startswith("boundarydpt")
+        if trains:
+            kw.update(_planner_steps(method, model, target, ctx))
+        return _compress(model, ctx, train=trains, **kw)
 
     return prune
+
+
+def _planner_steps(method: str, model: nn.Module, target: float, ctx: PointContext) -> dict[str, Any]:
+    """The spec fields that make ``method``'s planner spend at most ``ctx.plan_steps`` steps."""
+    if method == "boundarydpt+":
+        probe, recovery = probe_sizes(ctx.plan_steps)
+        return {"probe_steps": probe, "search_steps": max(1, recovery)}
+    gm, _ = analyse(model, ctx.input_size)
+    pools = {"attention": len(find_attention_branches(gm)), "activation": len(find_activations(gm))}
+    if method == "boundarydpt+paper":
+        counts = {k: share_count(PAPER_DEPTH_SHARE, n) for k, n in pools.items()}
+    else:  # boundarydpt: the counts its depth planner takes to reach the target (one-shot, cheap)
+        plan = plan_depth(gm, Budget(count_flops(gm, gm.meta["example_input"]), target), ctx.calib)
+        counts = {"attention": len(plan.detail["attention"]), "activation": len(plan.detail["activation"])}
+    if not sum(counts.values()):
+        return {}
+    return {"depth_selection": "search", "search_steps": steps_per_event_for(ctx.plan_steps, counts, pools)}
 
 
 def _fewest_removals(model: nn.Module, kind: str, target: float, ctx: PointContext) -> list[int]:
@@ -115,7 +142,9 @@ def _combo(model: nn.Module, target: float, ctx: PointContext) -> Pruned:
 
 
 _ROWS = (("width", "vitprune width"), ("boundarydpt", "BoundaryDPT (depth)"),
-         ("boundarydpt+", "BoundaryDPT+ (depth + width)"), ("cpvit", "CP-ViT (tokens; + heads if cpvit_heads)"))
+         ("boundarydpt+", "BoundaryDPT+ (joint depth + width planner)"),
+         ("boundarydpt+paper", "BoundaryDPT+ as published (searched depth share, then width)"),
+         ("cpvit", "CP-ViT (tokens; + heads if cpvit_heads)"))
 
 
 def _register_builtins() -> None:

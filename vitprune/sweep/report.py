@@ -10,7 +10,8 @@ from vitprune.deploy.outputs import atomic_write
 from vitprune.sweep.config import METHODS
 
 #: Quantities averaged over seeds, and those of the scaled measurement.
-_MEASURED = ("flops_ratio", "params", "top1_pruned", "top1", "speedup", "latency_ms", "latency_p90_ms")
+_MEASURED = ("flops_ratio", "params", "top1_pruned", "top1", "speedup", "latency_ms", "latency_p90_ms",
+             "speedup_b32", "latency_ms_b32", "total_steps")
 _SCALED = ("speedup", "flops_ratio", "latency_ms")
 
 
@@ -32,6 +33,9 @@ def _row(method: str, target: float, pts: list[dict[str, Any]]) -> dict[str, Any
     row["status"] = "done"
     for q in _MEASURED:
         row[q], row[q + "_std"] = _mean_std([p.get(q) for p in done])
+    phases = sorted({k for p in done for k in (p.get("steps") or {})})
+    if phases:  # the optimizer steps by phase (planning, fine-tune), mean over seeds
+        row["steps"] = {k: statistics.fmean([(p.get("steps") or {}).get(k, 0) for p in done]) for k in phases}
     scaled = [p["scaled"] for p in done if p.get("scaled")]
     if scaled:
         for q in _SCALED:
@@ -131,7 +135,9 @@ def plot_sweep(state: dict[str, Any], path: str, *, methods: Sequence[str] | Non
     fig, ax = plt.subplots(figsize=(8, 5.5))
     try:
         _draw(ax, state, rows, speed)
-        ax.set_xlabel("ONNX Runtime speedup (batch 1)" + (f", {state.get('scale_model')}" if speed != "speedup" else ""))
+        batch = speed.rsplit("_b", 1)[1] if "_b" in speed else "1"
+        ax.set_xlabel(f"ONNX Runtime speedup (batch {batch})"
+                      + (f", {state.get('scale_model')}" if speed.startswith("scaled") else ""))
         ax.set_ylabel("top-1 (%) after fine-tuning")
         ax.set_title(title or "accuracy vs ORT speedup")
         ax.grid(alpha=0.3)

@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from vitprune.deploy.bench import compare
@@ -59,6 +59,17 @@ def _calibration(train_data: Any, n: int, seed: int) -> list:
     bs = train_data.batch_size if isinstance(train_data, DataLoader) and train_data.batch_size else _CALIB_BATCH
     loader = DataLoader(dataset, batch_size=bs, shuffle=True, generator=torch.Generator().manual_seed(seed))
     return [(images, labels) for images, labels in itertools.islice(loader, n)]
+
+
+def _step_dataset(train_data: Any, n: int, seed: int) -> Subset:
+    """``n`` samples of the training data, drawn epoch by epoch without replacement (a seeded
+    permutation of the whole set, then another): a fine-tune of one pass over it takes exactly
+    ``n / batch`` optimizer steps however large the data set is."""
+    dataset = train_data.dataset if isinstance(train_data, DataLoader) else train_data
+    g = torch.Generator().manual_seed(seed)
+    rounds = -(-n // len(dataset))
+    order = torch.cat([torch.randperm(len(dataset), generator=g) for _ in range(rounds)])[:n]
+    return Subset(dataset, order.tolist())
 
 
 def _file_name(key: str) -> str:
@@ -120,7 +131,8 @@ class _Sweep:
         method, seed = rec["method"], rec["seed"]
         torch.manual_seed(seed)
         ctx = PointContext(self.size, seed, _calibration(self.train, self.cfg.calib_batches, seed), self.cfg,
-                           self.source)
+                           self.source, train=self._stream(seed) if self.cfg.plan_steps else None,
+                           plan_steps=self.cfg.plan_steps)
         try:
             pruned = METHODS[method].prune(copy.deepcopy(self.model), rec["target"], ctx)
         except PlanError as e:
@@ -129,8 +141,9 @@ class _Sweep:
         self._describe(rec, pruned, t0)
         student = pruned.model
         rec["top1_pruned"] = evaluate(student, self.val)
-        if self.cfg.epochs > 0:
-            self._recover(rec, student, seed)
+        finetune_steps = self._account(rec, pruned)
+        if finetune_steps > 0:
+            self._recover(rec, student, seed, finetune_steps)
         rec["top1"] = evaluate(student, self.val)
         x = torch.zeros(1, *self.size)
         path = os.path.join(self.onnx_dir, _file_name(rec["key"]) + ".onnx")
@@ -151,14 +164,42 @@ class _Sweep:
                    info=json.loads(json.dumps(pruned.info, default=jsonable)),
                    compile_seconds=round(time.perf_counter() - t0, 2))
 
-    def _recover(self, rec: dict[str, Any], student: nn.Module, seed: int) -> None:
-        """The shared recovery budget: distillation from a frozen copy of the original."""
+    def _stream(self, seed: int) -> Any:
+        """The training data a planner trains on: shuffled batches, the order fixed by ``seed``."""
+        dataset = self.train.dataset if isinstance(self.train, DataLoader) else self.train
+        return DataLoader(dataset, batch_size=self.cfg.batch_size, shuffle=True, drop_last=True,
+                          generator=torch.Generator().manual_seed(seed))
+
+    def _account(self, rec: dict[str, Any], pruned: Pruned) -> int:
+        """The point's optimizer steps by phase (``rec["steps"]``, the planner's and the fine-tune's,
+        adding up to the budget); returns the fine-tune's share: the budget less what planning took
+        (``epochs`` of the training data without a step budget)."""
+        planned = {k: int(v) for k, v in (pruned.info.get("train_steps") or {}).items()}
+        if self.cfg.steps is None:
+            per_epoch = len(_as_loader(self.train, self.cfg.batch_size, shuffle=True))
+            rec["steps"] = {**planned, "finetune": self.cfg.epochs * per_epoch}
+        else:
+            left = self.cfg.steps - sum(planned.values())
+            if left < 0:
+                raise RuntimeError(f"{rec['method']} planned with {sum(planned.values())} optimizer steps, "
+                                   f"more than the point's budget of {self.cfg.steps}")
+            rec["steps"] = {**planned, "finetune": left}
+        rec["total_steps"] = sum(rec["steps"].values())
+        return rec["steps"]["finetune"]
+
+    def _recover(self, rec: dict[str, Any], student: nn.Module, seed: int, steps: int) -> None:
+        """The fine-tune after pruning: ``steps`` of distillation from a frozen copy of the original
+        (``epochs`` over the training data without a step budget)."""
         t1 = time.perf_counter()
-        hist = finetune(student, copy_teacher(self.model), self.train, self.val, FinetuneConfig(
-            epochs=self.cfg.epochs, lr=self.cfg.lr, batch_size=self.cfg.batch_size, seed=seed,
+        data, epochs = self.train, self.cfg.epochs
+        if self.cfg.steps is not None:  # exactly `steps` batches: one pass over a seeded draw of the data
+            data, epochs = _step_dataset(self.train, steps * self.cfg.batch_size, seed), 1
+        hist = finetune(student, copy_teacher(self.model), data, self.val, FinetuneConfig(
+            epochs=epochs, lr=self.cfg.lr, batch_size=self.cfg.batch_size, seed=seed,
             kd_weight=self.cfg.kd_weight, label_weight=self.cfg.label_weight,
-            warmup_epochs=min(1.0, self.cfg.epochs * 0.2), progress=False))
+            warmup_epochs=min(1.0, epochs * 0.2), progress=False))
         rec["finetune_seconds"] = round(time.perf_counter() - t1, 2)
+        rec["finetune_steps_taken"] = hist["steps_per_epoch"] * len(hist["epochs"])
         rec["history"] = [{"epoch": e["epoch"], "loss": e["loss"], "top1": e["top1"]} for e in hist["epochs"]]
 
     # -- the scale model ------------------------------------------------------------------------
@@ -239,28 +280,60 @@ def run_sweep(model: nn.Module, train_data: Any, val_data: Any, config: SweepCon
 
 
 def rebench(state: dict[str, Any], out_dir: str | os.PathLike, *, runs: int = 50, warmup: int = 5,
-            threads: int = 1) -> bool:
-    """Re-time every finished point's ONNX and the original together, in *one* interleaved run.
+            threads: int = 1, batch_sizes: tuple[int, ...] = (1,)) -> bool:
+    """Re-time every finished point's ONNX and the original together, in *one* interleaved run per
+    batch size (:func:`retime` of one sweep)."""
+    return retime([(state, out_dir)], runs=runs, warmup=warmup, threads=threads, batch_sizes=batch_sizes)
+
+
+def retime(sweeps: list[tuple[dict[str, Any], str | os.PathLike]], *, runs: int = 50, warmup: int = 5,
+           threads: int = 1, batch_sizes: tuple[int, ...] = (1,)) -> bool:
+    """Re-time every finished point of every sweep in ``sweeps`` (``(state, out_dir)`` pairs of one
+    original model, e.g. a short and a long budget) and the original, all in *one* interleaved run per
+    batch size.
 
     Per-point timings are pairs measured minutes apart; on a shared machine a burst of load can land in
     one pair's median (tiny models run in ~1 ms). One round-robin over all models puts every point under
-    the same conditions. The pairwise numbers are kept under ``"pairwise"``. Skipped (returns False)
-    when the same set of points was already re-timed, so a resumed sweep changes nothing.
+    the same conditions. The first batch size's numbers replace the point's latency columns (the
+    pairwise ones are kept under ``"pairwise"``); every other batch size ``b`` gives ``speedup_b<b>``
+    and ``latency_ms_b<b>``, and all of them are under ``"by_batch"``. Skipped (returns False) when
+    the same points were already re-timed at the same batch sizes, so a resumed sweep changes nothing.
     """
-    done = sorted(k for k, p in state["points"].items() if p["status"] == "done" and os.path.exists(p.get("onnx", "")))
-    if not done or (state.get("rebench") or {}).get("points") == done:
+    batches = [int(b) for b in batch_sizes]
+    todo = [(state, out, sorted(k for k, p in state["points"].items()
+                                if p["status"] == "done" and os.path.exists(p.get("onnx", ""))))
+            for state, out in sweeps]
+    everyone = [f"{i}:{k}" for i, (_, _, keys) in enumerate(todo) for k in keys]
+    if not everyone or all((state.get("rebench") or {}).get("points") == keys and
+                           (state.get("rebench") or {}).get("batch_sizes", [1]) == batches and
+                           (state.get("rebench") or {}).get("together") == everyone for state, _, keys in todo):
         return False
-    paths = [state["original"]["onnx"]] + [state["points"][k]["onnx"] for k in done]
-    rows = compare(paths, batch_sizes=(1,), threads=threads, runs=runs, warmup=warmup)
-    for key, row in zip(done, rows[1:]):
-        p = state["points"][key]
-        p.setdefault("pairwise", {q: p.get(q) for q in _LATENCY})
-        p.update(original_ms=rows[0]["median_ms"], original_p90_ms=rows[0]["p90_ms"], latency_ms=row["median_ms"],
-                 latency_p90_ms=row["p90_ms"], speedup=row["speedup"])
-    state["rebench"] = {"points": done, "runs": runs, "warmup": warmup, "threads": threads,
-                        "original_ms": rows[0]["median_ms"], "original_p90_ms": rows[0]["p90_ms"]}
-    save_state(os.path.join(os.fspath(out_dir), "sweep.json"), state)
+    points = [state["points"][k] for state, _, keys in todo for k in keys]
+    paths = [todo[0][0]["original"]["onnx"]] + [p["onnx"] for p in points]
+    rows = compare(paths, batch_sizes=batches, threads=threads, runs=runs, warmup=warmup)
+    for b_index, batch in enumerate(batches):
+        group = rows[b_index * len(paths):(b_index + 1) * len(paths)]
+        for p, row in zip(points, group[1:]):
+            _set_timing(p, batch, b_index == 0, group[0], row)
+    for state, out, keys in todo:
+        state["rebench"] = {"points": keys, "together": everyone, "runs": runs, "warmup": warmup, "threads": threads,
+                            "batch_sizes": batches, "original_ms": rows[0]["median_ms"],
+                            "original_p90_ms": rows[0]["p90_ms"],
+                            "original_ms_by_batch": {str(b): rows[i * len(paths)]["median_ms"]
+                                                     for i, b in enumerate(batches)}}
+        save_state(os.path.join(os.fspath(out), "sweep.json"), state)
     return True
+
+
+def _set_timing(p: dict[str, Any], batch: int, first: bool, original: dict[str, Any], row: dict[str, Any]) -> None:
+    timing = {"original_ms": original["median_ms"], "original_p90_ms": original["p90_ms"],
+              "latency_ms": row["median_ms"], "latency_p90_ms": row["p90_ms"], "speedup": row["speedup"]}
+    p.setdefault("by_batch", {})[str(batch)] = timing
+    if first:
+        p.setdefault("pairwise", {q: p.get(q) for q in _LATENCY})
+        p.update(timing)
+    else:
+        p.update({f"speedup_b{batch}": row["speedup"], f"latency_ms_b{batch}": row["median_ms"]})
 
 
 def rescale(state: dict[str, Any], out_dir: str | os.PathLike, model: nn.Module, input_size: tuple[int, int, int],

@@ -27,12 +27,22 @@ Design (all fixed by ``seed``):
   repeated to 3 channels and normalised with timm's ImageNet mean/std, as in
   :mod:`vitprune.train.digits`.
 
+**Scattered mosaics** (``grid=8``, ``background=0.15``: the Pareto benchmark's task). The image is
+a ``grid × grid`` array of cells and each quadrant's digit sits in one of its ``(grid/2)²`` cells,
+drawn uniformly; every other cell shows only uniform noise in ``[0, background]``. At 64×64 with
+8×8 cells each digit keeps scikit-learn's own 8×8 resolution and a patch-8 ViT sees 64 patch tokens,
+one per cell: it must find the four digit tokens among 60 noise tokens (where they are changes from
+image to image) and read each with its quadrant's weight, so attention carries the task, as it does
+on real images, and costs a DeiT-like share of the FLOPs. The label rule is the same.
+
 Mosaics are composed on access from the 1,797 tiles and an index table, so any size costs little
 memory::
 
     train_ds, test_ds = mosaic_splits(image_size=32)         # 20,000 train, 2,000 test mosaics
     train_ds[0]                                              # (image [3, 32, 32] float32, label int64)
     train_ds.digits[0], train_ds.sources[0]                  # the four digit classes / sklearn indices
+    scattered, _ = mosaic_splits(64, grid=8, background=0.15)  # 64 cells of 8×8: 64 patch tokens at patch 8
+    scattered.cells[0]                                       # each digit's cell within its quadrant
 """
 from __future__ import annotations
 
@@ -66,25 +76,45 @@ def mosaic_label(digits: Any) -> np.ndarray:
 class MosaicDataset(Dataset):
     """Mosaics of four digit tiles; ``(image [3, S, S] float32 normalised, label int64)`` per item.
 
-    ``sources`` (``[N, 4]`` indices into scikit-learn's digits), ``digits`` (their classes) and
+    ``sources`` (``[N, 4]`` indices into scikit-learn's digits), ``digits`` (their classes),
+    ``cells`` (``[N, 4]``: where in its quadrant each digit sits, row-major; all 0 on a 2×2 grid) and
     ``labels`` are plain tensors, so a test or a report can check what each mosaic is made of.
+    ``background`` (``[K, S, S]``, or None: black) are the noise fields mosaic ``i`` is drawn on
+    (``background_ids[i]``); a digit is laid over its cell's noise by a pixel-wise maximum.
     """
 
-    def __init__(self, tiles: torch.Tensor, sources: np.ndarray, digits: np.ndarray) -> None:
-        self.tiles = tiles  # [1797, S/2, S/2] in [0, 1]
+    def __init__(self, tiles: torch.Tensor, sources: np.ndarray, digits: np.ndarray, *, grid: int = 2,
+                 cells: np.ndarray | None = None, background: torch.Tensor | None = None,
+                 background_ids: np.ndarray | None = None) -> None:
+        self.tiles = tiles  # [1797, S/grid, S/grid] in [0, 1]
+        self.grid = grid
         self.sources = torch.from_numpy(np.ascontiguousarray(sources, dtype=np.int64))
         self.digits = torch.from_numpy(np.ascontiguousarray(digits, dtype=np.int64))
         self.labels = torch.from_numpy(mosaic_label(digits))
+        self.cells = torch.zeros_like(self.sources) if cells is None else torch.from_numpy(cells.astype(np.int64))
+        self.background = background
+        self.background_ids = None if background_ids is None else torch.from_numpy(background_ids.astype(np.int64))
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def pixels(self, index: int | slice | torch.Tensor) -> torch.Tensor:
         """Grayscale mosaics in [0, 1] before normalisation: ``[S, S]`` (or ``[n, S, S]``)."""
-        t = self.tiles[self.sources[index]]  # [..., 4, h, h]
-        top = torch.cat([t[..., 0, :, :], t[..., 1, :, :]], dim=-1)
-        bottom = torch.cat([t[..., 2, :, :], t[..., 3, :, :]], dim=-1)
-        return torch.cat([top, bottom], dim=-2)
+        single = isinstance(index, int)
+        index = torch.arange(len(self))[index] if not isinstance(index, torch.Tensor) else index
+        index = index.reshape(-1)
+        n, t, g = len(index), self.tiles.shape[-1], self.grid
+        if self.background is None:
+            canvas = torch.zeros(n, g, g, t, t)
+        else:  # [n, S, S] -> cells [n, g, g, t, t]
+            canvas = self.background[self.background_ids[index]].reshape(n, g, t, g, t).permute(0, 1, 3, 2, 4).clone()
+        half, rows = g // 2, torch.arange(n)
+        for q in range(4):
+            cell = self.cells[index, q]
+            r, c = (q // 2) * half + cell // half, (q % 2) * half + cell % half
+            canvas[rows, r, c] = torch.maximum(canvas[rows, r, c], self.tiles[self.sources[index, q]])
+        out = canvas.permute(0, 1, 3, 2, 4).reshape(n, g * t, g * t)
+        return out[0] if single else out
 
     def images(self, index: torch.Tensor) -> torch.Tensor:
         """The normalised 3-channel mosaics ``[n, 3, S, S]`` of the indices ``index``."""
@@ -96,15 +126,20 @@ class MosaicDataset(Dataset):
     def materialize(self) -> TensorDataset:
         """Every mosaic composed once (``[N, 3, S, S]``, 12·S² bytes each: 245 MB for 20,000 at 32×32):
         a training loop then only indexes, ~2.5× faster than composing each item on access."""
-        return TensorDataset(self.images(torch.arange(len(self))).contiguous(), self.labels.clone())
+        chunks = [self.images(torch.arange(i, min(i + 2048, len(self)))) for i in range(0, len(self), 2048)]
+        return TensorDataset(torch.cat(chunks).contiguous(), self.labels.clone())
 
 
-def _validate(image_size: Any, train_size: Any, test_size: Any, seed: Any, digit_test_fraction: Any) -> None:
+def _validate(image_size: Any, train_size: Any, test_size: Any, seed: Any, digit_test_fraction: Any, grid: Any,
+              background: Any) -> None:
     def is_int(v: Any) -> bool:
         return isinstance(v, int) and not isinstance(v, bool)
 
-    if not (is_int(image_size) and image_size >= 16 and image_size % 2 == 0):
-        raise InputError(f"image_size must be an even integer >= 16 (2×2 tiles of 8×8 digits), got {image_size!r}")
+    if not (is_int(grid) and grid >= 2 and grid % 2 == 0):
+        raise InputError(f"grid must be an even integer >= 2 (cells per side, a quadrant per digit), got {grid!r}")
+    if not (is_int(image_size) and image_size >= 8 * grid and image_size % grid == 0):
+        raise InputError(f"image_size must be a multiple of grid ({grid}) and at least {8 * grid} "
+                         f"(cells of at least 8×8 pixels, the digits' own size), got {image_size!r}")
     for name, v in (("train_size", train_size), ("test_size", test_size)):
         if not (is_int(v) and v >= NUM_CLASSES):
             raise InputError(f"{name} must be an integer >= {NUM_CLASSES} (one mosaic per class), got {v!r}")
@@ -113,6 +148,8 @@ def _validate(image_size: Any, train_size: Any, test_size: Any, seed: Any, digit
     if not (isinstance(digit_test_fraction, (int, float)) and not isinstance(digit_test_fraction, bool)
             and 0.0 < digit_test_fraction < 1.0):
         raise InputError(f"digit_test_fraction must be in (0, 1), got {digit_test_fraction!r}")
+    if not (isinstance(background, (int, float)) and not isinstance(background, bool) and 0.0 <= background < 1.0):
+        raise InputError(f"background must be the noise amplitude in [0, 1), got {background!r}")
 
 
 def _sample(pool: np.ndarray, classes: np.ndarray, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -138,16 +175,38 @@ def _tiles(images: np.ndarray, size: int) -> torch.Tensor:
     return x[:, 0].clamp_(0.0, 1.0).contiguous()
 
 
+#: Background noise fields per mosaic task (each mosaic draws one).
+NOISE_FIELDS = 1024
+
+
+def _dataset(tiles: torch.Tensor, pool: np.ndarray, classes: np.ndarray, n: int, rng: np.random.Generator,
+             grid: int, bank: torch.Tensor | None) -> MosaicDataset:
+    sources, digits = _sample(pool, classes, n, rng)
+    cells = rng.integers(0, (grid // 2) ** 2, size=(n, 4)) if grid > 2 else None
+    ids = rng.integers(0, len(bank), size=n) if bank is not None else None
+    return MosaicDataset(tiles, sources, digits, grid=grid, cells=cells, background=bank, background_ids=ids)
+
+
 def mosaic_splits(image_size: int = 32, *, train_size: int = 20_000, test_size: int = 2_000, seed: int = 0,
-                  digit_test_fraction: float = 0.3) -> tuple[MosaicDataset, MosaicDataset]:
-    """``(train_ds, test_ds)``: mosaics from disjoint digit pools (see the module docstring)."""
-    _validate(image_size, train_size, test_size, seed, digit_test_fraction)
+                  digit_test_fraction: float = 0.3, grid: int = 2,
+                  background: float = 0.0) -> tuple[MosaicDataset, MosaicDataset]:
+    """``(train_ds, test_ds)``: mosaics from disjoint digit pools (see the module docstring).
+
+    ``grid`` cells per side (even): each quadrant is ``grid/2 × grid/2`` cells and its digit sits in
+    one of them, drawn uniformly; the others show only the background, uniform noise in
+    ``[0, background]`` (one of :data:`NOISE_FIELDS` fields per mosaic). ``grid=2`` is the plain
+    2×2 mosaic."""
+    _validate(image_size, train_size, test_size, seed, digit_test_fraction, grid, background)
     images, classes = load_digit_images()
     train_pool, test_pool = split_indices(classes, seed, digit_test_fraction)
     rng = np.random.default_rng(seed)
-    tiles = _tiles(images, image_size // 2)
-    train = MosaicDataset(tiles, *_sample(train_pool, classes, train_size, rng))
-    test = MosaicDataset(tiles, *_sample(test_pool, classes, test_size, rng))
+    tiles = _tiles(images, image_size // grid)
+    bank = None
+    if background > 0:
+        g = torch.Generator().manual_seed(seed)
+        bank = background * torch.rand(NOISE_FIELDS, image_size, image_size, generator=g)
+    train = _dataset(tiles, train_pool, classes, train_size, rng, grid, bank)
+    test = _dataset(tiles, test_pool, classes, test_size, rng, grid, bank)
     return train, test
 
 
