@@ -44,6 +44,7 @@
 
     python benchmarks/pareto.py --write-results   # the full benchmark; updates benchmarks/pareto.{md,json,png}
     python benchmarks/pareto.py --quick --out DIR # smoke test: digits, tiny budget, 3 rows, 1 seed
+    python benchmarks/pareto.py --out A --base-only --torch-threads 2; mkdir B; cp A/base_*.pt B/
     python benchmarks/pareto.py --out A --budgets long --methods tp_width,width &        # one sweep on two
     python benchmarks/pareto.py --out B --budgets long --methods boundarydpt+; wait      # cores: a process
     python benchmarks/pareto.py --out A --merge B --write-results                        # per core, then one report
@@ -55,7 +56,10 @@ other tools: ``{"task": {"name", "test_images", "tokens"}, "base_top1", "points"
 "target", "seed", "budget", "steps", "top1", "speedup", "speedup_b1"}]}``). Only ``--write-results``
 copies those three into ``benchmarks/``, and only for the full kind of run (scatter task, ≥ 3 seeds,
 the long budget). A ``<!-- reading -->`` … ``<!-- /reading -->`` section already in
-``benchmarks/pareto.md`` is kept. Resumable: rerun the same command and only missing points are computed.
+``benchmarks/pareto.md`` is kept. Resumable: rerun the same command and only missing points are computed. Across sessions only
+``base_*.pt`` and each ``<budget>/sweep.json`` need to be kept (``benchmarks/pareto_state/`` holds the
+committed run's): a point's ONNX file, if gone, is exported again from its architecture rebuilt on the
+base model before the interleaved timing (latency depends on the shapes only).
 
 Block dropping: no vitprune pass removes a whole MLP (activation removal keeps a merged linear), so
 ``blockdrop`` is a plain module rewrite here: ``model.blocks`` becomes a ``Sequential`` of the kept
@@ -98,7 +102,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = {ext: os.path.join(HERE, f"pareto.{ext}") for ext in ("md", "json", "png")}  # the committed results
 MIN_SEEDS = 3  # committed results: mean ± std over at least this many seeds per point
 ALL_METHODS = report.ALL_METHODS
-DEPTH_METHODS = ("boundarydpt", "boundarydpt+", "boundarydpt+paper")
+DEPTH_METHODS = ("boundarydpt", "boundarydpt+", "boundarydpt+paper", "boundarydpt+pre")
 SCALE_NAME = "deit_small_patch16_224"
 BATCH = 32  # training and calibration batch, and the batch the goals' speedups are timed at
 TIMED_BATCHES = (1, BATCH)
@@ -106,7 +110,7 @@ TIMED_BATCHES = (1, BATCH)
 # the tasks: data, the base model's shape and its training budget (lr, batch, epochs)
 TASKS = {
     "scatter": dict(title="scattered digit mosaics", image_size=64, grid=8, background=0.15, patch_size=8,
-                    embed_dim=96, base_epochs=20, base_batch=64, base_lr=2e-3, train_images=20_000,
+                    embed_dim=96, base_epochs=24, base_batch=64, base_lr=2e-3, train_images=20_000,
                     test_images=2_000),
     "mosaic": dict(title="digit mosaics", image_size=32, grid=2, background=0.0, patch_size=16, embed_dim=96,
                    base_epochs=12, base_batch=64, base_lr=2e-3, train_images=20_000, test_images=2_000),
@@ -159,6 +163,22 @@ def blockdrop_scale(arch: dict, src_model, src_size, dst_model: nn.Module, dst_s
 
 
 sw.register(sw.Method("blockdrop", "naive depth (whole blocks)", blockdrop, blockdrop_scale))
+
+
+# ---------------------------------------------------------------------------------------------- the pricing ablation
+def joint_before_recovery(model: nn.Module, target: float, ctx: sw.PointContext) -> sw.Pruned:
+    """The joint planner as the ``boundarydpt+`` row runs it (same events, same recovery between them),
+    but pricing layer moves by their loss *before* recovery (``probe_steps=0``): the fine-tune gets the
+    probes' steps instead. What recovery-aware pricing is worth, at the same total budget."""
+    kw: dict[str, Any] = {"method": "boundarydpt+", "target_flops": target, "probe_steps": 0}
+    trains = ctx.plan_steps > 0 and ctx.train is not None
+    if trains:
+        kw["search_steps"] = max(1, sw.probe_sizes(ctx.plan_steps)[1])
+    return sw.compress_point(model, ctx, train=trains, **kw)
+
+
+sw.register(sw.Method("boundarydpt+pre", "BoundaryDPT+ joint, priced before recovery (ablation)",
+                      joint_before_recovery, sw.recipe_scale))
 
 
 # ---------------------------------------------------------------------------------------------- base model
@@ -248,6 +268,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="first copy in the points of another --out folder of the same sweep (same budgets) that this "
                         "one lacks: a sweep split over processes (e.g. --methods per process) becomes one report; "
                         "repeatable")
+    p.add_argument("--base-only", action="store_true",
+                   help="train (or load) the base model into --out and stop: run this once before splitting a "
+                        "sweep over processes, then copy OUT/base_*.pt into each process's --out")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     try:
@@ -339,14 +362,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
     model, record = base_model(args.out, s)
     print(f"base model ({s['task']}, {tokens(s)} patch tokens): top-1 {record['top1']:.2f}% after "
           f"{record['epochs']} epochs ({record['seconds']:.0f} s)")
+    if args.base_only:
+        return {}
     train, test = data(s, BATCH)
     scale = None
     if s["scale"]:
         scale = sw.ScaleModel(SCALE_NAME, lambda: timm.create_model(SCALE_NAME, pretrained=False), (3, 224, 224))
     states = {budget: run_budget(model, train, test, s, budget, args, scale) for budget in s["budgets"]}
     if args.rebench_runs:  # every ONNX of every budget in one interleaved run: same conditions for every point
+        size = (3, s["image_size"], s["image_size"])
         sw.retime([(state, os.path.join(args.out, b)) for b, state in states.items()], runs=args.rebench_runs,
-                  warmup=5, threads=args.threads, batch_sizes=TIMED_BATCHES)
+                  warmup=5, threads=args.threads, batch_sizes=TIMED_BATCHES,
+                  rebuild=(model, size, sweep_config(s, s["budgets"][0], args)))
     for budget, state in states.items():
         if scale is not None and args.rescale_runs:
             sw.rescale(state, os.path.join(args.out, budget), model, (3, s["image_size"], s["image_size"]), scale,

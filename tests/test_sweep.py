@@ -292,6 +292,18 @@ def test_retime_puts_every_budget_in_one_interleaved_run_per_batch(tmp_path):
         assert p["speedup"] == p["by_batch"]["1"]["speedup"] and "pairwise" in p
         assert json.loads((out / "sweep.json").read_text())["rebench"]["batch_sizes"] == [1, 4]
     assert not sw.retime(states, runs=2, warmup=0, batch_sizes=(1, 4))  # nothing new: nothing re-timed
+    # a later session has only sweep.json: the ONNX files are rebuilt from the architectures (same shapes)
+    for state, out in states:
+        for f in (out / "onnx").iterdir():
+            f.unlink()
+    assert not sw.retime(states, runs=2, warmup=0, batch_sizes=(1, 2))  # without the model: left out
+    cfg = sw.SweepConfig(methods=("width",), progress=False)
+    assert sw.retime(states, runs=2, warmup=0, batch_sizes=(1, 2), rebuild=(_vit(), (3, 32, 32), cfg))
+    for state, out in states:
+        p = state["points"]["width@0.6#s0"]
+        assert os.path.exists(p["onnx"]) and p["speedup_b2"] > 0
+        rebuilt = sw.rebuild("width", p["arch"], _vit(), (3, 32, 32), cfg)
+        assert count_flops(rebuilt, torch.zeros(1, 3, 32, 32)) == p["flops"]
 
 
 def test_rescale_retimes_every_scaled_architecture_in_one_run(tmp_path):

@@ -33,13 +33,15 @@ from __future__ import annotations
 # methods before baseline: the registry lists the vitprune rows first
 from vitprune.sweep.config import METHODS, Method, PointContext, Pruned, ScaleModel, SweepConfig, register
 from vitprune.sweep import methods as _methods  # noqa: F401  (registers the vitprune rows)
+from vitprune.sweep.methods import compress_point
 from vitprune.sweep.baseline import tp_prune
 from vitprune.sweep.report import format_markdown, pareto_front, plot_sweep, summarize, write_reports
+from vitprune.plan.joint import probe_sizes
 from vitprune.sweep.runner import rebench, rescale, retime, run_sweep
-from vitprune.sweep.scaling import block_map, recipe_scale, recipe_shapes, scale_recipe
+from vitprune.sweep.scaling import block_map, rebuild, recipe_scale, recipe_shapes, scale_recipe
 from vitprune.sweep.state import SWEEP_FORMAT, SWEEP_VERSION, arch_key, merge_states, point_key
 
-__all__ = ["METHODS", "Method", "Pruned", "PointContext", "ScaleModel", "SweepConfig", "SWEEP_FORMAT",
+__all__ = ["METHODS", "compress_point", "probe_sizes", "Method", "Pruned", "PointContext", "ScaleModel", "SweepConfig", "SWEEP_FORMAT",
            "SWEEP_VERSION", "arch_key", "block_map", "format_markdown", "merge_states", "pareto_front", "plot_sweep",
-           "point_key", "rebench", "rescale", "retime", "recipe_scale", "recipe_shapes", "register", "run_sweep", "scale_recipe",
+           "point_key", "rebench", "rebuild", "rescale", "retime", "recipe_scale", "recipe_shapes", "register", "run_sweep", "scale_recipe",
            "summarize", "tp_prune", "write_reports"]

@@ -36,7 +36,7 @@ def _spec(ctx: PointContext, **kw: Any) -> CompressSpec:
     return CompressSpec(**base)
 
 
-def _compress(model: nn.Module, ctx: PointContext, train: bool = False, **kw: Any) -> Pruned:
+def compress_point(model: nn.Module, ctx: PointContext, train: bool = False, **kw: Any) -> Pruned:
     """``compress`` with the sweep's settings; ``train``: the planner gets the training data."""
     result = compress(model, _spec(ctx, **kw), example_input_size=ctx.input_size, source=ctx.source,
                       calib_data=ctx.calib, train_data=ctx.train if train else None)
@@ -59,7 +59,7 @@ def _vitprune_method(method: str) -> PruneFn:
         trains = ctx.plan_steps > 0 and ctx.train is not None and method.startswith("boundarydpt")
         if trains:
             kw.update(_planner_steps(method, model, target, ctx))
-        return _compress(model, ctx, train=trains, **kw)
+        return compress_point(model, ctx, train=trains, **kw)
 
     return prune
 
@@ -104,7 +104,7 @@ def _one_kind(kind: str) -> PruneFn:
 
     def prune(model: nn.Module, target: float, ctx: PointContext) -> Pruned:
         chosen = _fewest_removals(model, kind, target, ctx)
-        return _compress(model, ctx, method="width", target_flops=None, **{f"remove_{kind}": chosen})
+        return compress_point(model, ctx, method="width", target_flops=None, **{f"remove_{kind}": chosen})
 
     return prune
 
@@ -116,7 +116,7 @@ def _combo(model: nn.Module, target: float, ctx: PointContext) -> Pruned:
     gm, _ = analyse(model, ctx.input_size)
     x = gm.meta["example_input"]
     budget = Budget(count_flops(gm, x), target)
-    token_only = _compress(model, ctx, target_flops=None, tokens=tokens)
+    token_only = compress_point(model, ctx, target_flops=None, tokens=tokens)
     token_flops = count_flops(token_only.model, x)
     if not budget.above(token_flops):
         token_only.info["planner_target"] = None
@@ -124,7 +124,7 @@ def _combo(model: nn.Module, target: float, ctx: PointContext) -> Pruned:
     inner = target / budget.ratio(token_flops)  # < 1: the token cut alone is above the target
     best: tuple[float, Pruned] | None = None
     for round_ in range(_COMBO_ROUNDS):
-        pruned = _compress(model, ctx, method="boundarydpt+", target_flops=inner, tokens=tokens)
+        pruned = compress_point(model, ctx, method="boundarydpt+", target_flops=inner, tokens=tokens)
         flops = count_flops(pruned.model, x)
         achieved = budget.ratio(flops)
         pruned.info["planner_target"] = inner

@@ -35,6 +35,7 @@ from vitprune.errors import InputError, PlanError
 from vitprune.plan.stages import copy_teacher
 from vitprune.sweep.config import METHODS, PointContext, Pruned, ScaleModel, SweepConfig
 from vitprune.sweep.report import write_reports
+from vitprune.sweep.scaling import rebuild as rebuild_arch
 from vitprune.sweep.state import arch_key, jsonable, load_state, new_state, point_key, save_state
 from vitprune.train.finetune import FinetuneConfig, evaluate, finetune
 
@@ -287,7 +288,8 @@ def rebench(state: dict[str, Any], out_dir: str | os.PathLike, *, runs: int = 50
 
 
 def retime(sweeps: list[tuple[dict[str, Any], str | os.PathLike]], *, runs: int = 50, warmup: int = 5,
-           threads: int = 1, batch_sizes: tuple[int, ...] = (1,)) -> bool:
+           threads: int = 1, batch_sizes: tuple[int, ...] = (1,),
+           rebuild: tuple[nn.Module, tuple[int, int, int], SweepConfig] | None = None) -> bool:
     """Re-time every finished point of every sweep in ``sweeps`` (``(state, out_dir)`` pairs of one
     original model, e.g. a short and a long budget) and the original, all in *one* interleaved run per
     batch size.
@@ -298,8 +300,15 @@ def retime(sweeps: list[tuple[dict[str, Any], str | os.PathLike]], *, runs: int 
     pairwise ones are kept under ``"pairwise"``); every other batch size ``b`` gives ``speedup_b<b>``
     and ``latency_ms_b<b>``, and all of them are under ``"by_batch"``. Skipped (returns False) when
     the same points were already re-timed at the same batch sizes, so a resumed sweep changes nothing.
+    ``rebuild`` (the swept model, its input size, the config): a point whose ONNX file is gone (the
+    sweep resumed in another session, where only ``sweep.json`` was kept) is exported again from its
+    architecture rebuilt on the model (:func:`~vitprune.sweep.scaling.rebuild`: latency depends on
+    shapes only); without it such a point is left out.
     """
     batches = [int(b) for b in batch_sizes]
+    if rebuild is not None:
+        for state, out in sweeps:
+            _restore_onnx(state, out, *rebuild)
     todo = [(state, out, sorted(k for k, p in state["points"].items()
                                 if p["status"] == "done" and os.path.exists(p.get("onnx", ""))))
             for state, out in sweeps]
@@ -323,6 +332,21 @@ def retime(sweeps: list[tuple[dict[str, Any], str | os.PathLike]], *, runs: int 
                                                      for i, b in enumerate(batches)}}
         save_state(os.path.join(os.fspath(out), "sweep.json"), state)
     return True
+
+
+def _restore_onnx(state: dict[str, Any], out: str | os.PathLike, model: nn.Module, size: tuple[int, int, int],
+                  config: SweepConfig) -> None:
+    """Export again, into ``out/onnx``, the original and every finished point whose ONNX file is gone."""
+    folder = os.path.join(os.fspath(out), "onnx")
+    os.makedirs(folder, exist_ok=True)
+    x = torch.zeros(1, *size)
+    if not os.path.exists(state["original"].get("onnx", "")):
+        state["original"]["onnx"] = os.path.join(folder, "original.onnx")
+        export_onnx(model.eval(), x, state["original"]["onnx"], parity_batches=(1,))
+    for key, p in state["points"].items():
+        if p["status"] == "done" and not os.path.exists(p.get("onnx", "")):
+            p["onnx"] = os.path.join(folder, _file_name(key) + ".onnx")
+            export_onnx(rebuild_arch(p["method"], p["arch"], model, size, config), x, p["onnx"], parity_batches=(1,))
 
 
 def _set_timing(p: dict[str, Any], batch: int, first: bool, original: dict[str, Any], row: dict[str, Any]) -> None:

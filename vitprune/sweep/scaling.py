@@ -6,6 +6,7 @@ the result there (random weights: only the shapes matter for timing).
 """
 from __future__ import annotations
 
+import copy
 import json
 import re
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from torch import nn
 from vitprune.deps.tokens import analyse_tokens
 from vitprune.driver.pipeline import analyse, replay
 from vitprune.errors import PlanError
-from vitprune.sweep.config import SweepConfig
+from vitprune.sweep.config import METHODS, SweepConfig
 
 _BLOCK = re.compile(r"(blocks\.)(\d+)(\.)")
 
@@ -169,3 +170,14 @@ def recipe_scale(arch: dict[str, Any], src_model: nn.Module, src_size: Sequence[
     """:attr:`Method.scale` for the vitprune methods: map the recipe, replay it on ``dst_model``."""
     steps = scale_recipe(arch["steps"], src_model, src_size, dst_model, dst_size, round_to=16)
     return replay(dst_model, steps, tuple(dst_size)).eval()
+
+
+def rebuild(method: str, arch: dict[str, Any], model: nn.Module, size: Sequence[int], config: SweepConfig) -> nn.Module:
+    """The architecture ``arch`` of a ``method`` point rebuilt on the model it was compressed from,
+    with the same shapes and other channels (the first ones): what a point's latency depends on, so
+    its ONNX can be re-timed after the file itself is gone (a sweep resumed in another session)."""
+    if arch.get("kind") == "recipe":
+        steps = [{"pass": "width", "keep": {g: list(range(n)) for g, n in step["counts"].items()}}
+                 if step.get("pass") == "width" and "counts" in step else step for step in arch["steps"]]
+        return replay(model, steps, tuple(size)).eval()
+    return METHODS[method].scale(arch, model, size, copy.deepcopy(model).eval(), size, config).eval()
