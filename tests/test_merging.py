@@ -153,7 +153,7 @@ def torchvision_model():
     with torch.no_grad():
         for layer in m.encoder.layers:
             layer.self_attention.in_proj_weight.mul_(3.0)
-        m.heads.head.weight.normal_()  # torchvision initialises the head to zeros
+        m.heads.head.weight.normal_(std=0.05)  # torchvision initialises the head to zeros
     return m
 
 
@@ -228,7 +228,7 @@ def test_prefix_tokens_pass_through_and_never_merge():
     for n in out.graph.nodes:
         if n.meta.get(MERGE_KEY, ("",))[0] == "size":
             assert torch.equal(env[n][:, :5], torch.ones(2, 5, 1))  # registers and class token: size 1
-            assert env[n].sum(1).eq(64).all()  # every patch is counted exactly once
+            assert env[n][:, 5:].sum(1).eq(64).all()  # every patch is counted exactly once
 
 
 # -- static shapes, FLOPs, export ------------------------------------------------------------------------
@@ -299,7 +299,7 @@ def test_relative_position_bias_is_refused_with_the_reason():
     cfg = transformers.BeitConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                                   image_size=SIZE, patch_size=8, num_labels=10, use_relative_position_bias=True)
     gm = capture(transformers.BeitForImageClassification(cfg).eval(), images(2))
-    with pytest.raises(MergeRefused, match="relative position bias .* start=1"):
+    with pytest.raises(MergeRefused, match=r"relative position bias.*\(start=1\)"):
         TokenMerging([4, 4])(gm)
     assert TokenMerging([0, 4])(copy.deepcopy(gm)).modified  # merging after the last biased attention is defined
 
