@@ -13,9 +13,17 @@ import transformers
 from torchvision.models.vision_transformer import VisionTransformer as TorchvisionViT
 
 from conftest import randomize, tiny, traced
+import json
+
+from vitprune.api import compress, write_outputs
+from vitprune.deploy.pt2 import load_compressed
+from vitprune.spec import CompressSpec
 from passes import PASSES, PassError
 from passes.merging import MERGE_KEY, MergeRefused, TokenMerging
 from vitprune.deps.flops import count_flops
+from vitprune.errors import PlanError, SpecError
+from vitprune.plan.budget import Budget
+from vitprune.plan.merging import MergeFlops, parse_merge, tome_plan
 from vitprune.frontend.capture import capture
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -210,7 +218,6 @@ def test_r_zero_is_the_identity(name):
     gm = capture(model, images(2))
     result = TokenMerging([0, 0, 0, 0])(gm)
     assert not result.modified and result.graph_module is gm
-    assert TokenMerging([0] * 4).schedule.__self__ is not None
 
 
 def test_prefix_tokens_pass_through_and_never_merge():
@@ -246,23 +253,30 @@ def test_sequence_length_baked_into_reshapes_is_rewritten():
     torch.testing.assert_close(out(x), timm_reference(model, x, [8] * 4), atol=ATOL, rtol=0)
 
 
-def test_flops_follow_the_token_counts():
-    model = ARCHS["timm_deit_sdpa"][0]()
-    gm = traced(model)
+@pytest.mark.parametrize("name", ["timm_deit_sdpa", "timm_deit_matmul", "timm_reg4", "hf_vit_eager",
+                                  "torchvision_vit"])
+def test_flop_model_equals_the_counter_on_merged_graphs(name):
+    gm = capture(ARCHS[name][0](), images(2))
     x = gm.meta["example_input"]
-    base = count_flops(gm, x)
-    c, heads_, d = 192, 3, 64
-    got = count_flops(merged(gm, [8] * 4).graph_module, x)
-    # per block: linears 24·n·C² (qkv, proj at n_in; fc1, fc2 at n_out... split below), attention 4·n²·C
-    want = base
-    n = 65
-    for _ in range(4):
-        out = n - 8
-        want -= 8 * c * c * 2 * 4 * 2 // 2 * 0  # placeholder removed below
-        want -= 2 * (2 * 4 * c * c) * (n - out)  # fc1 + fc2 (hidden 4C) see n_out tokens
-        want += 2 * ((n - 1) // 2) * ((n - 1) // 2 + (n - 1) % 2) * d if False else 0
-        n = out
-    assert got < base
+    model = MergeFlops(gm)
+    assert model.base == count_flops(gm, x)
+    for r in ([8, 8, 8, 8], [0, 13, 5, 30], [3, 0, 7, 1]):
+        assert model.flops(r) == count_flops(merged(gm, r).graph_module, x) < model.base
+
+
+def test_tome_plan_lands_within_one_percent_and_refuses_the_impossible():
+    gm = traced(ARCHS["timm_deit_sdpa"][0]())
+    model = MergeFlops(gm)
+    x = gm.meta["example_input"]
+    for goal in (0.5, 0.6, 0.75, 0.9):
+        plan = tome_plan(gm, Budget(model.base, goal), flop_model=model)
+        r, extra = plan.detail["r"], plan.detail["extra"]
+        assert plan.detail["schedule"] == [min(r + (b >= 4 - extra), c) for b, c in
+                                           enumerate(plan.detail["schedule"])]
+        achieved = count_flops(merged(gm, plan.detail["schedule"]).graph_module, x) / model.base
+        assert abs(achieved - goal) <= 0.01 and achieved == pytest.approx(plan.ratio)
+    with pytest.raises(PlanError, match="no merge schedule reaches 0.100"):
+        tome_plan(gm, Budget(model.base, 0.1), flop_model=model)
 
 
 def test_onnx_static_shapes_and_parity(tmp_path):
@@ -333,3 +347,59 @@ def test_recipe_replays():
     again = PASSES["merging"].from_recipe(result.recipe)(copy.deepcopy(gm)).graph_module
     x = images(2)
     torch.testing.assert_close(again(x), result.graph_module(x), atol=0, rtol=0)
+
+
+# -- the spec forms, --method tome, composition --------------------------------------------------------------
+def test_merge_form_parses_and_bad_forms_are_refused():
+    gm = traced(ARCHS["timm_deit_sdpa"][0]())
+    assert parse_merge("merge=8", gm) == [8] * 4
+    assert parse_merge("merge=5, start=2", gm) == [0, 0, 5, 5]
+    with pytest.raises(SpecError, match=r"start must be a block index in \[0, 3\]"):
+        parse_merge("merge=5,start=4", gm)
+    for bad, match in (("merge=8,keep=0.5", "mixes merging"), ("merge=-1", "merge must be an integer >= 0"),
+                       ("merge=2,every=2", "mixes merging"), ("merge=2,merge=3", "merge is given twice")):
+        with pytest.raises(SpecError, match=match):
+            CompressSpec(tokens=bad)
+    with pytest.raises(SpecError, match="method 'tome' plans its own token schedule"):
+        CompressSpec(method="tome", target_flops=0.6, tokens="keep=0.5,start=2")
+    with pytest.raises(SpecError, match="method 'cpvit' plans its own token schedule"):
+        CompressSpec(method="cpvit", target_flops=0.6, tokens="merge=4")
+
+
+def test_method_tome_meets_the_target_from_the_api_and_a_spec_file(tmp_path):
+    model = ARCHS["timm_deit_sdpa"][0]()
+    (tmp_path / "spec.yaml").write_text("method: tome\ntarget_flops: 0.6\n")
+    result = compress(model, CompressSpec.from_file(tmp_path / "spec.yaml"))
+    assert abs(result.report["flops_ratio"] - 0.6) <= 0.01
+    stage = result.report["stages"]["merge"]
+    assert stage["r"] >= 1 and [s["pass"] for s in result.recipe] == ["merging", "cleanup"]
+    paths = write_outputs(result, str(tmp_path / "m"))  # ONNX (checker, shapes, ORT parity) and .pt2
+    report = json.loads((tmp_path / "m.json").read_text())
+    assert max(report["onnx"]["parity_max_abs_err"].values()) <= 1e-4
+    x = images(2)
+    torch.testing.assert_close(load_compressed(paths["pt2"])(x), result.model(x), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["width", "boundarydpt", "boundarydpt+"])
+def test_merging_composes_with_the_other_methods(method):
+    model = ARCHS["timm_deit_sdpa"][0]()
+    result = compress(model, CompressSpec(method=method, target_flops=0.7, tokens="merge=4,start=1"))
+    passes = [s["pass"] for s in result.recipe]
+    assert passes[-2:] == ["merging", "cleanup"] and len(passes) > 2
+    assert result.report["flops_ratio"] < 0.69  # the width/depth plan, then merging on top
+    merge = result.report["stages"]["merge"]["merge"]
+    assert merge[0] == 0 and set(merge[1:]) == {4}
+
+
+def test_merging_with_recovery_fine_tuning():
+    model = ARCHS["timm_deit_sdpa"][0]()
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(8, 3, SIZE, SIZE, generator=g),
+                                          torch.randint(0, 10, (8,), generator=g))
+    before = copy.deepcopy(model)
+    result = compress(model, CompressSpec(tokens="merge=6", epochs=1, batch_size=4, calib_batches=1),
+                      train_data=data)
+    assert len(result.report["recovery"]["epochs"]) == 1
+    x = images(2)
+    untrained = compress(before, CompressSpec(tokens="merge=6")).model
+    assert (result.model(x) - untrained(x)).abs().max() > 0  # the merged graph trained
