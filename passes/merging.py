@@ -102,12 +102,15 @@ def _match(e: _Emit, metric: fx.Node, prefix: int, r: int) -> tuple[fx.Node, fx.
     return unmerged, merged, partners
 
 
-def _merge(e: _Emit, t: fx.Node, match: tuple[fx.Node, fx.Node, fx.Node], prefix: int) -> fx.Node:
-    """``[prefix, unmerged A, B + merged A summed in]`` of ``t`` (batch, tokens, c)."""
-    unmerged, merged, partners = match
-    width = e(aten.sym_size.int, t, 2)
+def _merge(e: _Emit, t: fx.Node, match: tuple[fx.Node, fx.Node, fx.Node], prefix: int,
+           single: bool = False) -> fx.Node:
+    """``[prefix, unmerged A, B + merged A summed in]`` of ``t`` (batch, tokens, c); ``single``: c is 1
+    (the sizes), where the (batch, n, 1) indices need no expand."""
     a, b = _halves(e, t, prefix)
-    along = [e(aten.expand.default, idx, [-1, -1, width]) for idx in (unmerged, merged, partners)]
+    along = list(match)
+    if not single:
+        width = e(aten.sym_size.int, t, 2)
+        along = [e(aten.expand.default, idx, [-1, -1, width]) for idx in match]
     kept = e(aten.gather.default, a, 1, along[0])
     src = e(aten.gather.default, a, 1, along[1])
     dst = e(aten.scatter_reduce.two, b, 1, along[2], src, "sum")
@@ -128,7 +131,7 @@ def _insert_merge(gm: fx.GraphModule, block: AttentionBlock, prefix: int, r: int
         size, weighted = e(aten.ones_like.default, e(aten.slice.Tensor, add, 2, 0, 1)), add
     else:
         weighted = e(aten.mul.Tensor, add, size)
-    new_size = _merge(e, size, match, prefix)
+    new_size = _merge(e, size, match, prefix, single=True)
     stream = e(aten.div.Tensor, _merge(e, weighted, match, prefix), new_size)
     stream.meta[MERGE_KEY] = ("merged", block.index)
     new_size.meta[MERGE_KEY] = ("size", block.index)

@@ -372,7 +372,7 @@ def test_method_tome_meets_the_target_from_the_api_and_a_spec_file(tmp_path):
     result = compress(model, CompressSpec.from_file(tmp_path / "spec.yaml"))
     assert abs(result.report["flops_ratio"] - 0.6) <= 0.01
     stage = result.report["stages"]["merge"]
-    assert stage["r"] >= 1 and [s["pass"] for s in result.recipe] == ["merging", "cleanup"]
+    assert stage["r"] >= 1 and [s["pass"] for s in result.recipe] == ["merging"]
     paths = write_outputs(result, str(tmp_path / "m"))  # ONNX (checker, shapes, ORT parity) and .pt2
     report = json.loads((tmp_path / "m.json").read_text())
     assert max(report["onnx"]["parity_max_abs_err"].values()) <= 1e-4
@@ -385,7 +385,7 @@ def test_merging_composes_with_the_other_methods(method):
     model = ARCHS["timm_deit_sdpa"][0]()
     result = compress(model, CompressSpec(method=method, target_flops=0.7, tokens="merge=4,start=1"))
     passes = [s["pass"] for s in result.recipe]
-    assert passes[-2:] == ["merging", "cleanup"] and len(passes) > 2
+    assert passes[-1] == "merging" and len(passes) > 1
     assert result.report["flops_ratio"] < 0.69  # the width/depth plan, then merging on top
     merge = result.report["stages"]["merge"]["merge"]
     assert merge[0] == 0 and set(merge[1:]) == {4}
@@ -403,3 +403,14 @@ def test_merging_with_recovery_fine_tuning():
     x = images(2)
     untrained = compress(before, CompressSpec(tokens="merge=6")).model
     assert (result.model(x) - untrained(x)).abs().max() > 0  # the merged graph trained
+
+
+def test_sweep_row_and_scaled_recipe():
+    import vitprune.sweep as sw
+    assert "tome" in sw.METHODS and callable(sw.METHODS["tome"].prune)
+    src = timm_model(depth=2)
+    dst = randomize(tiny("deit_tiny_patch16_224", depth=4, img_size=64, patch_size=4))
+    out = sw.scale_recipe([{"pass": "merging", "r": [8, 4]}], src, (3, SIZE, SIZE), dst, (3, 64, 64))
+    assert out == [{"pass": "merging", "r": [32, 32, 16, 16]}]  # the same fraction of 64 → 256 patches
+    from vitprune.api import replay
+    assert replay(dst, out, (3, 64, 64))(torch.randn(2, 3, 64, 64)).shape == (2, 1000)
