@@ -7,12 +7,13 @@ from .attention import AttentionRemoval
 from .base import Pass, PassError, PassResult
 from .cleanup import Cleanup
 from .manager import PassFailure, PassManager
+from .merging import TokenMerging
 from .tokens import TokenPruning
 from .width import WidthPruning
 
 PASSES: dict[str, type[Pass]] = {
-    cls.name: cls for cls in (WidthPruning, AttentionRemoval, ActivationRemoval, TokenPruning, Cleanup)
+    cls.name: cls for cls in (WidthPruning, AttentionRemoval, ActivationRemoval, TokenPruning, TokenMerging, Cleanup)
 }
 
 __all__ = ["PASSES", "ActivationRemoval", "AttentionRemoval", "Cleanup", "Pass", "PassError", "PassFailure",
-           "PassManager", "PassResult", "TokenPruning", "WidthPruning"]
+           "PassManager", "PassResult", "TokenMerging", "TokenPruning", "WidthPruning"]

@@ -11,6 +11,8 @@ from typing import Iterable
 import torch
 import torch.fx as fx
 
+from vitprune.deps.tokens import size_args
+
 
 def own_module(gm: fx.GraphModule, module_path: str) -> torch.nn.Module:
     """Make ``gm``'s submodule at ``module_path`` private to ``gm`` before a pass edits it in place.
@@ -82,3 +84,21 @@ def _exists(gm: fx.GraphModule, target: str) -> bool:
     except AttributeError:
         return False
     return hasattr(owner, attr) and getattr(owner, attr) is not None
+
+
+def rewrite_lengths(gm: fx.GraphModule, seq_len: int, length_after: dict[fx.Node, int],
+                    constants: dict[fx.Node, list[int]]) -> None:
+    """Rewrite each baked-in sequence length (``constants``: {reshape/view/expand: size positions},
+    from :func:`vitprune.deps.tokens.find_length_constants`) to the length where it sits: the
+    sequence is ``seq_len`` tokens long until a node of ``length_after`` sets a new length, in graph
+    order (``reshape(B, 197, 3, H, D)`` behind a cut or merge becomes ``reshape(B, 150, 3, H, D)``)."""
+    if not constants:
+        return
+    length = seq_len
+    for node in gm.graph.nodes:
+        length = length_after.get(node, length)
+        if node in constants and length != seq_len:
+            sizes, write = size_args(node)
+            for i in constants[node]:
+                sizes[i] = length
+            write(sizes)

@@ -45,10 +45,11 @@ import torch
 import torch.fx as fx
 
 from vitprune.deps.tokens import (META_KEY, AttentionBlock, TokenLayout, analyse_tokens, find_length_constants,
-                                  keep_counts, size_args)
+                                  keep_counts)
 from vitprune.frontend.capture import eliminate_dead_code, tensor_shape
 
 from .base import Pass, PassError, PassResult
+from .tensors import rewrite_lengths
 
 aten = torch.ops.aten
 
@@ -210,17 +211,8 @@ def rewrite_length_constants(gm: fx.GraphModule, layout: TokenLayout, cuts: dict
                              constants: dict[fx.Node, list[int]]) -> None:
     """Rewrite each baked-in sequence length to the length of the stretch of blocks it sits in
     (``cuts``: {block: patch tokens entering it}; ``constants`` from :func:`find_length_constants`)."""
-    if not constants:
-        return
     length_after = {layout.blocks[b].stream: layout.prefix + k for b, k in cuts.items()}
-    length = layout.seq_len
-    for node in gm.graph.nodes:
-        length = length_after.get(node, length)
-        if node in constants and length != layout.seq_len:
-            sizes, write = size_args(node)
-            for i in constants[node]:
-                sizes[i] = length
-            write(sizes)
+    rewrite_lengths(gm, layout.seq_len, length_after, constants)
 
 
 __all__ = ["TokenPruning", "explicit_attention", "rewrite_length_constants"]

@@ -203,7 +203,7 @@ def _add_sweep(sub: Any) -> None:
     w.add_argument("--data", required=True, metavar="DIR", help="image folder with DIR/train and DIR/val")
     w.add_argument("--targets", default="0.9,0.7,0.5,0.3", metavar="R,R", help="FLOPs fractions (default 0.9,0.7,0.5,0.3)")
     w.add_argument("--methods", default="width,boundarydpt,boundarydpt+,cpvit", metavar="M,M",
-                   help="rows: width, boundarydpt, boundarydpt+, boundarydpt+paper, cpvit, attention, activation, "
+                   help="rows: width, boundarydpt, boundarydpt+, boundarydpt+paper, cpvit, tome, attention, activation, "
                         "combo, tp_width")
     w.add_argument("--epochs", type=_nonneg_int, default=None, metavar="N",
                    help="fine-tuning epochs per point after pruning (default 1; not with --steps)")

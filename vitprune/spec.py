@@ -23,7 +23,7 @@ import yaml
 from vitprune.errors import SpecError
 
 #: Compression methods.
-METHODS: tuple[str, ...] = ("width", "boundarydpt", "boundarydpt+", "boundarydpt+paper", "cpvit")
+METHODS: tuple[str, ...] = ("width", "boundarydpt", "boundarydpt+", "boundarydpt+paper", "cpvit", "tome")
 #: The share of each kind's layers the paper's BoundaryDPT+ removes before width pruning, when
 #: ``depth_share`` is unset: 5 of 12 attention branches and 5 of 12 activations, the released
 #: DeiT-B configuration (README "Methods").
@@ -45,8 +45,9 @@ COSTS: tuple[str, ...] = ("flops", "latency")
 #: The methods whose planner can spend estimated latency (``cost: latency``): the width planner and
 #: the joint BoundaryDPT+ planner; the others plan to FLOPs only.
 LATENCY_COST_METHODS: tuple[str, ...] = ("width", "boundarydpt+")
-#: Parts of the explicit token form ``keep=F,start=N[,every=M]``, each given at most once.
-TOKEN_PARTS: tuple[str, ...] = ("keep", "start", "every")
+#: Parts of the explicit token forms, each given at most once: pruning ``keep=F,start=N[,every=M]``
+#: and merging (ToMe) ``merge=R[,start=N]``.
+TOKEN_PARTS: tuple[str, ...] = ("keep", "start", "every", "merge")
 #: Seeds torch's generators accept.
 SEED_RANGE = (0, 2**64)
 
@@ -138,7 +139,7 @@ class CompressSpec:
     method: str = _field(
         "width", "width (coupled channels), boundarydpt (attention/activation removal), boundarydpt+ "
         "(depth and width, planned jointly), boundarydpt+paper (the paper's: a fixed share of each kind's "
-        "layers, then width), cpvit (token and head pruning)", choices=METHODS)
+        "layers, then width), cpvit (token and head pruning), tome (token merging, training-free)", choices=METHODS)
     importance: str = _field(
         "l2", "channel importance: l2 (weight magnitude) or taylor (first order, from calibration batches)",
         choices=IMPORTANCES)
@@ -197,7 +198,8 @@ class CompressSpec:
         needs=(_shares_depth, "method boundarydpt+ or boundarydpt+paper",
                "--method boundarydpt+ or boundarydpt+paper"))
     tokens: str | None = _field(
-        None, "static token pruning, e.g. keep=0.5,start=4 (every=M for repeated cuts)", metavar="SPEC")
+        None, "static token pruning, e.g. keep=0.5,start=4 (every=M for repeated cuts), or token merging "
+        "(ToMe), e.g. merge=8 (8 tokens per block; start=N: from block N on)", metavar="SPEC")
     prune_heads_cpvit: float | None = _field(
         None, "cpvit: fraction of heads kept per block, by cumulative head score", read=float, metavar="F",
         flag="--prune-heads", needs=(lambda s: s.method == "cpvit", "method cpvit", "--method cpvit"))
@@ -299,6 +301,7 @@ class CompressSpec:
                             f"{methods} and target_flops (got method {self.method!r}"
                             f"{', target_latency' if self.target_latency is not None else ''}); "
                             f"--target-latency uses the latency model by itself")
+        self._check_token_forms()
         for f in fields(self):
             need = options()[f.name].needs
             if need is not None and getattr(self, f.name) != f.default and not need[0](self):
@@ -313,6 +316,17 @@ class CompressSpec:
         if asked:
             raise SpecError(f"target_flops=1.0 keeps the whole model, but {', '.join(asked)} asks to remove "
                             f"part of it; drop target_flops (explicit removals need no target) or lower it")
+
+    def _check_token_forms(self) -> None:
+        """Pruned and merged token counts do not compose (each needs the whole stream's length): a
+        method that plans one form refuses an explicit request of the other."""
+        if self.tokens is None or self.target_flops is None:
+            return
+        merge = "merge" in token_parts(self.tokens)
+        if (self.method == "tome" and not merge) or (self.method == "cpvit" and merge):
+            form = "merge=R" if merge else "keep=F"
+            raise SpecError(f"method {self.method!r} plans its own token schedule and cannot be combined with "
+                            f"tokens {form} ({self.tokens!r}); drop tokens or pick another method")
 
     def check_data(self, has_data: bool) -> None:
         """Refuse requests that train when there is no training data: without it they would be
@@ -390,24 +404,34 @@ def options() -> dict[str, Option]:
 
 # ---------------------------------------------------------------------------------------------- tokens
 def token_parts(text: Any) -> dict[str, float | int]:
-    """Check the syntax of the explicit token form ``keep=F,start=N[,every=M]`` without a model.
+    """Check the syntax of an explicit token form without a model: pruning ``keep=F,start=N[,every=M]``
+    or merging ``merge=R[,start=N]``.
 
     Each part at most once (a repeated one is refused, not overwritten), ``keep`` in (0, 1],
-    ``start`` and ``every`` integers >= 1; whether ``start`` is a block of the model is checked when
-    the schedule is built (:func:`vitprune.plan.tokens.parse_tokens`)."""
+    ``every`` an integer >= 1, ``merge`` an integer >= 0, ``start`` an integer >= 1 for pruning (block 0
+    has no score yet) and >= 0 for merging; whether ``start`` is a block of the model is checked when
+    the schedule is built (:func:`vitprune.plan.tokens.parse_tokens`, :func:`vitprune.plan.merging.parse_merge`)."""
     if not isinstance(text, str):
-        raise SpecError(f"tokens must be a string like 'keep=0.5,start=4', got {text!r}")
+        raise SpecError(f"tokens must be a string like 'keep=0.5,start=4' or 'merge=8', got {text!r}")
     out: dict[str, float | int] = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         m = re.fullmatch(r"(\w+)\s*=\s*(\S+)", part)
         if m is None or m.group(1) not in TOKEN_PARTS:
-            raise SpecError(f"tokens: cannot read {part!r} in {text!r}; expected keep=F,start=N[,every=M]")
+            raise SpecError(f"tokens: cannot read {part!r} in {text!r}; expected keep=F,start=N[,every=M] or "
+                            "merge=R[,start=N]")
         key, value = m.groups()
         if key in out:
-            raise SpecError(f"tokens: {key} is given twice in {text!r}; give each of keep, start, every once")
+            raise SpecError(f"tokens: {key} is given twice in {text!r}; give each of keep, start, every, merge once")
         out[key] = _token_value(key, value, text)
+    if "merge" in out:
+        if "keep" in out or "every" in out:
+            raise SpecError(f"tokens: {text!r} mixes merging (merge=) with pruning (keep=, every=); give one form")
+        return out
     if "keep" not in out or "start" not in out:
-        raise SpecError(f"tokens: {text!r} needs both keep= and start= (e.g. keep=0.5,start=4)")
+        raise SpecError(f"tokens: {text!r} needs both keep= and start= (e.g. keep=0.5,start=4), or merge= "
+                        "(e.g. merge=8)")
+    if out["start"] < 1:
+        raise SpecError(f"tokens: start must be an integer >= 1 when pruning, got {out['start']} in {text!r}")
     return out
 
 
@@ -419,8 +443,10 @@ def _token_value(key: str, value: str, text: str) -> float | int:
         raise SpecError(f"tokens: {key} must be {kind}, got {value!r} in {text!r}") from None
     if key == "keep" and not (math.isfinite(v) and 0.0 < v <= 1.0):
         raise SpecError(f"tokens: keep must be a fraction in (0, 1], got {value} in {text!r}")
-    if key != "keep" and v < 1:
-        raise SpecError(f"tokens: {key} must be an integer >= 1, got {value} in {text!r}")
+    if key == "every" and v < 1:
+        raise SpecError(f"tokens: every must be an integer >= 1, got {value} in {text!r}")
+    if key in ("merge", "start") and v < 0:
+        raise SpecError(f"tokens: {key} must be an integer >= 0, got {value} in {text!r}")
     return v
 
 

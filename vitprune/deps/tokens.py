@@ -194,3 +194,57 @@ def keep_counts(keep: Sequence[int | None], num_patches: int) -> list[int]:
         current = current if k is None else k
         out.append(current)
     return out
+
+
+# -- what token merging reads from an attention block ----------------------------------------------
+#: ops that add a bias or mask to attention logits when both operands are tensors
+_BIAS_OPS = {"add", "add_", "sub", "masked_fill", "where"}
+#: ops that may sit between q·kᵀ and the softmax (scales, casts, views, biases)
+_LOGIT_OPS = {"mul", "div", "to", "clone", "view", "reshape", "dropout", "neg"} | _BIAS_OPS
+
+
+@dataclass
+class AttentionKeys:
+    """Where a block's keys and logits are: ``key`` holds the keys as (batch, heads, tokens, dim),
+    or transposed (..., dim, tokens) when ``transposed``; ``bias`` is a tensor added to the logits
+    (a relative position table, a window mask) or None; ``tokens`` the keys' token count."""
+
+    key: fx.Node
+    transposed: bool
+    bias: fx.Node | None
+    tokens: int
+
+
+def attention_keys(gm: fx.GraphModule, block: AttentionBlock) -> AttentionKeys:
+    """The keys and logit bias of ``block``'s attention (SDPA, or q·kᵀ by ``matmul``). Attention
+    written as ``einsum`` or on other than 4-D (batch, heads, tokens, dim) keys is refused."""
+    core = block.core
+    if block.fused:
+        key, mask = core.args[1], (core.args[3] if len(core.args) > 3 else core.kwargs.get("attn_mask"))
+        return _keys(core, key, False, mask)
+    frontier, seen, bias = [core.args[0]], set(), None
+    while frontier:
+        n = frontier.pop(0)
+        if not isinstance(n, fx.Node) or n in seen or len(seen) > 16:
+            continue
+        seen.add(n)
+        key = op_key(n, gm)
+        if key in ("matmul", "bmm"):
+            return _keys(core, n.args[1], True, bias)
+        if key not in _LOGIT_OPS:
+            break
+        tensors = [a for a in n.all_input_nodes if _carries_tensor(a)]
+        if key in _BIAS_OPS and len(tensors) > 1:
+            bias = bias or n
+        frontier.extend(tensors)
+    raise TokenLayoutError(f"tokens: cannot find q·kᵀ (a matmul) before `{core.format_node()}`; attention "
+                           "written another way (einsum) is not supported by token merging")
+
+
+def _keys(core: fx.Node, key: Any, transposed: bool, bias: Any) -> AttentionKeys:
+    shape = tensor_shape(key) if isinstance(key, fx.Node) else None
+    if shape is None or len(shape) != 4:
+        raise TokenLayoutError(f"tokens: the keys of `{core.format_node()}` are not (batch, heads, tokens, dim) "
+                               f"(shape {shape})")
+    return AttentionKeys(key, transposed, bias if isinstance(bias, fx.Node) else None,
+                         shape[-1] if transposed else shape[-2])

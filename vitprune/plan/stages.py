@@ -20,9 +20,11 @@ and a JSON-able account of what it decided.
   pruning to the target.
 * ``cpvit``: heads kept by the cumulative head score (``prune_heads_cpvit``), then the progressive
   token schedule meeting the target.
+* ``tome``: token merging (ToMe), the merge count per block meeting the target (training-free).
 
 Explicit requests compose with every method: ``remove_attention``/``remove_activation`` run the depth
-stage with those blocks, ``tokens`` runs the token stage with that schedule.
+stage with those blocks, ``tokens`` runs the token stage with that schedule (``keep=``: pruning,
+``merge=``: the merge stage).
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ import torch.fx as fx
 from torch import nn
 
 from passes.manager import PassManager
+from passes.merging import TokenMerging
 from passes.tokens import TokenPruning
 from passes.width import WidthPruning
 from vitprune.deps import DependencyGraph
@@ -45,10 +48,11 @@ from vitprune.plan.cost import LatencyModel, LatencyTable
 from vitprune.plan.depth import depth_passes, plan_depth
 from vitprune.plan.joint import CostBuilder, CostModel, JointSettings, plan_joint
 from vitprune.plan.importance import l2_importance, random_calibration, taylor_importance
+from vitprune.plan.merging import MergeFlops, parse_merge, tome_plan
 from vitprune.plan.tokens import TokenFlops, cpvit_head_keep, cpvit_plan, parse_tokens
 from vitprune.plan.width import eligible_groups, plan_width
 from vitprune.report import RANDOM_SCORING
-from vitprune.spec import PAPER_DEPTH_SHARE, CompressSpec
+from vitprune.spec import PAPER_DEPTH_SHARE, CompressSpec, token_parts
 from vitprune.train.data import images_only
 from vitprune.train.finetune import freeze
 
@@ -59,8 +63,9 @@ METHOD_STAGES: dict[str, tuple[str, ...]] = {
     "boundarydpt+": ("joint",),
     "boundarydpt+paper": ("depth", "width"),
     "cpvit": ("heads", "tokens"),
+    "tome": ("merge",),
 }
-ORDER: tuple[str, ...] = ("depth", "joint", "width", "heads", "tokens")
+ORDER: tuple[str, ...] = ("depth", "joint", "width", "heads", "tokens", "merge")
 
 _KIND_FLAGS = {"residual": "prune_residual", "hidden": "prune_mlp", "head": "prune_heads",
                "head_dim": "prune_head_dim", "other": "prune_mlp"}
@@ -96,8 +101,13 @@ def stages_for(spec: CompressSpec) -> list[str]:
     if explicit_depth(spec):
         wanted.add("depth")
     if spec.tokens is not None:
-        wanted.add("tokens")
+        wanted.add("merge" if merges(spec) else "tokens")
     return [s for s in ORDER if s in wanted]
+
+
+def merges(spec: CompressSpec) -> bool:
+    """Whether ``spec.tokens`` is the merging form (``merge=R``) rather than pruning (``keep=F``)."""
+    return spec.tokens is not None and "merge" in token_parts(spec.tokens)
 
 
 def needs_teacher(spec: CompressSpec, train_data: Any) -> bool:
@@ -274,6 +284,27 @@ def token_stage(gm: fx.GraphModule, ctx: StageContext) -> Stage:
     return gm, recipe, info
 
 
+def merge_stage(gm: fx.GraphModule, ctx: StageContext) -> Stage:
+    """The explicit merge schedule (``tokens: merge=R``), or ToMe's merge count meeting the budget."""
+    spec = ctx.spec
+    if merges(spec):
+        r = parse_merge(spec.tokens, gm)
+        plan = Plan("merge", [TokenMerging(r)], detail={"schedule": r})
+        info = {"schedule_from": f"explicit: {spec.tokens}"}
+    else:
+        flop_model = MergeFlops(gm)
+        if ctx.budget.met(flop_model.base):
+            return gm, [], {}
+        plan = tome_plan(gm, ctx.budget, flop_model=flop_model)
+        info = {"schedule_from": "tome: r per block meeting the FLOPs target (r + 1 in the last `extra` blocks)",
+                "r": plan.detail["r"], "extra": plan.detail["extra"],
+                "planned_flops_ratio": plan.ratio}
+    gm, recipe = _apply(plan, gm, ctx.manager)
+    info["merge"] = recipe[0]["r"] if recipe else plan.detail["schedule"]
+    return gm, recipe, info
+
+
 STAGES: dict[str, Callable[[fx.GraphModule, StageContext], Stage]] = {
     "depth": depth_stage, "joint": joint_stage, "width": width_stage, "heads": head_stage, "tokens": token_stage,
+    "merge": merge_stage,
 }

@@ -148,17 +148,22 @@ def _shares_params(gm: fx.GraphModule) -> fx.GraphModule:
     return new
 
 
-def _segment_flops(gm: fx.GraphModule, layout: TokenLayout, n_patches: int) -> list[int]:
-    """FLOPs per segment (0: before block 0, 1 + l: block l) with ``n_patches`` entering every block."""
+def _segment_flops(gm: fx.GraphModule, layout: TokenLayout, n_patches: int, split: bool = False) -> list[int]:
+    """FLOPs per segment (0: before block 0, 1 + l: block l) with ``n_patches`` entering every block;
+    with ``split`` each block is two segments (1 + 2l: up to its attention's residual add, 2 + 2l:
+    the rest, the MLP), where token merging changes the length in the middle of a block."""
     probe = _shares_params(gm)
     probe_layout = analyse_tokens(probe)
     g = probe.graph
     segment_of: dict[str, int] = {}
-    starts = {b.stream.name: b.index for b in probe_layout.blocks}
+    per = 2 if split else 1
+    starts = {b.stream.name: 1 + per * b.index for b in probe_layout.blocks}
+    adds = {b.residual_add.name: 2 + 2 * b.index for b in probe_layout.blocks} if split else {}
     seg = 0
     for node in g.nodes:
-        seg = 1 + starts[node.name] if node.name in starts else seg
+        seg = starts.get(node.name, seg)
         segment_of[node.name] = seg
+        seg = adds.get(node.name, seg)  # the MLP part starts after the residual add
     if n_patches != layout.num_patches:
         constants = find_length_constants(probe, probe_layout)
         for b in probe_layout.blocks:
@@ -166,13 +171,13 @@ def _segment_flops(gm: fx.GraphModule, layout: TokenLayout, n_patches: int) -> l
             head = (slice(None), slice(None, layout.prefix + n_patches))
             with g.inserting_before(b.stream.next):
                 cut = g.call_function(operator.getitem, (b.stream, head))
-            segment_of[cut.name] = 1 + b.index
+            segment_of[cut.name] = 1 + per * b.index
             for u in users:
                 u.replace_input_with(b.stream, cut)
         rewrite_length_constants(probe, probe_layout, {b.index: n_patches for b in probe_layout.blocks},
                                  constants)
         probe.recompile()
-    out = [0] * (len(layout.blocks) + 1)
+    out = [0] * (per * len(layout.blocks) + 1)
     for node, flops in node_flops(probe, gm.meta["example_input"]).items():
         out[segment_of[node.name]] += flops
     return out

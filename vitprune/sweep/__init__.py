@@ -15,7 +15,7 @@ One idea per module:
 * :mod:`~vitprune.sweep.config`: :class:`SweepConfig`, :class:`ScaleModel`, :class:`PointContext`,
   :class:`Pruned`, :class:`Method`, the registry :data:`METHODS` / :func:`register`;
 * :mod:`~vitprune.sweep.methods`: the vitprune rows ``width``, ``boundarydpt``, ``boundarydpt+``,
-  ``cpvit``, ``attention`` / ``activation`` (one kind of depth removal only) and ``combo``;
+  ``cpvit``, ``tome``, ``attention`` / ``activation`` (one kind of depth removal only) and ``combo``;
 * :mod:`~vitprune.sweep.baseline`: ``tp_width``, Torch-Pruning's timm ViT recipe (needs
   ``torch-pruning``);
 * :mod:`~vitprune.sweep.scaling`: an architecture mapped onto a scale model;

@@ -144,7 +144,8 @@ def _combo(model: nn.Module, target: float, ctx: PointContext) -> Pruned:
 _ROWS = (("width", "vitprune width"), ("boundarydpt", "BoundaryDPT (depth)"),
          ("boundarydpt+", "BoundaryDPT+ (joint depth + width planner)"),
          ("boundarydpt+paper", "BoundaryDPT+ as published (searched depth share, then width)"),
-         ("cpvit", "CP-ViT (tokens; + heads if cpvit_heads)"))
+         ("cpvit", "CP-ViT (tokens; + heads if cpvit_heads)"),
+         ("tome", "ToMe (token merging, training-free)"))
 
 
 def _register_builtins() -> None:

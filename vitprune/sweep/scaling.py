@@ -136,6 +136,18 @@ def _map_tokens(step: dict[str, Any], mapping: _Mapping) -> dict[str, Any]:
     return {"pass": "tokens", "keep": keep_dst}
 
 
+def _map_merging(step: dict[str, Any], mapping: _Mapping) -> dict[str, Any]:
+    """Each dst block merges the same fraction of the patch tokens as its src block (the pass caps it)."""
+    p_src = _patches(mapping.src_model, mapping.src_size)
+    p_dst = _patches(mapping.dst_model, mapping.dst_size)
+    src_blocks = [b for b in range(mapping.src_depth) if b not in mapping.removed_attention]
+    dst_blocks = [j for j in range(mapping.dst_depth) if mapping.bmap[j] not in mapping.removed_attention]
+    if len(step["r"]) != len(src_blocks):
+        raise PlanError(f"merge schedule has {len(step['r'])} entries for {len(src_blocks)} attention blocks")
+    by_block = dict(zip(src_blocks, step["r"]))
+    return {"pass": "merging", "r": [int(round(by_block[mapping.bmap[j]] / p_src * p_dst)) for j in dst_blocks]}
+
+
 def scale_recipe(steps: list[dict[str, Any]], src_model: nn.Module, src_size: Sequence[int],
                  dst_model: nn.Module, dst_size: Sequence[int], *, round_to: int = 16) -> list[dict[str, Any]]:
     """Map an architecture (``recipe_shapes`` output) from ``src_model`` onto ``dst_model``.
@@ -147,7 +159,8 @@ def scale_recipe(steps: list[dict[str, Any]], src_model: nn.Module, src_size: Se
       ``kind:blocks.j.…`` for the dst blocks of ``i``; the residual stream by name), rounded to
       multiples of ``round_to`` (heads: whole heads); the first channels are kept (random weights);
     * tokens: each dst block keeps the same fraction of its patch tokens as its src block (prefix
-      tokens always stay), over the blocks that still have attention.
+      tokens always stay), over the blocks that still have attention; merging: each dst block merges
+      the same fraction of the patch tokens as its src block.
     """
     mapping = _Mapping(src_model, src_size, dst_model, dst_size, round_to)
     src_sizes, dst_sizes = _group_sizes(src_model, src_size), _group_sizes(dst_model, dst_size)
@@ -160,6 +173,8 @@ def scale_recipe(steps: list[dict[str, Any]], src_model: nn.Module, src_size: Se
             out.append(_map_width(step, mapping, src_sizes, dst_sizes))
         elif kind == "tokens":
             out.append(_map_tokens(step, mapping))
+        elif kind == "merging":
+            out.append(_map_merging(step, mapping))
         else:
             raise PlanError(f"cannot map recipe step {kind!r}")
     return out
