@@ -123,7 +123,7 @@ BUDGETS = {"short": 500, "long": 2000}
 # the committed run: the rows issue 19's goals name, the targets where width reaches ≥ 2×, and one
 # lower target for the depth rows (where depth may extend the frontier past width's fastest point)
 FULL = dict(task="scatter", targets=(0.5, 0.35, 0.25), depth_targets=(0.15,),
-            methods=("tp_width", "width", "boundarydpt", "boundarydpt+", "boundarydpt+paper", "cpvit"),
+            methods=("tp_width", "width", "boundarydpt", "boundarydpt+", "boundarydpt+paper", "cpvit", "tome"),
             seeds=(0, 1, 2), budgets=("short", "long"), steps=BUDGETS, train_subset=None, runs=30, scale=False)
 QUICK = dict(task="digits", targets=(0.5,), depth_targets=(), methods=("tp_width", "width", "boundarydpt+"),
              seeds=(0,), budgets=("short",), steps={"short": 30, "long": 120}, base_epochs=10, embed_dim=48,

@@ -15,10 +15,10 @@ from typing import Any, Sequence
 from vitprune import sweep as sw
 
 ALL_METHODS = ("tp_width", "width", "blockdrop", "attention", "activation", "boundarydpt", "boundarydpt+",
-               "boundarydpt+paper", "boundarydpt+pre", "cpvit", "combo")
+               "boundarydpt+paper", "boundarydpt+pre", "cpvit", "tome", "combo")
 BDPT_PLUS = ("boundarydpt+", "boundarydpt+paper")
 SPEED = "speedup_b32"  # the goals' speed: batch-32 ORT speedup of the benchmark model
-LETTERS = dict(zip(ALL_METHODS + ("original",), "TWBAXDPQRCKO"))
+LETTERS = dict(zip(ALL_METHODS + ("original",), "TWBAXDPQRCMKO"))
 
 
 # ---------------------------------------------------------------------------------------------- pareto.json
