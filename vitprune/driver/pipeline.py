@@ -118,7 +118,11 @@ def _recover(gm: fx.GraphModule, teacher: nn.Module, spec: CompressSpec, train_d
              config: Any) -> dict[str, Any]:
     config = config or FinetuneConfig(epochs=spec.epochs, lr=spec.lr, batch_size=spec.batch_size,
                                       seed=spec.seed, progress=False)
-    return finetune(gm, teacher, train_data, val_data, config)
+    history = finetune(gm, teacher, train_data, val_data, config)
+    if val_data is None:
+        history["note"] = (f"fine-tuned for {spec.epochs} epoch(s) without validation data (no val/ folder): "
+                           f"no top-1 accuracy is reported")
+    return history
 
 
 def _group_widths(before: DependencyGraph, after: DependencyGraph) -> list[dict]:

@@ -81,12 +81,12 @@ def _readable(samples: list[tuple[str, int]], mode: str) -> tuple[list[tuple[str
 
 
 def image_folder(root: str | os.PathLike, input_size: tuple[int, int, int], *, split: str | None = None,
-                 train: bool = False, class_to_idx: dict[str, int] | None = None,
+                 train: bool = False, class_to_idx: dict[str, int] | None = None, labels_from: str = "",
                  skip_bad: bool = False) -> ImageFolder:
     """An image-folder dataset with timm's eval (or train) transform at ``input_size``.
 
     ``class_to_idx`` labels the classes by name (a validation folder gets its training folder's
-    labels); a class folder it lacks is refused. ``skip_bad`` decodes every image first and leaves
+    labels, ``labels_from`` names that folder); a class folder it lacks is refused. ``skip_bad`` decodes every image first and leaves
     out those that fail (``dataset.skipped``); otherwise a bad image is refused when it is read."""
     root = os.fspath(root)
     if split and os.path.isdir(os.path.join(root, split)):
@@ -98,7 +98,7 @@ def image_folder(root: str | os.PathLike, input_size: tuple[int, int, int], *, s
     if not samples:
         raise InputError(f"no images found under {root} (expected DIR/<class>/<image files>)")
     if class_to_idx is not None:
-        samples = _relabel(root, samples, found, class_to_idx)
+        samples = _relabel(root, samples, found, class_to_idx, labels_from or "the training folder")
     skipped: list[str] = []
     if skip_bad:
         samples, skipped = _readable(samples, mode)
@@ -112,13 +112,13 @@ def image_folder(root: str | os.PathLike, input_size: tuple[int, int, int], *, s
     return ImageFolder(root, samples, dict(class_to_idx or found), mode, transform, skipped)
 
 
-def _relabel(root: str, samples: list[tuple[str, int]], found: dict[str, int],
-             class_to_idx: dict[str, int]) -> list[tuple[str, int]]:
+def _relabel(root: str, samples: list[tuple[str, int]], found: dict[str, int], class_to_idx: dict[str, int],
+             labels_from: str) -> list[tuple[str, int]]:
     """``samples`` labelled by ``class_to_idx`` (by class name); a class it does not have is refused."""
     extra = sorted(set(found) - set(class_to_idx))
     if extra:
         shown = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
-        raise InputError(f"{root} has class folder(s) {shown} that the training folder does not have "
+        raise InputError(f"{root} has class folder(s) {shown} that {labels_from} does not have "
                          f"(it has {len(class_to_idx)}: {', '.join(list(class_to_idx)[:5])}"
                          f"{', ...' if len(class_to_idx) > 5 else ''}); labels are matched by folder name: "
                          f"rename or remove them")
@@ -130,6 +130,12 @@ def loader(root: str | os.PathLike, input_size: tuple[int, int, int], *, batch_s
            split: str | None = None, train: bool = False, shuffle: bool = False, seed: int = 0,
            workers: int = 0, skip_bad: bool = False) -> DataLoader:
     dataset = image_folder(root, input_size, split=split, train=train, skip_bad=skip_bad)
+    return loader_of(dataset, batch_size=batch_size, shuffle=shuffle, seed=seed, workers=workers)
+
+
+def loader_of(dataset: Dataset, *, batch_size: int, shuffle: bool = False, seed: int = 0,
+              workers: int = 0) -> DataLoader:
+    """A DataLoader over ``dataset`` whose shuffle order is fixed by ``seed``."""
     g = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=g, num_workers=workers,
                       drop_last=False)
@@ -139,9 +145,14 @@ def calibration_batches(root: str | os.PathLike, input_size: tuple[int, int, int
                         batch_size: int, seed: int = 0,
                         skip_bad: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """``batches`` shuffled (images, labels) batches from the train split (or the folder itself)."""
-    data = loader(root, input_size, batch_size=batch_size, split="train", shuffle=True, seed=seed,
-                  skip_bad=skip_bad)
-    for i, (images, labels) in enumerate(data):
+    dataset = image_folder(root, input_size, split="train", skip_bad=skip_bad)
+    return first_batches(dataset, batches=batches, batch_size=batch_size, seed=seed)
+
+
+def first_batches(dataset: Dataset, *, batches: int, batch_size: int,
+                  seed: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``batches`` shuffled (images, labels) batches of ``dataset``, the order fixed by ``seed``."""
+    for i, (images, labels) in enumerate(loader_of(dataset, batch_size=batch_size, shuffle=True, seed=seed)):
         if i >= batches:
             break
         yield images, labels

@@ -644,6 +644,6 @@ def folder_datasets(root: str | os.PathLike, input_size: tuple[int, int, int], *
     for name in ("val", "validation"):
         if os.path.isdir(os.path.join(root, name)):
             val = image_folder(root, input_size, split=name, train=False, class_to_idx=train.class_to_idx,
-                               skip_bad=skip_bad)
+                               labels_from=train.root, skip_bad=skip_bad)
             break
     return train, val
