@@ -122,10 +122,7 @@ def _data(args: argparse.Namespace, spec: CompressSpec, size: tuple[int, int, in
 
 def _inputs_record(loaded: LoadedModel, args: argparse.Namespace, skipped: Sequence[str]) -> dict[str, Any]:
     """The report's ``inputs``: the weight set used, the images left out, and notes saying so."""
-    record: dict[str, Any] = {}
-    for key in ("weights_key", "weight_sets"):
-        if key in (loaded.source or {}):
-            record[key] = loaded.source[key]  # type: ignore[index]
+    record: dict[str, Any] = dict(loaded.weights or {})
     notes = list(loaded.notes)
     if getattr(args, "skip_bad_images", False):
         record["skipped_images"] = len(skipped)

@@ -22,6 +22,7 @@ import os
 import pickle
 import re
 import stat
+import warnings
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -57,6 +58,8 @@ class LoadedModel:
     input_size: tuple[int, int, int]
     #: what the user should know about how the file was read (e.g. which of several weight sets)
     notes: list[str] = field(default_factory=list)
+    #: for a checkpoint dict: ``{"weights_key": the key loaded, "weight_sets": every key holding weights}``
+    weights: dict[str, Any] | None = None
 
 
 def load_model(
@@ -98,7 +101,7 @@ def load_model(
         loaded = _load_file(ref, arch=arch, trust_pickle=trust_pickle, img_size=img_size,
                             num_classes=num_classes, seed=seed, hetdpt_options=hetdpt_options,
                             weights_key=weights_key)
-    if weights_key is not None and not (loaded.source or {}).get("weights_key"):
+    if weights_key is not None and loaded.weights is None:
         raise InputError(f"--weights-key {weights_key} applies to a checkpoint file holding several weight sets; "
                          f"{ref} is not one: drop --weights-key")
     check_weights(loaded.model, ref)
@@ -447,11 +450,11 @@ def _unwrap_state_dict(obj: dict, path: str,
 
 
 def _with_weights_key(loaded: LoadedModel, path: str, key: str | None, keys: list[str]) -> LoadedModel:
-    """Record which weight set was loaded (``source["weights_key"]``) and, when the file holds
-    several, say so in a note."""
+    """Record which weight set was loaded (``loaded.weights``) and, when the file holds several, say
+    so in a note."""
     if key is None:
         return loaded
-    loaded.source = {**(loaded.source or {}), "weights_key": key, "weight_sets": keys}
+    loaded.weights = {"weights_key": key, "weight_sets": keys}
     if len(keys) > 1:
         others = ", ".join(k for k in keys if k != key)
         loaded.notes.append(f"{os.path.basename(path)} holds {len(keys)} weight sets; used {key!r} (not {others}); "
@@ -581,17 +584,44 @@ def _load_hf_dir(path: str, *, img_size: int | None, num_classes: int | None, se
             f"writes it (config.json plus model.safetensors or pytorch_model.bin) is expected"
         )
     transformers = _import_transformers()
-    config = _hf_config(transformers, path)
-    cls = _hf_class(transformers, config, path)
-    kwargs = _hf_overrides(config, cls.__name__, img_size, num_classes)
-    with _seeded(seed):
-        if _has_hf_weights(path):
-            model = _hf_from_pretrained(cls, path, config)
-        else:
-            model = cls(config)
+    with _quiet_transformers(transformers):
+        config = _hf_config(transformers, path)
+        cls = _hf_class(transformers, config, path)
+        _check_image_model(cls, config, path)
+        kwargs = _hf_overrides(config, cls.__name__, img_size, num_classes)
+        with _seeded(seed):
+            model = _hf_from_pretrained(cls, path, config) if _has_hf_weights(path) else cls(config)
     model.float().eval()
     source = {"kind": "hf", "path": os.path.abspath(path), "class": cls.__name__, "kwargs": kwargs}
     return LoadedModel(model, source, input_size_of(model, img_size))
+
+
+@contextlib.contextmanager
+def _quiet_transformers(transformers: Any) -> Iterator[None]:
+    """transformers' own output while a folder loads, silenced on purpose: its progress bars
+    ("Loading weights") and its warnings. What they would say that matters (missing or mismatched
+    weights, an unknown architecture) is checked here and raised as one :class:`LoadError`."""
+    hf_logging = transformers.utils.logging
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _check_image_model(cls: type, config: Any, path: str) -> None:
+    """Refuse a model whose input is not pixels (a text or audio model): transformers names its
+    main input on the class (``pixel_values`` for image models)."""
+    main = getattr(cls, "main_input_name", "pixel_values")
+    if main != "pixel_values":
+        raise LoadError(f"{path} is not an image model: {cls.__name__} ({getattr(config, 'model_type', '?')}) "
+                        f"takes {main}, not pixel_values; vitprune compresses Vision Transformers")
 
 
 def _import_transformers() -> Any:
@@ -747,7 +777,53 @@ def _load_pt2(path: str, *, trust_pickle: bool, img_size: int | None, num_classe
         model = ep.module()
     except Exception as e:
         raise LoadError(f"{path}: the ExportedProgram cannot be turned into a module ({_one_line(e)})") from e
-    return LoadedModel(model, {"kind": "pt2", "path": os.path.abspath(path)}, size)
+    notes = _free_the_batch(model, _pt2_batch(ep), path)
+    return LoadedModel(model, {"kind": "pt2", "path": os.path.abspath(path)}, size, notes)
+
+
+#: ``GraphModule.meta`` key: why a loaded ``.pt2`` may not be capturable with a dynamic batch (its
+#: batch was static when it was exported); :func:`vitprune.frontend.capture.export_program` says it.
+FIXED_BATCH = "vitprune_fixed_batch"
+
+
+def _pt2_batch(ep: Any) -> tuple[int | None, int | None]:
+    """(lowest, highest) batch the program was exported for: equal for a static batch, (lo, None)
+    for an unbounded ``Dim``."""
+    users = set(ep.graph_signature.user_inputs)
+    node = next(n for n in ep.graph.nodes if n.op == "placeholder" and n.name in users)
+    batch = node.meta["val"].shape[0]
+    if _int_or_none(batch) is not None:
+        return batch, batch
+    expr = getattr(getattr(batch, "node", None), "expr", None)
+    bounds = ep.range_constraints.get(expr) if expr is not None else None
+    if bounds is None:
+        return None, None
+    upper = bounds.upper if getattr(bounds.upper, "is_finite", True) and bounds.upper < 2**62 else None
+    return int(bounds.lower), (int(upper) if upper is not None else None)
+
+
+def _free_the_batch(model: nn.Module, batch: tuple[int | None, int | None], path: str) -> list[str]:
+    """Drop the input guards of ``ep.module()`` (the batch range or the static batch the program was
+    exported with): vitprune captures the graph again with a dynamic batch, and that capture derives
+    every constraint the graph really has. A batch baked into the graph is recorded in
+    ``model.meta[FIXED_BATCH]`` so the capture can say what to change. Returns notes for the user."""
+    graph = getattr(model, "graph", None)
+    if isinstance(graph, torch.fx.Graph):
+        for node in list(graph.nodes):
+            if node.op == "call_module" and str(node.target) == "_guards_fn" and not node.users:
+                graph.erase_node(node)
+        model.recompile()  # type: ignore[operator]
+    lo, hi = batch
+    if lo is not None and lo == hi:
+        model.meta[FIXED_BATCH] = (  # type: ignore[union-attr]
+            f"{path} was exported with a fixed batch of {lo} (torch.export.export's default without "
+            f"dynamic_shapes) that its graph depends on, so it cannot be captured with a dynamic batch: export "
+            f"it again with dynamic_shapes=({{0: torch.export.Dim('batch')}},) and pass that .pt2")
+        return []
+    if hi is not None:
+        return [f"{os.path.basename(path)} limits its batch to {lo}..{hi} (a bounded Dim); the compressed "
+                f"model is captured with any batch >= 1"]
+    return []
 
 
 def _export_load(path: str) -> Any:
