@@ -383,6 +383,15 @@ def _chattr(flag: str, path) -> bool:
         return False
 
 
+def _no_loading(monkeypatch) -> None:
+    """Make loading the model a failure of the test: the refusal must come before the work."""
+    from vitprune import commands
+
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded: the output was checked only after the work")
+    monkeypatch.setattr(commands, "_load", load)
+
+
 def test_immutable_output_is_refused_before_the_work(tmp_path, monkeypatch, capfd):
     _old_set(tmp_path / "out")
     if not _chattr("+i", tmp_path / "out" / "m.pt2"):
@@ -390,7 +399,9 @@ def test_immutable_output_is_refused_before_the_work(tmp_path, monkeypatch, capf
     monkeypatch.chdir(tmp_path)
     try:
         before = snapshot(tmp_path)
-        _refused(capfd, ["compress", *TINY, *FAST, "--out", "out/m"], ["out/m.pt2", "immutable"])
+        _no_loading(monkeypatch)
+        _refused(capfd, ["compress", *TINY, *FAST, "--out", "out/m"], ["out/m.pt2", "cannot be replaced",
+                                                                        "chattr +i"])
         assert snapshot(tmp_path) == before
     finally:
         _chattr("-i", tmp_path / "out" / "m.pt2")
@@ -406,7 +417,9 @@ def test_mount_point_output_is_refused_before_the_work(tmp_path, monkeypatch, ca
     monkeypatch.chdir(tmp_path)
     try:
         before = snapshot(tmp_path)
-        _refused(capfd, ["compress", *TINY, *FAST, "--out", "out/m"], ["out/m.json", "mount point"])
+        _no_loading(monkeypatch)
+        _refused(capfd, ["compress", *TINY, *FAST, "--out", "out/m"], ["out/m.json", "cannot be replaced",
+                                                                        "a mount point"])
         assert snapshot(tmp_path) == before
     finally:
         subprocess.run(["umount", str(tmp_path / "out" / "m.json")], capture_output=True, timeout=20)

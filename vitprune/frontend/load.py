@@ -814,7 +814,7 @@ def _free_the_batch(model: nn.Module, batch: tuple[int | None, int | None], path
                 graph.erase_node(node)
         model.recompile()  # type: ignore[operator]
     lo, hi = batch
-    if lo is not None and lo == hi:
+    if lo is not None and lo == hi and isinstance(getattr(model, "meta", None), dict):
         model.meta[FIXED_BATCH] = (  # type: ignore[union-attr]
             f"{path} was exported with a fixed batch of {lo} (torch.export.export's default without "
             f"dynamic_shapes) that its graph depends on, so it cannot be captured with a dynamic batch: export "
