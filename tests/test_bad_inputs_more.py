@@ -491,3 +491,18 @@ def test_socket_as_model_is_refused(tmp_path, monkeypatch, capfd):
         _refused(capfd, ["inspect", "model.sock", "--arch", "test_vit"], ["model.sock is a socket"])
     finally:
         s.close()
+
+
+def test_image_model_rule_follows_the_class_and_config():
+    """Text/audio classes are refused; an image classifier naming another main input (Perceiver's
+    ``inputs``) is not, since its config states an image size."""
+    transformers = pytest.importorskip("transformers")
+    from vitprune.errors import LoadError
+    from vitprune.frontend.load import _check_image_model
+
+    _check_image_model(transformers.ViTModel, transformers.ViTConfig(), "vit")
+    _check_image_model(transformers.PerceiverForImageClassificationLearned, transformers.PerceiverConfig(), "p")
+    for cls, config in ((transformers.BertModel, transformers.BertConfig()),
+                        (transformers.WhisperModel, transformers.WhisperConfig())):
+        with pytest.raises(LoadError, match="not an image model"):
+            _check_image_model(cls, config, "folder")

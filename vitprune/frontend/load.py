@@ -617,9 +617,11 @@ def _quiet_transformers(transformers: Any) -> Iterator[None]:
 
 def _check_image_model(cls: type, config: Any, path: str) -> None:
     """Refuse a model whose input is not pixels (a text or audio model): transformers names its
-    main input on the class (``pixel_values`` for image models)."""
+    main input on the class (``pixel_values`` for image models); one that names another input is
+    still taken when its config states an image size (Perceiver's image classifiers take ``inputs``)."""
     main = getattr(cls, "main_input_name", "pixel_values")
-    if main != "pixel_values":
+    vision = getattr(config, "vision_config", None) or config
+    if main != "pixel_values" and getattr(vision, "image_size", None) is None:
         raise LoadError(f"{path} is not an image model: {cls.__name__} ({getattr(config, 'model_type', '?')}) "
                         f"takes {main}, not pixel_values; vitprune compresses Vision Transformers")
 
