@@ -86,8 +86,9 @@ def image_folder(root: str | os.PathLike, input_size: tuple[int, int, int], *, s
     """An image-folder dataset with timm's eval (or train) transform at ``input_size``.
 
     ``class_to_idx`` labels the classes by name (a validation folder gets its training folder's
-    labels, ``labels_from`` names that folder); a class folder it lacks is refused. ``skip_bad`` decodes every image first and leaves
-    out those that fail (``dataset.skipped``); otherwise a bad image is refused when it is read."""
+    labels, ``labels_from`` names that folder); a class folder it lacks is refused. ``skip_bad``
+    decodes every image first and leaves out those that fail (``dataset.skipped``); otherwise a bad
+    image is refused when it is read."""
     root = os.fspath(root)
     if split and os.path.isdir(os.path.join(root, split)):
         root = os.path.join(root, split)
