@@ -78,6 +78,10 @@ def _add_load_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--arch", help="architecture of a state-dict checkpoint: timm:NAME (or a bare timm name), "
                                   "torchvision:NAME, e.g. deit_small_patch16_224, or hetdpt[:NAME] "
                                   "(HetDPT's released checkpoint layout)")
+    g.add_argument("--weights-key", metavar="KEY",
+                   help="a checkpoint dict holding several weight sets (e.g. 'model' and 'state_dict_ema'): the "
+                        "key of the one to load (default: the first of state_dict, model, state_dict_ema; the "
+                        "summary and the report say which was used)")
     g.add_argument("--trust-pickle", action="store_true",
                    help="allow a whole pickled nn.Module or a .pt2 archive (both can run code from the "
                         "file: only for files you trust)")
@@ -135,6 +139,13 @@ def _add_spec_flags(c: argparse.ArgumentParser) -> None:
     s.add_argument("--data", metavar="DIR", help="image folder (DIR/<class>/<image> or DIR/train/...) "
                    "for calibration (taylor importance, depth scores, CP-ViT ranges) and fine-tuning; "
                    "without it, calibration uses random images")
+    _add_skip_bad(s)
+
+
+def _add_skip_bad(g: Any) -> None:
+    g.add_argument("--skip-bad-images", action="store_true",
+                   help="with --data: leave out images that cannot be decoded (every image is decoded once "
+                        "first; the summary and report count them) instead of refusing the first one")
 
 
 def _flag_settings(option: Option, default: Any) -> dict[str, Any]:
@@ -201,6 +212,7 @@ def _add_sweep(sub: Any) -> None:
                                    "Writes OUT/sweep.json, sweep.md, sweep.png; resumable.")
     _add_load_flags(w)
     w.add_argument("--data", required=True, metavar="DIR", help="image folder with DIR/train and DIR/val")
+    _add_skip_bad(w)
     w.add_argument("--targets", default="0.9,0.7,0.5,0.3", metavar="R,R", help="FLOPs fractions (default 0.9,0.7,0.5,0.3)")
     w.add_argument("--methods", default="width,boundarydpt,boundarydpt+,cpvit", metavar="M,M",
                    help="rows: width, boundarydpt, boundarydpt+, boundarydpt+paper, cpvit, tome, attention, activation, "

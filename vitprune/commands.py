@@ -16,10 +16,11 @@ from vitprune.deploy.onnx import check_opset
 from vitprune.deploy.outputs import check_destination, output_paths
 from vitprune.errors import InputError, one_line
 from vitprune.frontend.hetdpt import HetDPTOptions
-from vitprune.frontend.load import LoadedModel, load_model
+from vitprune.frontend.load import LoadedModel, load_model, special_kind
 from vitprune.report import CompressReport
 from vitprune.spec import CompressSpec, options
-from vitprune.train.data import calibration_batches, loader
+from vitprune.sweep.state import load_state
+from vitprune.train.data import first_batches, image_folder, loader_of
 from vitprune.train.finetune import folder_datasets
 
 PROG = "vitprune"
@@ -34,11 +35,20 @@ def _load(args: argparse.Namespace, seed: int = 0) -> LoadedModel:
         hetdpt = HetDPTOptions(removed_attention=args.prune_layer_attn, removed_activation=args.prune_layer_act,
                                extra_gelu=args.hetdpt_gelu)
     return load_model(args.model, arch=args.arch, trust_pickle=args.trust_pickle, img_size=args.img_size,
-                      num_classes=args.num_classes, seed=seed, hetdpt_options=hetdpt)
+                      num_classes=args.num_classes, seed=seed, hetdpt_options=hetdpt, weights_key=args.weights_key)
+
+
+def _not_special(path: str, what: str) -> None:
+    """Refuse at once a FIFO, socket or device given as a file: reading it would block."""
+    kind = special_kind(path)
+    if kind:
+        raise InputError(f"{what} {path} is a {kind}, not a file")
 
 
 def spec_from_args(args: argparse.Namespace) -> CompressSpec:
     """The spec of ``compress``: ``--spec`` file (or defaults), then every flag given on top."""
+    if args.spec:
+        _not_special(args.spec, "--spec")
     spec = CompressSpec.from_file(args.spec) if args.spec else CompressSpec()
     if args.target_flops is not None or args.target_latency is not None:
         # a target given on the command line replaces the file's target, of either kind
@@ -64,6 +74,8 @@ def _check_requests(spec: Any, args: argparse.Namespace) -> None:
             raise InputError(f"{flag} has no effect without {option.needs[2]}; add that, or drop {flag}")
     if args.data is not None and not os.path.isdir(args.data):
         raise InputError(f"--data {args.data!r} is not a directory")
+    if args.skip_bad_images and args.data is None:
+        raise InputError("--skip-bad-images has no effect without --data; add that, or drop --skip-bad-images")
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
@@ -80,37 +92,70 @@ def cmd_compress(args: argparse.Namespace) -> int:
     loaded = _load(args, seed=spec.seed)
     size = spec.input_size if (spec.input_size and args.img_size is None) else loaded.input_size
     api.check_input_size(loaded.model, size)
-    calib = train = val = None
-    if args.data is not None:
-        calib = list(calibration_batches(args.data, size, batches=spec.calib_batches,
-                                         batch_size=spec.batch_size, seed=spec.seed))
-        if spec.epochs > 0 or spec.depth_selection == "search":
-            _, val = folder_datasets(args.data, size)  # DIR/val (or validation) when present
-            train = loader(args.data, size, batch_size=spec.batch_size, split="train", shuffle=True,
-                           seed=spec.seed)
+    calib, train, val, skipped = _data(args, spec, size)
     result = api.compress(loaded.model, spec, example_input_size=size, source=loaded.source,
                           calib_data=calib, train_data=train, val_data=val)
+    inputs = _inputs_record(loaded, args, skipped)
+    if inputs:
+        result.report["inputs"] = inputs
     removed = [p for p in stale if os.path.lexists(p)]
     paths = api.write_outputs(result, prefix, export=export, opset=opset)
     print(format_summary(CompressReport.from_dict(result.report), paths, removed))
     return 0
 
 
+def _data(args: argparse.Namespace, spec: CompressSpec, size: tuple[int, int, int]) -> tuple[Any, Any, Any, list[str]]:
+    """(calibration batches, training loader, validation set, images left out) from ``--data``;
+    the training set is read once (with --skip-bad-images every image is decoded once)."""
+    if args.data is None:
+        return None, None, None, []
+    fit = spec.epochs > 0 or spec.depth_selection == "search"
+    if fit:
+        train_set, val = folder_datasets(args.data, size, skip_bad=args.skip_bad_images)  # DIR/val when present
+    else:
+        train_set, val = image_folder(args.data, size, split="train", skip_bad=args.skip_bad_images), None
+    calib = list(first_batches(train_set, batches=spec.calib_batches, batch_size=spec.batch_size, seed=spec.seed))
+    train = loader_of(train_set, batch_size=spec.batch_size, shuffle=True, seed=spec.seed) if fit else None
+    skipped = [*train_set.skipped, *(val.skipped if val is not None else [])]
+    return calib, train, val, skipped
+
+
+def _inputs_record(loaded: LoadedModel, args: argparse.Namespace, skipped: Sequence[str]) -> dict[str, Any]:
+    """The report's ``inputs``: the weight set used, the images left out, and notes saying so."""
+    record: dict[str, Any] = dict(loaded.weights or {})
+    notes = list(loaded.notes)
+    if getattr(args, "skip_bad_images", False):
+        record["skipped_images"] = len(skipped)
+        record["skipped_examples"] = list(skipped[:5])
+        if skipped:
+            notes.append(f"left out {len(skipped)} unreadable image(s) under {args.data} (--skip-bad-images), "
+                         f"e.g. {skipped[0]}")
+    if notes:
+        record["notes"] = notes
+    return record
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     loaded = _load(args)
     d = api.inspect_model(loaded.model, loaded.input_size)
-    print(json.dumps(d, indent=2, default=str) if args.json else api.format_inspect(d))
+    if loaded.notes:
+        d["notes"] = list(loaded.notes)
+    print(json.dumps(d, indent=2, default=str) if args.json else
+          "\n".join([api.format_inspect(d), *(f"note: {n}" for n in loaded.notes)]))
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    if not args.out.lower().endswith(".onnx") or os.path.isdir(args.out):
+    if os.path.isdir(args.out):
+        raise InputError(f"--out {args.out} is a folder; export writes one file: name it, e.g. "
+                         f"{os.path.join(args.out, 'model.onnx')}")
+    if not args.out.lower().endswith(".onnx"):
         raise InputError(f"--out {args.out!r} must be a file name ending in .onnx")
     check_destination([args.out], f"--out {args.out}")
     opset = check_opset(args.opset, "--opset")
     loaded = _load(args)
     info = api.export_model(loaded.model, args.out, input_size=loaded.input_size, opset=opset)
-    print(f"wrote {args.out}")
+    print("\n".join([*(f"note: {n}" for n in loaded.notes), f"wrote {args.out}"]))
     for k, v in (info or {}).items():
         if isinstance(v, (str, int, float, bool)) and k != "path":
             print(f"  {k}: {v}")
@@ -119,6 +164,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     for p in args.onnx:
+        _not_special(p, "ONNX file")
         if os.path.isdir(p):
             raise InputError(f"{p} is a folder, not an ONNX file")
         if not os.path.isfile(p):
@@ -154,17 +200,32 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                                epochs=args.epochs, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                                threads=args.threads,
                                runs=args.runs, progress=not args.no_progress)
+    _check_sweep_out(args.out, config)
     loaded = _load(args)
     size = loaded.input_size
-    _, val = folder_datasets(args.data, size)
+    train_set, val = folder_datasets(args.data, size, skip_bad=args.skip_bad_images)
     if val is None:
         raise InputError(f"--data {args.data!r} has no val/ (or validation/) folder to measure top-1 on")
-    train = loader(args.data, size, batch_size=args.batch_size, split="train", shuffle=True, seed=config.seeds[0])
+    train = loader_of(train_set, batch_size=args.batch_size, shuffle=True, seed=config.seeds[0])
     state = sweep.run_sweep(loaded.model, train, val, config, args.out, input_size=size, source=loaded.source)
     print(sweep.format_markdown(state, config.methods))
+    for note in _inputs_record(loaded, args, [*train_set.skipped, *val.skipped]).get("notes", []):
+        print(f"note: {note}")
     print(f"wrote {os.path.join(args.out, 'sweep.json')}, sweep.md, sweep.png "
           f"({len(state['computed'])} point(s) computed now)")
     return 0
+
+
+def _check_sweep_out(out: str, config: Any) -> None:
+    """Before any work: ``--out`` is (or can become) a folder where sweep.json can be written, and a
+    sweep.json already there is one this sweep can resume (refused otherwise, creating nothing)."""
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise InputError(f"--out {out} is a file; the sweep writes a folder there (sweep.json, onnx/, ...): "
+                         f"name a folder")
+    state = os.path.join(out, "sweep.json")
+    check_destination([state], f"--out {out}")
+    _not_special(state, "sweep state")
+    load_state(state, config)
 
 
 # ---------------------------------------------------------------------------------------------- summary

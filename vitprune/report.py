@@ -49,6 +49,10 @@ class CompressReport:
     compile_seconds: float = 0.0
     latency_plan: dict[str, Any] | None = None  # the measured-latency rounds (vitprune.driver.latency)
     onnx: dict[str, Any] | None = None  # the ONNX export's checks (vitprune.api.write_outputs)
+    #: how the inputs were read: the weight set of a checkpoint holding several ("weights_key",
+    #: "weight_sets"), images left out as unreadable ("skipped_images": count, "skipped_examples"),
+    #: and "notes" saying so (vitprune.commands; the summary prints them)
+    inputs: dict[str, Any] | None = None
 
     @property
     def flops_ratio(self) -> float:
@@ -65,9 +69,10 @@ class CompressReport:
 
     @property
     def notes(self) -> list[str]:
-        """The planners' notes (e.g. a round_to that could not be met), in stage order."""
-        out: list[str] = []
-        for info in self.stages.values():
+        """The inputs' notes (a weight set chosen, images skipped), the planners' (e.g. a round_to
+        that could not be met) in stage order, and the recovery's (no validation data)."""
+        out: list[str] = [n for n in (self.inputs or {}).get("notes") or [] if isinstance(n, str)]
+        for info in [*self.stages.values(), self.recovery]:
             if isinstance(info, dict):
                 out += [info["note"]] if isinstance(info.get("note"), str) else []
                 out += [n for n in info.get("notes") or [] if isinstance(n, str)]
@@ -86,7 +91,7 @@ class CompressReport:
         derived = {"flops_ratio": self.flops_ratio, "params_ratio": self.params_ratio, "plan": self.plan}
         order = ["method", "spec", "input_size", "flops_before", "flops_after", "flops_ratio", "params_before",
                  "params_after", "params_ratio", "plan", "stages", "groups", "unsupported_ops", "recovery",
-                 "train_steps", "compile_seconds", "latency_plan", "onnx"]
+                 "train_steps", "compile_seconds", "latency_plan", "onnx", "inputs"]
         d.update(derived)
         return {k: d[k] for k in order if not (k in _OPTIONAL and d[k] is None)}
 
@@ -111,7 +116,7 @@ class CompressReport:
         return cls(**values)
 
 
-_OPTIONAL = frozenset({"latency_plan", "onnx"})
+_OPTIONAL = frozenset({"latency_plan", "onnx", "inputs"})
 _DEFAULTED = frozenset(f.name for f in dataclasses.fields(CompressReport)
                        if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING)
 _DERIVED = frozenset({"flops_ratio", "params_ratio", "plan"})

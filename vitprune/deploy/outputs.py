@@ -6,8 +6,10 @@ The commit protocol (:class:`OutputSet`), used for every file vitprune writes:
    final path is a folder, the nearest existing folder above it is a folder (not a file) and files
    can be created there (a probe folder is made and removed: ``os.access`` says yes for root on a
    read-only mount and for ``/proc``).
-2. **Stage**: missing folders are created, then a hidden folder ``.NAME.vitprune-XXXX`` beside the
-   outputs receives every new file under its final name. Nothing at a final path changes yet.
+2. **Stage**: missing folders are created, staging folders of earlier runs on the same outputs
+   whose owner is gone (killed with SIGKILL) are removed (:func:`remove_stale_staging`), then a
+   hidden folder ``.NAME.vitprune-PID.START.HOST-XXXX`` (its owner in its name) beside the outputs
+   receives every new file under its final name. Nothing at a final path changes yet.
 3. **Swap** (:meth:`OutputSet.commit`): each old file of the set (the ones being replaced and the
    *stale* ones — a kind this run does not write, e.g. ``PREFIX.onnx`` under ``--no-export``) is
    renamed into the staging folder as a backup, then each staged file is renamed to its final
@@ -21,14 +23,19 @@ Signals: :func:`termination_as_interrupt` turns SIGTERM and SIGHUP into :class:`
 ``KeyboardInterrupt`` like SIGINT's, so one cleanup path serves exceptions and all three signals.
 The swap and the cleanup run with those signals *deferred* (:func:`signals_deferred`): a signal
 arriving then is delivered right after, so it can neither leave half a swap nor skip a cleanup.
-Only SIGKILL (or a power cut) can leave a ``.NAME.vitprune-*`` folder behind.
+Only SIGKILL (or a power cut) can leave a ``.NAME.vitprune-*`` folder behind; the next run on the
+same outputs removes it.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
 import os
 import shutil
 import signal
+import socket
+import stat
 import tempfile
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -37,7 +44,7 @@ from typing import IO, Any
 from vitprune.errors import InputError, OutputError, VitpruneError
 
 __all__ = ["Interrupted", "OutputSet", "OUTPUT_KINDS", "atomic_write", "check_destination", "file_mode",
-           "output_paths", "signals_deferred", "termination_as_interrupt"]
+           "output_paths", "remove_stale_staging", "signals_deferred", "termination_as_interrupt", "through_memory"]
 
 #: What ``compress`` writes at PREFIX, in order: PREFIX.onnx, PREFIX.pt2, PREFIX.json.
 OUTPUT_KINDS: tuple[str, ...] = ("onnx", "pt2", "json")
@@ -151,12 +158,17 @@ def check_destination(paths: Sequence[str | os.PathLike], what: str = "--out") -
     """Refuse, before any work, a set of output paths that could not be written.
 
     All ``paths`` share one folder. Raises :class:`InputError` naming ``what`` (the flag) when a
-    path is a folder, when something above the folder is a file, or when no file can be created
-    there (read-only, ``/proc``, no permission)."""
+    path is a folder, when an existing file there cannot be replaced (immutable or append-only, a
+    mount point, another user's file in a sticky folder), when something above the folder is a
+    file, or when no file can be created there (read-only, ``/proc``, no permission)."""
     for p in paths:
         if os.path.isdir(p):
             raise InputError(f"{what}: {os.fspath(p)} is a folder; vitprune writes a file there and does not "
                              f"replace folders")
+        why = _unreplaceable(os.fspath(p))
+        if why:
+            raise InputError(f"{what}: {os.fspath(p)} exists and cannot be replaced ({why}); fix that or choose "
+                             f"another output")
     folder = os.path.dirname(os.path.abspath(paths[0]))
     existing = folder
     while not os.path.lexists(existing):
@@ -168,6 +180,126 @@ def check_destination(paths: Sequence[str | os.PathLike], what: str = "--out") -
         os.rmdir(tempfile.mkdtemp(prefix=".vitprune-probe-", dir=existing))
     except OSError as e:
         raise InputError(f"{what}: cannot create files in {shown} ({e.strerror or e})") from None
+
+
+#: ``FS_IOC_GETFLAGS`` and the inode flags that forbid renaming a file away (Linux, ``chattr +i/+a``).
+_FS_IOC_GETFLAGS = 0x80086601
+_NO_RENAME_FLAGS = {0x10: "immutable (chattr +i)", 0x20: "append-only (chattr +a)"}
+
+
+def _unreplaceable(path: str) -> str | None:
+    """Why the swap could not rename the existing ``path`` away, or None: read without changing
+    anything (a rename-and-back probe could strand the file under another name)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None  # nothing there (or not visible): the folder checks cover the rest
+    if os.path.realpath(path) in _mount_points():
+        return "it is a mount point"
+    folder = os.stat(os.path.dirname(os.path.abspath(path)))
+    euid = os.geteuid() if hasattr(os, "geteuid") else 0
+    if folder.st_mode & stat.S_ISVTX and euid not in (0, st.st_uid, folder.st_uid):
+        return "another user's file in a folder with the sticky bit"
+    return _inode_flags_problem(path) if stat.S_ISREG(st.st_mode) else None
+
+
+def _inode_flags_problem(path: str) -> str | None:
+    try:
+        import fcntl
+        import struct
+
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+        try:
+            flags = struct.unpack("l", fcntl.ioctl(fd, _FS_IOC_GETFLAGS, struct.pack("l", 0)))[0]
+        finally:
+            os.close(fd)
+    except (ImportError, OSError):
+        return None  # no such flags here (Windows, a filesystem without them, no read permission)
+    return next((text for bit, text in _NO_RENAME_FLAGS.items() if flags & bit), None)
+
+
+def _mount_points() -> set[str]:
+    try:
+        with open("/proc/self/mountinfo") as f:
+            return {line.split()[4].replace("\\040", " ") for line in f if len(line.split()) > 4}
+    except OSError:
+        return set()
+
+
+# ---------------------------------------------------------------------------------------------- debris
+def _start_ticks(pid: int | str) -> str | None:
+    """When process ``pid`` started (clock ticks since boot, /proc/PID/stat field 22), or None."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _host_tag() -> str:
+    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:6]
+
+
+def _owner_tag() -> str:
+    """``PID.START.HOST``: who owns a staging folder, written into its name (atomic with its creation)."""
+    return f"{os.getpid()}.{_start_ticks('self') or 0}.{_host_tag()}"
+
+
+def _owner_is_gone(owner: str) -> bool:
+    """Whether the run named by ``owner`` (see :func:`_owner_tag`) has ended: same host, and its
+    pid is free or now belongs to a process that started at another time."""
+    parts = owner.split(".")
+    if len(parts) != 3 or not parts[0].isdigit() or parts[2] != _host_tag():
+        return False  # another host's run (a shared folder) or an older vitprune: not ours to judge
+    try:
+        os.kill(int(parts[0]), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError):
+        pass  # alive, another user's
+    now = _start_ticks(parts[0])
+    return now is not None and parts[1] != "0" and now != parts[1]
+
+
+def remove_stale_staging(folder: str, names: Sequence[str]) -> list[str]:
+    """Remove the staging folders left in ``folder`` by runs on the same outputs (``names``) that were
+    killed (SIGKILL, a power cut), i.e. whose owner is gone; returns those removed. A folder that
+    still holds old files from an interrupted swap (``.old``) is kept: it may be their only copy."""
+    removed = []
+    try:
+        entries = os.listdir(folder)
+    except OSError:
+        return removed
+    for entry in entries:
+        name = next((n for n in names if entry.startswith(f".{n}{_STAGING_TAG}")), None)
+        if name is None:
+            continue
+        path = os.path.join(folder, entry)
+        owner = entry[len(f".{name}{_STAGING_TAG}"):].rsplit("-", 1)[0]
+        if os.path.isdir(path) and not os.path.islink(path) and _owner_is_gone(owner) \
+                and not _has_backups(path):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _has_backups(staging: str) -> bool:
+    try:
+        return bool(os.listdir(os.path.join(staging, _BACKUPS)))
+    except OSError:
+        return False
+
+
+def through_memory(fill: Callable[[IO[bytes]], Any]) -> Callable[[IO[bytes]], None]:
+    """``fill`` run on an in-memory buffer whose bytes are then written with Python's own ``write``.
+    torch's C++ zip writer turns a full disk into an abort (``torch.export.save``: exit 134, a C++
+    stack) or a RuntimeError (``torch.save``); Python's write raises ``OSError``, which an
+    :class:`OutputSet` refuses in one line (exit 2) with the old files kept. Costs one copy in memory."""
+    def write(f: IO[bytes]) -> None:
+        buffer = io.BytesIO()
+        fill(buffer)
+        f.write(buffer.getbuffer())
+    return write
 
 
 # ---------------------------------------------------------------------------------------------- the set
@@ -210,8 +342,10 @@ class OutputSet:
         try:
             with signals_deferred():  # a folder made is a folder recorded, so it can be removed
                 self._created = _make_folders(self.folder)
-                name = os.path.basename(next(iter(self.files.values())))
-                self._staging = tempfile.mkdtemp(prefix=f".{name}{_STAGING_TAG}", dir=self.folder)
+                names = [os.path.basename(p) for p in [*self.files.values(), *self.stale]]
+                remove_stale_staging(self.folder, names)
+                self._staging = tempfile.mkdtemp(prefix=f".{names[0]}{_STAGING_TAG}{_owner_tag()}-",
+                                                 dir=self.folder)
         except BaseException as e:  # also a signal delivered as the deferral ends
             self._discard()
             if isinstance(e, OSError):
@@ -261,10 +395,7 @@ class OutputSet:
         failed too: then the folder is kept (the error names it), never deleted with them."""
         if self._committed or self._staging is None:
             return False  # after a commit the backups are the replaced files: gone on purpose
-        try:
-            return bool(os.listdir(os.path.join(self._staging, _BACKUPS)))
-        except OSError:
-            return False
+        return _has_backups(self._staging)
 
 
 def _make_folders(folder: str) -> list[str]:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vitprune.deploy.outputs import atomic_write
+from vitprune.deploy.outputs import atomic_write, through_memory
 from vitprune.frontend.capture import example_input_for, export_program
 from vitprune.frontend.load import load_model
 from vitprune.report import CompressResult
@@ -29,11 +29,17 @@ def save_compressed(result: CompressResult, path: str | os.PathLike) -> None:
 
 
 def write_pt2(result: CompressResult, f: Any) -> None:
-    """``torch.export.save`` of ``result`` to ``f`` (a path or a binary file)."""
+    """``torch.export.save`` of ``result`` to ``f`` (a path or a binary file), through memory: a
+    full disk is then an ``OSError`` from Python's write, not an abort in torch's C++ writer."""
     program = exported_program(result.model, result.input_size)
     meta = json.dumps({"input_size": list(result.input_size), "recipe": result.recipe,
                        "source": result.source, "report": result.report}, default=str)
-    torch.export.save(program, f, extra_files={"vitprune.json": meta})
+    write = through_memory(lambda buffer: torch.export.save(program, buffer, extra_files={"vitprune.json": meta}))
+    if isinstance(f, (str, os.PathLike)):
+        with open(f, "wb") as fh:
+            write(fh)
+    else:
+        write(f)
 
 
 def load_compressed(path: str | os.PathLike) -> nn.Module:

@@ -28,18 +28,29 @@ from vitprune.train.finetune import FinetuneConfig, finetune
 
 
 def analyse(model: nn.Module, input_size: tuple[int, int, int]) -> tuple[fx.GraphModule, DependencyGraph]:
-    """Trace a copy of ``model`` and build its dependency graph; refuse models with no attention."""
-    gm = capture(model, example_input_for(input_size))
+    """Trace a copy of ``model`` and build its dependency graph; refuse models with no attention.
+    A graph that cannot be captured (a ``.pt2`` with a static batch, say) but shows no attention
+    is refused as not a ViT first: that is the reason that holds whatever is changed."""
+    try:
+        gm = capture(model, example_input_for(input_size))
+    except UnsupportedModelError:
+        if isinstance(model, fx.GraphModule) and not _has_attention(model):
+            raise _no_attention(model) from None
+        raise
     dg = DependencyGraph.build(gm)
-    if not _has_attention(dg):
-        raise UnsupportedModelError(
-            f"{type(model).__name__} has no attention (no scaled_dot_product_attention and no "
-            "matmul → softmax → matmul): vitprune compiles Vision Transformers")
+    if not _has_attention(dg.gm):
+        raise _no_attention(model)
     return gm, dg
 
 
-def _has_attention(dg: DependencyGraph) -> bool:
-    return any(is_attention_core(n, dg.gm) for n in dg.gm.graph.nodes
+def _no_attention(model: nn.Module) -> UnsupportedModelError:
+    return UnsupportedModelError(
+        f"{type(model).__name__} has no attention (no scaled_dot_product_attention and no "
+        "matmul → softmax → matmul): vitprune compiles Vision Transformers")
+
+
+def _has_attention(gm: fx.GraphModule) -> bool:
+    return any(is_attention_core(n, gm) for n in gm.graph.nodes
                if n.op in ("call_function", "call_method", "call_module"))
 
 
@@ -118,7 +129,11 @@ def _recover(gm: fx.GraphModule, teacher: nn.Module, spec: CompressSpec, train_d
              config: Any) -> dict[str, Any]:
     config = config or FinetuneConfig(epochs=spec.epochs, lr=spec.lr, batch_size=spec.batch_size,
                                       seed=spec.seed, progress=False)
-    return finetune(gm, teacher, train_data, val_data, config)
+    history = finetune(gm, teacher, train_data, val_data, config)
+    if val_data is None:
+        history["note"] = (f"fine-tuned for {spec.epochs} epoch(s) without validation data (no val/ folder): "
+                           f"no top-1 accuracy is reported")
+    return history
 
 
 def _group_widths(before: DependencyGraph, after: DependencyGraph) -> list[dict]:

@@ -87,6 +87,9 @@ def export_program(model: nn.Module, example_input: torch.Tensor) -> torch.expor
         with torch.no_grad(), _quiet_torch_logs():
             return torch.export.export(model, (x,), strict=False, dynamic_shapes=({0: batch},))
     except Exception as e:  # export raises many types; the message and the user's line say what
+        fixed = getattr(model, "meta", {}).get("vitprune_fixed_batch") if isinstance(model, fx.GraphModule) else None
+        if fixed:  # a .pt2 exported with a static batch that its graph bakes in (frontend.load)
+            raise UnsupportedModelError(fixed) from e
         raise UnsupportedModelError(
             f"torch.export cannot capture {type(model).__name__}: {type(e).__name__}: {_one_line(e)}"
             f"{_model_frame(e)}") from e

@@ -21,9 +21,11 @@ import logging
 import os
 import pickle
 import re
+import stat
+import warnings
 import zipfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import timm
@@ -54,6 +56,10 @@ class LoadedModel:
     model: nn.Module
     source: dict | None
     input_size: tuple[int, int, int]
+    #: what the user should know about how the file was read (e.g. which of several weight sets)
+    notes: list[str] = field(default_factory=list)
+    #: for a checkpoint dict: ``{"weights_key": the key loaded, "weight_sets": every key holding weights}``
+    weights: dict[str, Any] | None = None
 
 
 def load_model(
@@ -65,6 +71,7 @@ def load_model(
     num_classes: int | None = None,
     seed: int = 0,
     hetdpt_options: hetdpt.HetDPTOptions | None = None,
+    weights_key: str | None = None,
 ) -> LoadedModel:
     """Load ``ref`` (see the module docstring): ``timm:<name>`` / ``torchvision:<name>``, a checkpoint
     file (with ``arch``), a Hugging Face model directory, a ``.pt2`` archive or a vitprune ``.pt``.
@@ -73,6 +80,9 @@ def load_model(
     under ``seed`` in a forked RNG: equal seeds give equal weights, and the global RNG is untouched.
     ``arch="hetdpt"`` (or ``hetdpt:NAME``) reads a checkpoint in HetDPT's released layout
     (:mod:`vitprune.frontend.hetdpt`), with what its weights do not say in ``hetdpt_options``.
+    ``weights_key`` picks the weight set of a checkpoint dict holding several (``model``,
+    ``state_dict_ema``, ...); without it the first of :data:`STATE_DICT_KEYS` is used, and a note
+    (``LoadedModel.notes``) says which, and which others the file holds.
     """
     if hetdpt_options is not None and hetdpt.arch_name(arch) is None:
         raise InputError("--prune-layer-attn, --prune-layer-act and --hetdpt-gelu apply to --arch hetdpt only")
@@ -87,8 +97,13 @@ def load_model(
         model.eval()
         loaded = LoadedModel(model, _arch_source(kind, name, kwargs), input_size_of(model, img_size))
     else:
+        _check_regular(ref)
         loaded = _load_file(ref, arch=arch, trust_pickle=trust_pickle, img_size=img_size,
-                            num_classes=num_classes, seed=seed, hetdpt_options=hetdpt_options)
+                            num_classes=num_classes, seed=seed, hetdpt_options=hetdpt_options,
+                            weights_key=weights_key)
+    if weights_key is not None and loaded.weights is None:
+        raise InputError(f"--weights-key {weights_key} applies to a checkpoint file holding several weight sets; "
+                         f"{ref} is not one: drop --weights-key")
     check_weights(loaded.model, ref)
     return loaded
 
@@ -282,9 +297,39 @@ def _one_line(e: BaseException, limit: int = 200) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- files
+def _check_regular(path: str) -> None:
+    """Refuse at once what is not a file or a folder: reading a FIFO, a socket or a device would
+    block or never end."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # missing or unreadable: _load_file says which
+    kind = _special_kind(mode)
+    if kind:
+        raise InputError(f"model {path} is a {kind}, not a model file or folder")
+
+
+def special_kind(path: str) -> str | None:
+    """``"FIFO"``, ``"socket"``, ``"device"`` when ``path`` is one (reading it could block), else None."""
+    try:
+        return _special_kind(os.stat(path).st_mode)
+    except OSError:
+        return None
+
+
+def _special_kind(mode: int) -> str | None:
+    if stat.S_ISFIFO(mode):
+        return "FIFO (named pipe)"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "device"
+    return None
+
+
 def _load_file(
     path: str, *, arch: str | None, trust_pickle: bool, img_size: int | None, num_classes: int | None, seed: int,
-    hetdpt_options: hetdpt.HetDPTOptions | None = None,
+    hetdpt_options: hetdpt.HetDPTOptions | None = None, weights_key: str | None = None,
 ) -> LoadedModel:
     if not os.path.exists(path):
         hint = (" (for an architecture write timm:<name> or torchvision:<name>)"
@@ -305,14 +350,16 @@ def _load_file(
         obj.eval()
         return LoadedModel(obj, None, input_size_of(obj, img_size))
     if isinstance(obj, dict):
-        held = _unwrap_state_dict(obj, path)
+        held, key, keys = _unwrap_state_dict(obj, path, weights_key)
         if isinstance(held, nn.Module):  # {"model": module}, trusted pickle only
             held.eval()
-            return LoadedModel(held, None, input_size_of(held, img_size))
-        if hetdpt.arch_name(arch) is not None:
-            return _from_hetdpt(obj, held, path, arch=str(arch), options=hetdpt_options or hetdpt.HetDPTOptions(),
-                                img_size=img_size, num_classes=num_classes)
-        return _from_state_dict(held, path, arch=arch, img_size=img_size, num_classes=num_classes, seed=seed)
+            loaded = LoadedModel(held, None, input_size_of(held, img_size))
+        elif hetdpt.arch_name(arch) is not None:
+            loaded = _from_hetdpt(obj, held, path, arch=str(arch), options=hetdpt_options or hetdpt.HetDPTOptions(),
+                                  img_size=img_size, num_classes=num_classes)
+        else:
+            loaded = _from_state_dict(held, path, arch=arch, img_size=img_size, num_classes=num_classes, seed=seed)
+        return _with_weights_key(loaded, path, key, keys)
     raise LoadError(
         f"{path} holds a {type(obj).__name__}, not a state dict, a checkpoint dict or an nn.Module"
     )
@@ -370,26 +417,49 @@ def _is_state_dict(d: dict) -> bool:
     return bool(d) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in d.items())
 
 
-def _unwrap_state_dict(obj: dict, path: str) -> dict | nn.Module:
+def _weight_sets(obj: dict) -> list[str]:
+    """The keys of ``obj`` holding a state dict or a module: :data:`STATE_DICT_KEYS` first, in order,
+    then any other (``state_dict_ema_1``, ``teacher``, ...)."""
+    held = [k for k, v in obj.items() if isinstance(k, str) and
+            (isinstance(v, nn.Module) or (isinstance(v, dict) and _is_state_dict(v)))]
+    return [k for k in STATE_DICT_KEYS if k in held] + [k for k in held if k not in STATE_DICT_KEYS]
+
+
+def _unwrap_state_dict(obj: dict, path: str,
+                       weights_key: str | None = None) -> tuple[dict | nn.Module, str | None, list[str]]:
+    """(the state dict or module to load, the key it was under or None, every weight-set key)."""
     if _is_state_dict(obj):
-        sd = obj
+        if weights_key is not None:
+            raise LoadError(f"{path} is a bare state dict with no weight sets to choose from; drop --weights-key")
+        key, keys, sd = None, [], obj
     else:
-        for key in STATE_DICT_KEYS:
-            v = obj.get(key)
-            if isinstance(v, nn.Module):
-                return v
-            if isinstance(v, dict) and _is_state_dict(v):
-                sd = v
-                break
-        else:
-            keys = ", ".join(repr(k) for k in list(obj)[:8]) or "none"
-            raise LoadError(
-                f"{path} holds a dict that is not a state dict and has no state dict under "
-                f"{', '.join(repr(k) for k in STATE_DICT_KEYS)} (its keys: {keys})"
-            )
+        keys = _weight_sets(obj)
+        key = weights_key if weights_key is not None else next((k for k in keys if k in STATE_DICT_KEYS), None)
+        if key is None or key not in keys:
+            found = ", ".join(repr(k) for k in list(obj)[:8]) or "none"
+            wanted = f"under --weights-key {key!r}" if weights_key else \
+                f"under {', '.join(repr(k) for k in STATE_DICT_KEYS)}"
+            raise LoadError(f"{path} holds a dict that is not a state dict and has no state dict {wanted} "
+                            f"(its keys: {found})")
+        sd = obj[key]
+        if isinstance(sd, nn.Module):
+            return sd, key, keys
     if all(k.startswith("module.") for k in sd):  # DDP / DataParallel
         sd = {k[len("module."):]: v for k, v in sd.items()}
-    return sd
+    return sd, key, keys
+
+
+def _with_weights_key(loaded: LoadedModel, path: str, key: str | None, keys: list[str]) -> LoadedModel:
+    """Record which weight set was loaded (``loaded.weights``) and, when the file holds several, say
+    so in a note."""
+    if key is None:
+        return loaded
+    loaded.weights = {"weights_key": key, "weight_sets": keys}
+    if len(keys) > 1:
+        others = ", ".join(k for k in keys if k != key)
+        loaded.notes.append(f"{os.path.basename(path)} holds {len(keys)} weight sets; used {key!r} (not {others}); "
+                            f"--weights-key picks another")
+    return loaded
 
 
 def _from_state_dict(
@@ -514,17 +584,46 @@ def _load_hf_dir(path: str, *, img_size: int | None, num_classes: int | None, se
             f"writes it (config.json plus model.safetensors or pytorch_model.bin) is expected"
         )
     transformers = _import_transformers()
-    config = _hf_config(transformers, path)
-    cls = _hf_class(transformers, config, path)
-    kwargs = _hf_overrides(config, cls.__name__, img_size, num_classes)
-    with _seeded(seed):
-        if _has_hf_weights(path):
-            model = _hf_from_pretrained(cls, path, config)
-        else:
-            model = cls(config)
+    with _quiet_transformers(transformers):
+        config = _hf_config(transformers, path)
+        cls = _hf_class(transformers, config, path)
+        _check_image_model(cls, config, path)
+        kwargs = _hf_overrides(config, cls.__name__, img_size, num_classes)
+        with _seeded(seed):
+            model = _hf_from_pretrained(cls, path, config) if _has_hf_weights(path) else cls(config)
     model.float().eval()
     source = {"kind": "hf", "path": os.path.abspath(path), "class": cls.__name__, "kwargs": kwargs}
     return LoadedModel(model, source, input_size_of(model, img_size))
+
+
+@contextlib.contextmanager
+def _quiet_transformers(transformers: Any) -> Iterator[None]:
+    """transformers' own output while a folder loads, silenced on purpose: its progress bars
+    ("Loading weights") and its warnings. What they would say that matters (missing or mismatched
+    weights, an unknown architecture) is checked here and raised as one :class:`LoadError`."""
+    hf_logging = transformers.utils.logging
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _check_image_model(cls: type, config: Any, path: str) -> None:
+    """Refuse a model whose input is not pixels (a text or audio model): transformers names its
+    main input on the class (``pixel_values`` for image models); one that names another input is
+    still taken when its config states an image size (Perceiver's image classifiers take ``inputs``)."""
+    main = getattr(cls, "main_input_name", "pixel_values")
+    vision = getattr(config, "vision_config", None) or config
+    if main != "pixel_values" and getattr(vision, "image_size", None) is None:
+        raise LoadError(f"{path} is not an image model: {cls.__name__} ({getattr(config, 'model_type', '?')}) "
+                        f"takes {main}, not pixel_values; vitprune compresses Vision Transformers")
 
 
 def _import_transformers() -> Any:
@@ -680,7 +779,53 @@ def _load_pt2(path: str, *, trust_pickle: bool, img_size: int | None, num_classe
         model = ep.module()
     except Exception as e:
         raise LoadError(f"{path}: the ExportedProgram cannot be turned into a module ({_one_line(e)})") from e
-    return LoadedModel(model, {"kind": "pt2", "path": os.path.abspath(path)}, size)
+    notes = _free_the_batch(model, _pt2_batch(ep), path)
+    return LoadedModel(model, {"kind": "pt2", "path": os.path.abspath(path)}, size, notes)
+
+
+#: ``GraphModule.meta`` key: why a loaded ``.pt2`` may not be capturable with a dynamic batch (its
+#: batch was static when it was exported); :func:`vitprune.frontend.capture.export_program` says it.
+FIXED_BATCH = "vitprune_fixed_batch"
+
+
+def _pt2_batch(ep: Any) -> tuple[int | None, int | None]:
+    """(lowest, highest) batch the program was exported for: equal for a static batch, (lo, None)
+    for an unbounded ``Dim``."""
+    users = set(ep.graph_signature.user_inputs)
+    node = next(n for n in ep.graph.nodes if n.op == "placeholder" and n.name in users)
+    batch = node.meta["val"].shape[0]
+    if _int_or_none(batch) is not None:
+        return batch, batch
+    expr = getattr(getattr(batch, "node", None), "expr", None)
+    bounds = ep.range_constraints.get(expr) if expr is not None else None
+    if bounds is None:
+        return None, None
+    upper = bounds.upper if getattr(bounds.upper, "is_finite", True) and bounds.upper < 2**62 else None
+    return int(bounds.lower), (int(upper) if upper is not None else None)
+
+
+def _free_the_batch(model: nn.Module, batch: tuple[int | None, int | None], path: str) -> list[str]:
+    """Drop the input guards of ``ep.module()`` (the batch range or the static batch the program was
+    exported with): vitprune captures the graph again with a dynamic batch, and that capture derives
+    every constraint the graph really has. A batch baked into the graph is recorded in
+    ``model.meta[FIXED_BATCH]`` so the capture can say what to change. Returns notes for the user."""
+    graph = getattr(model, "graph", None)
+    if isinstance(graph, torch.fx.Graph):
+        for node in list(graph.nodes):
+            if node.op == "call_module" and str(node.target) == "_guards_fn" and not node.users:
+                graph.erase_node(node)
+        model.recompile()  # type: ignore[operator]
+    lo, hi = batch
+    if lo is not None and lo == hi and isinstance(getattr(model, "meta", None), dict):
+        model.meta[FIXED_BATCH] = (  # type: ignore[union-attr]
+            f"{path} was exported with a fixed batch of {lo} (torch.export.export's default without "
+            f"dynamic_shapes) that its graph depends on, so it cannot be captured with a dynamic batch: export "
+            f"it again with dynamic_shapes=({{0: torch.export.Dim('batch')}},) and pass that .pt2")
+        return []
+    if hi is not None:
+        return [f"{os.path.basename(path)} limits its batch to {lo}..{hi} (a bounded Dim); the compressed "
+                f"model is captured with any batch >= 1"]
+    return []
 
 
 def _export_load(path: str) -> Any:

@@ -87,8 +87,8 @@ class _Sweep:
         self.out, self.size, self.scale, self.source, self.on_point = out_dir, tuple(input_size), scale, source, on_point
         self.path = os.path.join(out_dir, "sweep.json")
         self.onnx_dir = os.path.join(out_dir, "onnx")
-        os.makedirs(self.onnx_dir, exist_ok=True)
         self.state = load_state(self.path, config) or new_state(config, self.size, scale.name if scale else None)
+        os.makedirs(self.onnx_dir, exist_ok=True)  # after the record is accepted: a refusal creates nothing
 
     def _save(self) -> None:
         save_state(self.path, self.state)
@@ -274,7 +274,8 @@ def run_sweep(model: nn.Module, train_data: Any, val_data: Any, config: SweepCon
     if val_data is None:
         raise InputError("the sweep needs validation data (DIR/val) to measure top-1")
     out_dir = os.fspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise InputError(f"--out {out_dir} is a file; the sweep writes a folder there (sweep.json, onnx/, ...)")
     val_data = _as_loader(val_data, config.batch_size, shuffle=False)
     train_data = _as_loader(train_data, config.batch_size, shuffle=True)
     return _Sweep(model, train_data, val_data, config, out_dir, input_size, scale, source, on_point).run()

@@ -64,7 +64,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDa
 
 from tqdm.auto import tqdm
 
-from vitprune.deploy.outputs import atomic_write
+from vitprune.deploy.outputs import atomic_write, through_memory
 from vitprune.errors import InputError, VitpruneError
 from vitprune.frontend.capture import first_tensor
 from vitprune.train.data import image_folder, split_batch
@@ -418,8 +418,9 @@ def _has_unused_parameters(model: nn.Module) -> bool:
 # -- checkpoints --------------------------------------------------------------------------------------
 def _atomic_save(obj: Any, path: str) -> None:
     """``torch.save`` through :func:`~vitprune.deploy.outputs.atomic_write`: readers see the old
-    checkpoint or the new one, never a torn one."""
-    atomic_write(path, lambda f: torch.save(obj, f))
+    checkpoint or the new one, never a torn one; through memory, so a full disk is an ``OSError``
+    (refused in one line) rather than torch's C++ RuntimeError."""
+    atomic_write(path, through_memory(lambda f: torch.save(obj, f)))
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -627,18 +628,22 @@ class _Run:
 
 # -- image folders ------------------------------------------------------------------------------------
 def folder_datasets(root: str | os.PathLike, input_size: tuple[int, int, int], *,
-                    augment: bool = False) -> tuple[Dataset, Dataset | None]:
-    """``(train, val)`` datasets from ``--data DIR`` (timm image folders, see :mod:`vitprune.train.data`).
+                    augment: bool = False, skip_bad: bool = False) -> tuple[Dataset, Dataset | None]:
+    """``(train, val)`` datasets from ``--data DIR`` (image folders, see :mod:`vitprune.train.data`).
 
     ``DIR/train`` and ``DIR/val`` (or ``validation``) when present; otherwise ``DIR`` itself is the
-    training set and there is no validation set. ``augment`` uses timm's training transform
-    (random-resized crop, flip, colour jitter) instead of the eval transform for the training set.
+    training set and there is no validation set. Validation classes are labelled by their folder
+    names as in the training set; a validation class the training set lacks is refused. ``augment``
+    uses timm's training transform (random-resized crop, flip, colour jitter) instead of the eval
+    transform for the training set; ``skip_bad`` leaves out images that cannot be decoded (listed in
+    each dataset's ``skipped``) instead of refusing them.
     """
     root = os.fspath(root)
-    train = image_folder(root, input_size, split="train", train=augment)
+    train = image_folder(root, input_size, split="train", train=augment, skip_bad=skip_bad)
     val = None
     for name in ("val", "validation"):
         if os.path.isdir(os.path.join(root, name)):
-            val = image_folder(root, input_size, split=name, train=False)
+            val = image_folder(root, input_size, split=name, train=False, class_to_idx=train.class_to_idx,
+                               labels_from=train.root, skip_bad=skip_bad)
             break
     return train, val
