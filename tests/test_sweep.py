@@ -354,7 +354,7 @@ def test_quick_benchmark_smoke_and_resume(tmp_path):
     un-fine-tuned pruned model, and a second run recomputes nothing."""
     pareto = _pareto()
     argv = ["--quick", "--out", str(tmp_path), "--no-md", "--no-progress"]
-    state = pareto.main(argv)
+    state = pareto.main(argv)["short"]
     pts = list(state["points"].values())
     assert {p["method"] for p in pts} == set(pareto.QUICK["methods"])
     for p in pts:
@@ -362,27 +362,13 @@ def test_quick_benchmark_smoke_and_resume(tmp_path):
         assert abs(p["flops_ratio"] - p["target"]) <= 0.06, p
         assert 0 < p["speedup"] < 20 and p["params"] < state["original"]["params"]
         assert set(p) >= {"method", "target", "seed", "flops_ratio", "params", "top1", "top1_pruned", "latency_ms",
-                          "latency_p90_ms", "speedup", "history"}
+                          "latency_p90_ms", "speedup", "speedup_b32", "history", "steps", "total_steps"}
+        assert p["total_steps"] == pareto.QUICK["steps"]["short"]
     gain = sum(p["top1"] - p["top1_pruned"] for p in pts) / len(pts)
     assert gain > 0, [(p["key"], p["top1_pruned"], p["top1"]) for p in pts]
     assert state["original"]["top1"] > 20  # the base model learned something (chance: 10%)
-    before = (tmp_path / "sweep.json").read_text()
-    again = pareto.main(argv)
+    before = (tmp_path / "short" / "sweep.json").read_text()
+    again = pareto.main(argv)["short"]
     assert again["computed"] == []
-    assert json.loads(before)["points"] == json.loads((tmp_path / "sweep.json").read_text())["points"]
-
-
-def test_benchmark_frontier_check():
-    """The goal check: the frontier at s is the best row at least s× faster; the 2× gap is vitprune − TP."""
-    pareto = _pareto()
-    rows = [{"method": "tp_width", "target": 0.5, "top1": 90.0, "top1_std": 0.0, "speedup": 1.8},
-            {"method": "tp_width", "target": 0.3, "top1": 80.0, "top1_std": 0.0, "speedup": 2.5},
-            {"method": "width", "target": 0.5, "top1": 91.0, "top1_std": 0.0, "speedup": 1.9},
-            {"method": "boundarydpt+", "target": 0.3, "top1": 85.0, "top1_std": 0.0, "speedup": 3.0},
-            {"method": "blockdrop", "target": 0.3, "top1": 99.0, "top1_std": 0.0, "speedup": 4.0}]  # not vitprune
-    c = pareto.compare_frontiers(rows, "speedup")
-    assert c["dominates_where_tp_reaches"] and c["gap_at_2x"] == pytest.approx(5.0)
-    assert c["beyond"]["method"] == "boundarydpt+" and c["tp_max_speedup"] == 2.5
-    rows[2]["top1"] = 89.0
-    assert not pareto.compare_frontiers(rows, "speedup")["dominates_where_tp_reaches"]
-    assert "| 2.00× |" in pareto.verdict(c, "test")
+    assert json.loads(before)["points"] == json.loads((tmp_path / "short" / "sweep.json").read_text())["points"]
+    assert {p["budget"] for p in json.loads((tmp_path / "pareto.json").read_text())["points"]} == {"short"}
