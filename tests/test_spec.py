@@ -279,3 +279,18 @@ def test_a_setting_without_its_need_is_refused_not_ignored(name):
     with pytest.raises(SpecError, match=rf"^{name} \({flag}\) has no effect without"):
         CompressSpec(**{name: value})
     assert getattr(CompressSpec(**{name: value}, **met), name) == value
+
+
+def test_the_method_registry_is_the_one_list_of_methods():
+    """Names, CLI choices, stages, latency-cost methods and sweep rows all come from METHOD_REGISTRY."""
+    from vitprune import sweep
+    from vitprune.plan.stages import METHOD_STAGES, STAGES
+    from vitprune.spec import LATENCY_COST_METHODS, METHOD_REGISTRY, METHODS
+
+    assert tuple(METHOD_REGISTRY) == METHODS == options()["method"].choices
+    for name, m in METHOD_REGISTRY.items():
+        assert METHOD_STAGES[name] == m.stages and set(m.stages) <= set(STAGES)
+        assert sweep.METHODS[name].label == m.label and f"{name} ({m.help})" in options()["method"].help
+    assert LATENCY_COST_METHODS == ("width", "boundarydpt+")
+    assert [n for n, m in METHOD_REGISTRY.items() if m.removes_layers] == ["boundarydpt", "boundarydpt+",
+                                                                         "boundarydpt+paper"]

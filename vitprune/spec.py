@@ -22,8 +22,39 @@ import yaml
 
 from vitprune.errors import SpecError
 
-#: Compression methods.
-METHODS: tuple[str, ...] = ("width", "boundarydpt", "boundarydpt+", "boundarydpt+paper", "cpvit", "tome")
+@dataclass(frozen=True)
+class MethodInfo:
+    """One compression method, the one place it is described: its name, what it does (the CLI's help),
+    the stages that plan to the target (:data:`vitprune.plan.stages.STAGES`, in order), whether its
+    planner can spend estimated latency (``cost: latency``), and its row label in the sweep."""
+
+    name: str
+    help: str
+    stages: tuple[str, ...]
+    latency_cost: bool
+    label: str
+
+    @property
+    def removes_layers(self) -> bool:
+        """Whether it removes attention branches and activations (BoundaryDPT's depth)."""
+        return bool({"depth", "joint"} & set(self.stages))
+
+
+#: Every compression method by name: the only list (the spec's choices, the CLI's, the stages each
+#: method runs, the latency-cost methods and the sweep's rows are all read from it).
+METHOD_REGISTRY: dict[str, MethodInfo] = {m.name: m for m in (
+    MethodInfo("width", "coupled channels", ("width",), True, "vitprune width"),
+    MethodInfo("boundarydpt", "attention/activation removal", ("depth",), False, "BoundaryDPT (depth)"),
+    MethodInfo("boundarydpt+", "depth and width, planned jointly", ("joint",), True,
+               "BoundaryDPT+ (joint depth + width planner)"),
+    MethodInfo("boundarydpt+paper", "the paper's: a fixed share of each kind's layers, then width",
+               ("depth", "width"), False, "BoundaryDPT+ as published (searched depth share, then width)"),
+    MethodInfo("cpvit", "token and head pruning", ("heads", "tokens"), False,
+               "CP-ViT (tokens; + heads if cpvit_heads)"),
+    MethodInfo("tome", "token merging, training-free", ("merge",), False, "ToMe (token merging, training-free)"),
+)}
+#: Compression method names (:data:`METHOD_REGISTRY`'s keys).
+METHODS: tuple[str, ...] = tuple(METHOD_REGISTRY)
 #: The share of each kind's layers the paper's BoundaryDPT+ removes before width pruning, when
 #: ``depth_share`` is unset: 5 of 12 attention branches and 5 of 12 activations, the released
 #: DeiT-B configuration (README "Methods").
@@ -44,7 +75,7 @@ HEAD_DIM_POLICIES: tuple[str, ...] = ("keep", "shrink")
 COSTS: tuple[str, ...] = ("flops", "latency")
 #: The methods whose planner can spend estimated latency (``cost: latency``): the width planner and
 #: the joint BoundaryDPT+ planner; the others plan to FLOPs only.
-LATENCY_COST_METHODS: tuple[str, ...] = ("width", "boundarydpt+")
+LATENCY_COST_METHODS: tuple[str, ...] = tuple(n for n, m in METHOD_REGISTRY.items() if m.latency_cost)
 #: Parts of the explicit token forms, each given at most once: pruning ``keep=F,start=N[,every=M]``
 #: and merging (ToMe) ``merge=R[,start=N]``.
 TOKEN_PARTS: tuple[str, ...] = ("keep", "start", "every", "merge")
@@ -107,11 +138,11 @@ def _shares_depth(s: Any) -> bool:
 
 
 def _removes_attention(s: Any) -> bool:
-    return s.method.startswith("boundarydpt") or s.remove_attention is not None
+    return METHOD_REGISTRY[s.method].removes_layers or s.remove_attention is not None
 
 
 def _removes_activation(s: Any) -> bool:
-    return s.method.startswith("boundarydpt") or s.remove_activation is not None
+    return METHOD_REGISTRY[s.method].removes_layers or s.remove_activation is not None
 
 
 def read_block_indices(text: str) -> list[int]:
@@ -137,9 +168,7 @@ class CompressSpec:
     target_flops: float | None = _field(
         None, "fraction of the original FLOPs to keep, in (0, 1]; 1.0 removes nothing", read=float, metavar="R")
     method: str = _field(
-        "width", "width (coupled channels), boundarydpt (attention/activation removal), boundarydpt+ "
-        "(depth and width, planned jointly), boundarydpt+paper (the paper's: a fixed share of each kind's "
-        "layers, then width), cpvit (token and head pruning), tome (token merging, training-free)", choices=METHODS)
+        "width", ", ".join(f"{m.name} ({m.help})" for m in METHOD_REGISTRY.values()), choices=METHODS)
     importance: str = _field(
         "l2", "channel importance: l2 (weight magnitude) or taylor (first order, from calibration batches)",
         choices=IMPORTANCES)

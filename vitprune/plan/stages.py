@@ -52,19 +52,12 @@ from vitprune.plan.merging import MergeFlops, parse_merge, tome_plan
 from vitprune.plan.tokens import TokenFlops, cpvit_head_keep, cpvit_plan, parse_tokens
 from vitprune.plan.width import eligible_groups, plan_width
 from vitprune.report import RANDOM_SCORING
-from vitprune.spec import PAPER_DEPTH_SHARE, CompressSpec, token_parts
+from vitprune.spec import METHOD_REGISTRY, PAPER_DEPTH_SHARE, CompressSpec, token_parts
 from vitprune.train.data import images_only
 from vitprune.train.finetune import freeze
 
 #: The stages that plan to the FLOPs target, per method (in the order they run).
-METHOD_STAGES: dict[str, tuple[str, ...]] = {
-    "width": ("width",),
-    "boundarydpt": ("depth",),
-    "boundarydpt+": ("joint",),
-    "boundarydpt+paper": ("depth", "width"),
-    "cpvit": ("heads", "tokens"),
-    "tome": ("merge",),
-}
+METHOD_STAGES: dict[str, tuple[str, ...]] = {name: m.stages for name, m in METHOD_REGISTRY.items()}
 ORDER: tuple[str, ...] = ("depth", "joint", "width", "heads", "tokens", "merge")
 
 _KIND_FLAGS = {"residual": "prune_residual", "hidden": "prune_mlp", "head": "prune_heads",

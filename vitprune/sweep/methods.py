@@ -19,7 +19,7 @@ from vitprune.plan.budget import Budget
 from vitprune.deps.branches import find_activations, find_attention_branches
 from vitprune.plan.depth import depth_flops_options, one_shot_scores, plan_depth, share_count, steps_per_event_for
 from vitprune.plan.joint import probe_sizes
-from vitprune.spec import PAPER_DEPTH_SHARE, CompressSpec
+from vitprune.spec import METHOD_REGISTRY, PAPER_DEPTH_SHARE, CompressSpec
 from vitprune.sweep.config import Method, PointContext, Pruned, register
 from vitprune.sweep.scaling import recipe_scale, recipe_shapes
 
@@ -56,7 +56,7 @@ def _vitprune_method(method: str) -> PruneFn:
         kw: dict[str, Any] = {"method": method, "target_flops": target}
         if method == "cpvit" and ctx.config.cpvit_heads is not None:
             kw["prune_heads_cpvit"] = ctx.config.cpvit_heads
-        trains = ctx.plan_steps > 0 and ctx.train is not None and method.startswith("boundarydpt")
+        trains = ctx.plan_steps > 0 and ctx.train is not None and METHOD_REGISTRY[method].removes_layers
         if trains:
             kw.update(_planner_steps(method, model, target, ctx))
         return compress_point(model, ctx, train=trains, **kw)
@@ -141,16 +141,9 @@ def _combo(model: nn.Module, target: float, ctx: PointContext) -> Pruned:
     return best[1]
 
 
-_ROWS = (("width", "vitprune width"), ("boundarydpt", "BoundaryDPT (depth)"),
-         ("boundarydpt+", "BoundaryDPT+ (joint depth + width planner)"),
-         ("boundarydpt+paper", "BoundaryDPT+ as published (searched depth share, then width)"),
-         ("cpvit", "CP-ViT (tokens; + heads if cpvit_heads)"),
-         ("tome", "ToMe (token merging, training-free)"))
-
-
 def _register_builtins() -> None:
-    for name, label in _ROWS:
-        register(Method(name, label, _vitprune_method(name), recipe_scale))
+    for name, info in METHOD_REGISTRY.items():
+        register(Method(name, info.label, _vitprune_method(name), recipe_scale))
     register(Method("attention", "attention removal only", _one_kind("attention"), recipe_scale))
     register(Method("activation", "activation removal only", _one_kind("activation"), recipe_scale))
     register(Method("combo", "BoundaryDPT+ + tokens", _combo, recipe_scale))
