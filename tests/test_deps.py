@@ -105,3 +105,17 @@ def test_unknown_op_freezes_and_is_reported():
     kinds = groups_by_kind(dg)
     assert len(kinds["hidden"]) == 1  # block 0's hidden dim is frozen, block 1's is not
     assert "residual" in kinds
+
+
+def test_blocks_are_listed_in_natural_order():
+    """Groups (and so inspect, reports and planner notes) list blocks.2 before blocks.10."""
+    import re
+
+    from vitprune.api import format_inspect, inspect_model
+
+    model = tiny("deit_tiny_patch16_224", depth=12)
+    d = inspect_model(model, (3, 32, 32))
+    blocks = [int(re.search(r"blocks\.(\d+)\.", g["name"]).group(1)) for g in d["groups"] if "blocks." in g["name"]]
+    assert blocks == sorted(blocks) and blocks[-1] == 11
+    text = format_inspect(d)
+    assert text.index("blocks.2 ") < text.index("blocks.10 ")

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 #: The keys of PREFIX.json, in order (latency_plan and onnx only when those ran).
 KEYS = ["method", "spec", "input_size", "flops_before", "flops_after", "flops_ratio", "params_before",
         "params_after", "params_ratio", "plan", "stages", "groups", "unsupported_ops", "recovery",
-        "train_steps", "compile_seconds"]
+        "train_steps", "timings", "peak_rss_mib", "compile_seconds"]
 
 
 def _report(**kw) -> CompressReport:
@@ -90,3 +90,24 @@ def test_train_steps_add_every_stage_and_the_fine_tune():
     old = _report().to_dict()
     del old["train_steps"]
     assert CompressReport.from_dict(old).train_steps == {}
+
+
+def test_the_summary_says_where_the_time_and_memory_went(tmp_path):
+    """Seconds per step (capture, each stage, cleanup; onnx and pt2 once written) and the peak RSS,
+    in the report and in the summary's time line."""
+    import torch
+
+    from conftest import tiny
+    from vitprune import compress
+    from vitprune.api import write_outputs
+    from vitprune.commands import format_summary
+
+    torch.manual_seed(0)
+    result = compress(tiny(), CompressSpec(target_flops=0.6))
+    assert list(result.report["timings"]) == ["capture", "width", "cleanup"]
+    write_outputs(result, tmp_path / "m")
+    report = CompressReport.from_dict(json.loads((tmp_path / "m.json").read_text()))
+    assert list(report.timings) == ["capture", "width", "cleanup", "onnx", "pt2"]
+    assert all(s >= 0 for s in report.timings.values()) and report.peak_rss_mib > 100
+    line = next(x for x in format_summary(report, None).splitlines() if x.startswith("time: "))
+    assert line.startswith("time: capture ") and ", pt2 " in line and line.endswith(" GiB")

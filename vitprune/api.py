@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 from typing import Any, Iterable
 
 import torch
@@ -23,7 +24,7 @@ from vitprune.driver.latency import compress_to_latency
 from vitprune.driver.pipeline import analyse, compress_to_flops, inspect_model, prepare, replay
 from vitprune.frontend.capture import capture, example_input_for
 from vitprune.frontend.inputs import check_input_size, resolve_input_size
-from vitprune.report import CompressResult
+from vitprune.report import CompressResult, peak_rss_mib
 from vitprune.spec import CompressSpec
 
 __all__ = ["CompressResult", "analyse", "compress", "export_model", "format_inspect", "inspect_model",
@@ -101,12 +102,18 @@ def write_outputs(result: CompressResult, prefix: str | os.PathLike, *, export: 
         check_opset(opset)
     files, stale = output_paths(prefix, export)
     report = dict(result.report)
+    timings = report["timings"] = dict(report.get("timings") or {})
     with OutputSet(files, stale=stale) as out:
         if export:
+            start = time.perf_counter()
             report["onnx"] = export_onnx(result.model, example_input_for(result.input_size, batch=1),
                                          out.path("onnx"), opset=opset)
             report["onnx"]["path"] = files["onnx"]
+            timings["onnx"] = round(time.perf_counter() - start, 3)
+        start = time.perf_counter()
         write_pt2(dataclasses.replace(result, report=report), out.path("pt2"))
+        timings["pt2"] = round(time.perf_counter() - start, 3)
+        report["peak_rss_mib"] = peak_rss_mib()
         with open(out.path("json"), "w") as f:
             json.dump(report, f, indent=2)
         out.commit()

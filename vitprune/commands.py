@@ -261,6 +261,9 @@ def format_summary(report: CompressReport, paths: dict[str, str] | None, removed
         notes.append("depth layers were chosen on random images labelled by the model itself; "
                      "--data DIR scores them on real images")
     lines += [f"note: {note}" for note in notes]
+    if report.timings:
+        lines.append("time: " + ", ".join(f"{step} {s:.1f} s" for step, s in report.timings.items())
+                     + (f"; peak RSS {report.peak_rss_mib / 1024:.2f} GiB" if report.peak_rss_mib else ""))
     lines += [f"wrote {p}" for p in (paths or {}).values()]
     lines += [f"removed {p} (left by an earlier run; this run writes no {os.path.splitext(p)[1]})"
               for p in removed]

@@ -8,6 +8,8 @@ plain JSON-able dict (what ``PREFIX.json`` holds).
 from __future__ import annotations
 
 import dataclasses
+import re
+import resource
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +18,16 @@ from typing import Any
 import torch.fx as fx
 
 from vitprune.errors import InputError
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set size so far, in MiB (``ru_maxrss`` is KiB on Linux)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key that orders numbered parts by number: ``blocks.2`` before ``blocks.10``."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name))
+
 
 #: What a depth-choosing stage's ``scored_on`` says when layers were chosen without real images
 #: (:func:`vitprune.plan.stages.depth_stage`, ``joint_stage``).
@@ -46,6 +58,10 @@ class CompressReport:
     #: optimizer steps the compression took, by phase: the planners' ("candidates" and "search" of the
     #: gated search, "probes" and "recovery" of the joint planner) and the recovery fine-tune ("finetune")
     train_steps: dict[str, int] = field(default_factory=dict)
+    #: wall seconds by step: "capture", each stage by name, "cleanup", "recovery", and when the outputs
+    #: are written "onnx" (export and checks) and "pt2"
+    timings: dict[str, float] = field(default_factory=dict)
+    peak_rss_mib: float | None = None  # the process's peak resident memory so far (MiB)
     compile_seconds: float = 0.0
     latency_plan: dict[str, Any] | None = None  # the measured-latency rounds (vitprune.driver.latency)
     onnx: dict[str, Any] | None = None  # the ONNX export's checks (vitprune.api.write_outputs)
@@ -91,7 +107,7 @@ class CompressReport:
         derived = {"flops_ratio": self.flops_ratio, "params_ratio": self.params_ratio, "plan": self.plan}
         order = ["method", "spec", "input_size", "flops_before", "flops_after", "flops_ratio", "params_before",
                  "params_after", "params_ratio", "plan", "stages", "groups", "unsupported_ops", "recovery",
-                 "train_steps", "compile_seconds", "latency_plan", "onnx", "inputs"]
+                 "train_steps", "timings", "peak_rss_mib", "compile_seconds", "latency_plan", "onnx", "inputs"]
         d.update(derived)
         return {k: d[k] for k in order if not (k in _OPTIONAL and d[k] is None)}
 

@@ -10,6 +10,7 @@ import torch.fx as fx
 from vitprune.deps.dims import PROD, AxisTable, DimMismatch
 from vitprune.deps.groups import ChannelGroup, GroupMember, classify
 from vitprune.deps.rules import RULES, RuleContext, op_key
+from vitprune.report import natural_key
 
 # Ops whose non-tensor results are sizes (sym_size(x, 0)) or arithmetic on them (B * N, ...).
 _SIZE_OPS = {"sym_size", "sym_numel", "sym_stride", "sym_storage_offset", "getitem", "add", "sub", "mul",
@@ -98,7 +99,7 @@ class DependencyGraph:
         for g in groups:
             if g.kind == "head":
                 g.granularity = _head_width(t, g)
-        groups.sort(key=lambda g: (g.frozen is not None, g.members[0].param, g.members[0].dim, g.axis))
+        groups.sort(key=lambda g: (g.frozen is not None, natural_key(g.members[0].param), g.members[0].dim, g.axis))
         seen: dict[str, int] = {}
         for g in groups:  # names are keys in recipes: make repeats unique, deterministically
             base = g.name

@@ -22,7 +22,7 @@ from vitprune.frontend.inputs import check_input_size, resolve_input_size
 from vitprune.frontend.load import check_weights
 from vitprune.plan import stages
 from vitprune.plan.budget import Budget
-from vitprune.report import CompressReport, CompressResult
+from vitprune.report import CompressReport, CompressResult, peak_rss_mib
 from vitprune.spec import CompressSpec
 from vitprune.train.finetune import FinetuneConfig, finetune
 
@@ -74,42 +74,49 @@ def compress_to_flops(model: nn.Module, spec: CompressSpec, input_size: tuple[in
     given and ``spec.epochs > 0``. The model's inputs were checked by :func:`prepare`."""
     t0 = time.perf_counter()
     gm, dg = analyse(model, input_size)
+    timings = {"capture": round(time.perf_counter() - t0, 3)}
     x = gm.meta["example_input"]
     flop_model = FlopModel(dg)  # per-node FLOPs from torch's counter: the base count and the planner's model
     base_flops, base_params = flop_model.flops(), count_params(gm)
     budget = Budget(base_flops, spec.target_flops) if spec.target_flops is not None else None
     teacher = stages.copy_teacher(model) if stages.needs_teacher(spec, train_data) else None
-    gm, recipe, report = _run_stages(gm, teacher, spec, budget, flop_model, calib_data, train_data)
+    gm, recipe, report = _run_stages(gm, teacher, spec, budget, flop_model, calib_data, train_data, timings)
     flops, params = count_flops(gm, x), count_params(gm)
     if budget is not None and spec.cost == "flops" and budget.above(flops):  # depth, tokens: discrete steps
         raise PlanError(f"{spec.method} reached {budget.ratio(flops):.3f} of the original FLOPs, above the "
                         f"target {spec.target_flops}; allow more (e.g. --method boundarydpt+)")
     recovery = None
     if train_data is not None and spec.epochs > 0:
+        start = time.perf_counter()
         recovery = _recover(gm, teacher, spec, train_data, val_data, finetune_config)
+        timings["recovery"] = round(time.perf_counter() - start, 3)
     report = CompressReport(
         method=spec.method, spec=spec.to_dict(), input_size=tuple(input_size),
         flops_before=base_flops, flops_after=flops, params_before=base_params, params_after=params,
         stages=report, groups=_group_widths(dg, DependencyGraph.build(gm)),
         unsupported_ops=[str(u) for u in dg.unsupported], recovery=recovery,
-        train_steps=train_steps(report, recovery), compile_seconds=round(time.perf_counter() - t0, 3),
+        train_steps=train_steps(report, recovery), timings=timings, peak_rss_mib=peak_rss_mib(),
+        compile_seconds=round(time.perf_counter() - t0, 3),
     ).to_dict()
     return CompressResult(gm.eval(), report, recipe, source, tuple(input_size))
 
 
 def _run_stages(gm: fx.GraphModule, teacher: nn.Module | None, spec: CompressSpec, budget: Budget | None,
-                flop_model: FlopModel, calib_data: Any, train_data: Any) -> tuple[fx.GraphModule, list, dict]:
+                flop_model: FlopModel, calib_data: Any, train_data: Any,
+                timings: dict[str, float]) -> tuple[fx.GraphModule, list, dict]:
     """The stages ``spec`` asks for, every pass through one PassManager (a failure names the passes
-    before it), then a value-preserving cleanup. Returns (graph, recipe, per-stage report)."""
+    before it), then a value-preserving cleanup. Returns (graph, recipe, per-stage report); each
+    stage's and the cleanup's wall seconds go into ``timings``."""
     if budget is not None and budget.goal >= 1.0:
         return gm, [], {}
     input_size = tuple(gm.meta["example_input"].shape[1:])
     manager = PassManager()
     ctx = stages.StageContext(spec, budget, stages.calibration(spec, input_size, calib_data), calib_data is not None,
-                              train_data, teacher, manager,
-                              flop_model)
+                              train_data, teacher, manager, flop_model, timings)
     gm, recipe, report = stages.run_stages(gm, ctx)
+    start = time.perf_counter()
     cleanup = manager.apply(Cleanup(), gm)
+    timings["cleanup"] = round(time.perf_counter() - start, 3)
     return cleanup.graph_module, recipe + ([cleanup.recipe] if cleanup.modified else []), report
 
 

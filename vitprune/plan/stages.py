@@ -29,7 +29,8 @@ stage with those blocks, ``tokens`` runs the token stage with that schedule (``k
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable
 
@@ -80,6 +81,7 @@ class StageContext:
     teacher: nn.Module | None
     manager: PassManager
     flop_model: FlopModel | None = None  # of the graph as captured, valid until a stage changes it
+    timings: dict[str, float] = field(default_factory=dict)  # wall seconds per stage run
 
 
 def explicit_depth(spec: CompressSpec) -> bool:
@@ -128,7 +130,9 @@ def run_stages(gm: fx.GraphModule, ctx: StageContext) -> tuple[fx.GraphModule, l
     for name in stages_for(ctx.spec):
         if recipe:
             ctx.flop_model = None  # an earlier stage rewrote the graph: its FLOP model is stale
+        start = time.perf_counter()
         gm, steps, report[name] = STAGES[name](gm, ctx)
+        ctx.timings[name] = round(time.perf_counter() - start, 3)
         recipe += steps
     return gm, recipe, report
 
