@@ -17,6 +17,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from vitprune import progress
 from vitprune.deploy.onnx import check_opset, export_onnx
 from vitprune.deploy.outputs import OutputSet, check_destination, output_paths
 from vitprune.deploy.pt2 import load_compressed, save_compressed, write_pt2
@@ -82,8 +83,9 @@ def export_model(model: nn.Module, path: str | os.PathLike, *, input_size: tuple
     check_destination([path])  # before the capture, which is the slow part
     size = resolve_input_size(model, None, input_size)
     check_input_size(model, size)
-    gm = capture(model, example_input_for(size))
-    with OutputSet({"onnx": path}) as out:
+    with progress.step("capture (torch.export)"):
+        gm = capture(model, example_input_for(size))
+    with OutputSet({"onnx": path}) as out, progress.step("ONNX export, checks and ORT parity"):
         info = export_onnx(gm, example_input_for(size, batch=1), out.path("onnx"), opset=opset)
         out.commit()
     info["path"] = os.fspath(path)
@@ -106,12 +108,14 @@ def write_outputs(result: CompressResult, prefix: str | os.PathLike, *, export: 
     with OutputSet(files, stale=stale) as out:
         if export:
             start = time.perf_counter()
-            report["onnx"] = export_onnx(result.model, example_input_for(result.input_size, batch=1),
-                                         out.path("onnx"), opset=opset)
+            with progress.step("ONNX export, checks and ORT parity"):
+                report["onnx"] = export_onnx(result.model, example_input_for(result.input_size, batch=1),
+                                             out.path("onnx"), opset=opset)
             report["onnx"]["path"] = files["onnx"]
             timings["onnx"] = round(time.perf_counter() - start, 3)
         start = time.perf_counter()
-        write_pt2(dataclasses.replace(result, report=report), out.path("pt2"))
+        with progress.step("write .pt2"):
+            write_pt2(dataclasses.replace(result, report=report), out.path("pt2"))
         timings["pt2"] = round(time.perf_counter() - start, 3)
         report["peak_rss_mib"] = peak_rss_mib()
         with open(out.path("json"), "w") as f:

@@ -104,6 +104,13 @@ def _add_debug(p: argparse.ArgumentParser) -> None:
                    help="re-raise errors with the full traceback")
 
 
+def _add_progress(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--progress", action="store_true",
+                   help="show progress on stderr even when it is not a terminal (default: only on a terminal)")
+    g.add_argument("--quiet", action="store_true", help="print nothing but errors (no progress, no summary)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="A torch.fx compiler that prunes Vision Transformers (timm, Hugging "
                                             "Face, torchvision, .pt2) and exports shape-consistent ONNX.")
@@ -123,6 +130,7 @@ def _add_compress(sub: Any) -> None:
     o.add_argument("--out", required=True, metavar="PREFIX", help="output prefix (writes PREFIX.onnx/.pt2/.json)")
     o.add_argument("--no-export", action="store_true", help="skip ONNX export (writes PREFIX.pt2/.json)")
     o.add_argument("--opset", type=_positive_int, metavar="N", help=f"ONNX opset (default {DEFAULT_OPSET})")
+    _add_progress(c)
     _add_debug(c)
     c.set_defaults(command="compress")
 
@@ -187,6 +195,7 @@ def _add_export(sub: Any) -> None:
     e.add_argument("--out", required=True, metavar="FILE.onnx")
     e.add_argument("--opset", type=_positive_int, default=DEFAULT_OPSET, metavar="N",
                    help=f"ONNX opset (default {DEFAULT_OPSET})")
+    _add_progress(e)
     _add_debug(e)
     e.set_defaults(command="export")
 

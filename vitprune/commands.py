@@ -3,6 +3,7 @@ the API, print. The parser and the exit codes live in :mod:`vitprune.cli`."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -10,7 +11,7 @@ import sys
 import warnings
 from typing import Any, Callable, Sequence
 
-from vitprune import api, sweep
+from vitprune import api, progress, sweep
 from vitprune.deploy import DEFAULT_OPSET, bench
 from vitprune.deploy.onnx import check_opset
 from vitprune.deploy.outputs import check_destination, output_paths
@@ -34,8 +35,10 @@ def _load(args: argparse.Namespace, seed: int = 0) -> LoadedModel:
     if args.prune_layer_attn is not None or args.prune_layer_act is not None or args.hetdpt_gelu:
         hetdpt = HetDPTOptions(removed_attention=args.prune_layer_attn, removed_activation=args.prune_layer_act,
                                extra_gelu=args.hetdpt_gelu)
-    return load_model(args.model, arch=args.arch, trust_pickle=args.trust_pickle, img_size=args.img_size,
-                      num_classes=args.num_classes, seed=seed, hetdpt_options=hetdpt, weights_key=args.weights_key)
+    with progress.step(f"load {args.model}"):
+        return load_model(args.model, arch=args.arch, trust_pickle=args.trust_pickle, img_size=args.img_size,
+                          num_classes=args.num_classes, seed=seed, hetdpt_options=hetdpt,
+                          weights_key=args.weights_key)
 
 
 def _not_special(path: str, what: str) -> None:
@@ -78,8 +81,14 @@ def _check_requests(spec: Any, args: argparse.Namespace) -> None:
         raise InputError("--skip-bad-images has no effect without --data; add that, or drop --skip-bad-images")
 
 
+def _show_progress(args: argparse.Namespace) -> None:
+    """Progress on stderr where someone watches it (a terminal), or when asked (``--progress``)."""
+    progress.configure(args.progress or (not args.quiet and sys.stderr.isatty()))
+
+
 def cmd_compress(args: argparse.Namespace) -> int:
     # every check that needs no model runs before the (slow) load: output location, spec, opset
+    _show_progress(args)
     prefix = _out_prefix(args.out)
     export = not args.no_export
     files, stale = output_paths(prefix, export)
@@ -92,7 +101,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     loaded = _load(args, seed=spec.seed)
     size = spec.input_size if (spec.input_size and args.img_size is None) else loaded.input_size
     api.check_input_size(loaded.model, size)
-    calib, train, val, skipped = _data(args, spec, size)
+    with progress.step(f"read {args.data}") if args.data else contextlib.nullcontext():
+        calib, train, val, skipped = _data(args, spec, size)
     result = api.compress(loaded.model, spec, example_input_size=size, source=loaded.source,
                           calib_data=calib, train_data=train, val_data=val)
     inputs = _inputs_record(loaded, args, skipped)
@@ -100,7 +110,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
         result.report["inputs"] = inputs
     removed = [p for p in stale if os.path.lexists(p)]
     paths = api.write_outputs(result, prefix, export=export, opset=opset)
-    print(format_summary(CompressReport.from_dict(result.report), paths, removed))
+    if not args.quiet:
+        print(format_summary(CompressReport.from_dict(result.report), paths, removed))
     return 0
 
 
@@ -153,8 +164,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise InputError(f"--out {args.out!r} must be a file name ending in .onnx")
     check_destination([args.out], f"--out {args.out}")
     opset = check_opset(args.opset, "--opset")
+    _show_progress(args)
     loaded = _load(args)
     info = api.export_model(loaded.model, args.out, input_size=loaded.input_size, opset=opset)
+    if args.quiet:
+        return 0
     print("\n".join([*(f"note: {n}" for n in loaded.notes), f"wrote {args.out}"]))
     for k, v in (info or {}).items():
         if isinstance(v, (str, int, float, bool)) and k != "path":

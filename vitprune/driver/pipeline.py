@@ -16,6 +16,7 @@ from passes import PASSES, Cleanup, PassManager
 from vitprune.deps import DependencyGraph
 from vitprune.deps.branches import is_attention_core
 from vitprune.deps.flops import FlopModel, count_flops, count_params, flops_by_block, params_by_block
+from vitprune import progress
 from vitprune.errors import LoadError, PlanError, UnsupportedModelError
 from vitprune.frontend.capture import capture, example_input_for
 from vitprune.frontend.inputs import check_input_size, resolve_input_size
@@ -73,7 +74,8 @@ def compress_to_flops(model: nn.Module, spec: CompressSpec, input_size: tuple[in
     cleanup, then recovery fine-tuning with distillation from the original when ``train_data`` is
     given and ``spec.epochs > 0``. The model's inputs were checked by :func:`prepare`."""
     t0 = time.perf_counter()
-    gm, dg = analyse(model, input_size)
+    with progress.step("capture (torch.export) and dependency graph"):
+        gm, dg = analyse(model, input_size)
     timings = {"capture": round(time.perf_counter() - t0, 3)}
     x = gm.meta["example_input"]
     flop_model = FlopModel(dg)  # per-node FLOPs from torch's counter: the base count and the planner's model
@@ -88,7 +90,8 @@ def compress_to_flops(model: nn.Module, spec: CompressSpec, input_size: tuple[in
     recovery = None
     if train_data is not None and spec.epochs > 0:
         start = time.perf_counter()
-        recovery = _recover(gm, teacher, spec, train_data, val_data, finetune_config)
+        with progress.step(f"recovery fine-tuning ({spec.epochs} epochs)"):
+            recovery = _recover(gm, teacher, spec, train_data, val_data, finetune_config)
         timings["recovery"] = round(time.perf_counter() - start, 3)
     report = CompressReport(
         method=spec.method, spec=spec.to_dict(), input_size=tuple(input_size),
@@ -115,7 +118,8 @@ def _run_stages(gm: fx.GraphModule, teacher: nn.Module | None, spec: CompressSpe
                               train_data, teacher, manager, flop_model, timings)
     gm, recipe, report = stages.run_stages(gm, ctx)
     start = time.perf_counter()
-    cleanup = manager.apply(Cleanup(), gm)
+    with progress.step("cleanup"):
+        cleanup = manager.apply(Cleanup(), gm)
     timings["cleanup"] = round(time.perf_counter() - start, 3)
     return cleanup.graph_module, recipe + ([cleanup.recipe] if cleanup.modified else []), report
 
@@ -135,7 +139,7 @@ def train_steps(stage_reports: dict[str, Any], recovery: dict[str, Any] | None) 
 def _recover(gm: fx.GraphModule, teacher: nn.Module, spec: CompressSpec, train_data: Any, val_data: Any,
              config: Any) -> dict[str, Any]:
     config = config or FinetuneConfig(epochs=spec.epochs, lr=spec.lr, batch_size=spec.batch_size,
-                                      seed=spec.seed, progress=False)
+                                      seed=spec.seed, progress=progress.enabled())
     history = finetune(gm, teacher, train_data, val_data, config)
     if val_data is None:
         history["note"] = (f"fine-tuned for {spec.epochs} epoch(s) without validation data (no val/ folder): "

@@ -79,6 +79,7 @@ from torch import nn
 from passes.activation import ActivationRemoval
 from passes.attention import AttentionRemoval
 from passes.manager import PassManager
+from vitprune import progress
 
 from vitprune.frontend.capture import first_tensor
 from vitprune.deps.branches import ActivationSite, AttentionBranch, find_activations, find_attention_branches
@@ -502,6 +503,7 @@ class _SearchRun:
         candidates = {k: sorted(pools[k]) for k in KINDS}
         losses: dict[str, dict[int, float]] = {k: {} for k in KINDS}
         for kind in todo:
+            progress.say(f"gated search stage 1: {len(pools[kind])} {kind} layers, {steps[kind]} steps each")
             losses[kind] = {b: self.candidate_loss(kind, b, steps[kind], held_out) for b in pools[kind]}
             ranked = sorted(pools[kind], key=lambda b: (losses[kind][b], b))
             candidates[kind] = sorted(ranked[:keep[kind]])
@@ -538,6 +540,8 @@ class _SearchRun:
             block = _prune_lowest(self.gates, kind, pruned[kind], candidates[kind])
             pruned[kind].append(block)
             history.append({"step": self.step, "kind": kind, "block": block, "scores": _scores(self.gates)})
+            progress.say(f"gated search event {i + 1}/{len(order)} (step {self.step}): pruned {kind} {block}; "
+                         f"next window {lengths[i + 1]} steps")
             if self.log:
                 self.log(history[-1])
             self.train_window(lengths[i + 1], i + 1)

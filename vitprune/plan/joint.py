@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from passes.activation import ActivationRemoval
+from vitprune import progress
 from passes.manager import PassManager
 from passes.width import WidthPruning
 from vitprune.deps import ChannelGroup, DependencyGraph
@@ -174,6 +175,7 @@ def plan_joint(gm: fx.GraphModule, budget: Budget, batches: list, settings: Join
         gm, steps = _apply(gm, chosen, void, states, settings, manager)
         recipe += steps
         events.append(_describe(event, chosen, budget, _cost_model(cost, gm, budget).cost(), probed))
+        progress.say(_event_line(events[-1], budget, settings.events, budget.ratio(now)))
         if train_iter is not None:
             recovery_steps += recover(gm, teacher, train_iter, settings.recovery_steps, settings.lr)
     gm, steps, landing, final = _land(gm, budget, batches, settings, manager, teacher, cost)
@@ -555,6 +557,15 @@ def _land(gm: fx.GraphModule, budget: Budget, batches: list, settings: JointSett
         landing = {"width_plan": True, "notes": landing.get("notes", []) + plan.notes}
         cost_model = _cost_model(cost, gm, budget)
     return gm, recipe, landing, cost_model
+
+
+def _event_line(event: dict[str, Any], budget: Budget, events: int, before: float) -> str:
+    """The progress line of one event: where the cost went, what it removed, the kinds' ratios."""
+    factors = (event.get("probes") or {}).get("factors")
+    return (f"boundarydpt+ event {event['event'] + 1}/{events}: {budget.unit} {before:.3f} -> "
+            f"{event[budget.unit + '_ratio']:.3f} (target {budget.goal}); removed attention {event['attention']}, "
+            f"activation {event['activation']}, {event['width_units']} width units"
+            + ("" if not factors else "; after/before " + ", ".join(f"{k} {v:.2f}" for k, v in factors.items())))
 
 
 def _describe(event: int, chosen: list[Move], budget: Budget, spent: float,

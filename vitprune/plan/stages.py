@@ -38,6 +38,7 @@ import torch.fx as fx
 from torch import nn
 
 from passes.manager import PassManager
+from vitprune import progress
 from passes.merging import TokenMerging
 from passes.tokens import TokenPruning
 from passes.width import WidthPruning
@@ -131,7 +132,8 @@ def run_stages(gm: fx.GraphModule, ctx: StageContext) -> tuple[fx.GraphModule, l
         if recipe:
             ctx.flop_model = None  # an earlier stage rewrote the graph: its FLOP model is stale
         start = time.perf_counter()
-        gm, steps, report[name] = STAGES[name](gm, ctx)
+        with progress.step(f"{name} stage ({ctx.spec.method})"):
+            gm, steps, report[name] = STAGES[name](gm, ctx)
         ctx.timings[name] = round(time.perf_counter() - start, 3)
         recipe += steps
     return gm, recipe, report
