@@ -1,6 +1,7 @@
 """CompressSpec: defaults, validation of every field, file formats, merging of CLI overrides."""
 import dataclasses
 import json
+import os
 import pathlib
 import re
 
@@ -294,3 +295,11 @@ def test_the_method_registry_is_the_one_list_of_methods():
     assert LATENCY_COST_METHODS == ("width", "boundarydpt+")
     assert [n for n, m in METHOD_REGISTRY.items() if m.removes_layers] == ["boundarydpt", "boundarydpt+",
                                                                          "boundarydpt+paper"]
+
+
+def test_a_spec_file_that_is_a_fifo_is_refused_at_once(tmp_path):
+    """From the Python API too (the CLI checks first): reading a FIFO would block until a writer came."""
+    fifo = tmp_path / "spec.yaml"
+    os.mkfifo(fifo)
+    with pytest.raises(SpecError, match="not a regular file"):
+        CompressSpec.from_file(fifo)

@@ -392,6 +392,9 @@ class CompressSpec:
         ext = os.path.splitext(path)[1].lower()
         if ext not in (".json", ".yaml", ".yml"):
             raise SpecError(f"spec file {path} must end in .json, .yaml or .yml")
+        if os.path.exists(path) and not (os.path.isfile(path) or os.path.isdir(path)):
+            raise SpecError(f"spec file {path} is not a regular file (a FIFO, socket or device: reading it "
+                            f"could block)")
         try:
             with open(path, encoding="utf-8") as f:
                 text = f.read()
